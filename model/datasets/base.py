@@ -1,0 +1,155 @@
+"""What every segmentation data set shares: file checks, decoding, label mapping, the (image, label) item."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+IGNORE_INDEX = 255
+INVALID = -1  # marks raw label values that are neither a class nor void in a label lookup table
+
+Transform = Callable[[tv_tensors.Image, tv_tensors.Mask], tuple[Tensor, Tensor]]
+
+
+class DatasetError(ValueError):
+    """Bad data on disk or a bad data parameter; the message is one line naming the file, key or value."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_strip_worker_traceback(message))
+
+
+def _strip_worker_traceback(message: str) -> str:
+    """A DataLoader worker re-raises as DatasetError("Caught DatasetError ... Traceback ..."): keep its last line."""
+    if not message.startswith("Caught DatasetError"):
+        return message
+    last = message.rstrip().splitlines()[-1]
+    return last.split("DatasetError: ", 1)[-1]
+
+
+def require_dir(path: Path, what: str) -> Path:
+    """Return `path` if it is a directory, else raise DatasetError naming it."""
+    if not path.is_dir():
+        raise DatasetError(f"{what} not found: {path}")
+    return path
+
+
+def read_list(path: Path) -> list[str]:
+    """Non-empty, stripped lines of a split list file."""
+    if not path.is_file():
+        raise DatasetError(f"split list not found: {path}")
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise DatasetError(f"split list is empty: {path}")
+    return lines
+
+
+def require_files(paths: Sequence[Path], listed_in: Path | str) -> None:
+    """Raise DatasetError naming the first path that is not a file."""
+    for path in paths:
+        if not path.is_file():
+            raise DatasetError(f"file listed in {listed_in} not found: {path}")
+
+
+def make_lut(mapping: dict[int, int]) -> np.ndarray:
+    """A 256-entry lookup table: raw value -> class index or IGNORE_INDEX; unmapped values -> INVALID."""
+    lut = np.full(256, INVALID, dtype=np.int16)
+    for raw, cls in mapping.items():
+        lut[raw] = cls
+    return lut
+
+
+def identity_lut(num_classes: int) -> np.ndarray:
+    """Labels stored as class indices 0..num_classes-1 with 255 = void."""
+    return make_lut({**{c: c for c in range(num_classes)}, IGNORE_INDEX: IGNORE_INDEX})
+
+
+def read_image(path: Path) -> Tensor:
+    """Decode an image file to a uint8 RGB tensor 3×H×W (grayscale is replicated; memory stays H×W×3)."""
+    try:
+        with Image.open(path) as img:
+            return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise DatasetError(f"unreadable image {path}: {err}") from None
+
+
+def read_label(path: Path, lut: np.ndarray, num_classes: int) -> np.ndarray:
+    """Read a single-channel label PNG as stored indices (never via RGB) and map it through `lut` to uint8."""
+    try:
+        with Image.open(path) as img:
+            mode = img.mode
+            raw = np.array(img.convert("L") if mode == "1" else img)
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise DatasetError(f"unreadable label {path}: {err}") from None
+    if mode not in ("P", "L", "1"):
+        raise DatasetError(f"label {path} has mode {mode}; expected a palette (P) or grayscale (L) PNG")
+    mapped = np.take(lut, raw)
+    if mapped.min() == INVALID:
+        bad = np.unique(raw[mapped == INVALID])[:5].tolist()
+        raise DatasetError(f"label {path} holds value(s) {bad} that are not classes 0..{num_classes - 1} "
+                           f"or {IGNORE_INDEX} (void)")
+    return mapped.astype(np.uint8)
+
+
+class SegmentationDataset(Dataset):
+    """Items (image float32 3×H×W normalised, label int64 H×W) from image/label file pairs.
+
+    Subclasses fill `classes`, `palette` and call __init__ with the file lists and a label lookup table.
+    `label_paths` is None for a split without ground truth (then every label pixel is 255).
+    """
+
+    classes: list[str]
+    palette: list[tuple[int, int, int]]
+
+    def __init__(self, names: list[str], image_paths: list[Path], label_paths: list[Path] | None,
+                 lut: np.ndarray, transform: Transform) -> None:
+        self.names = names
+        self.image_paths = image_paths
+        self.label_paths = label_paths
+        self.lut = lut
+        self.transform = transform
+
+    @property
+    def has_labels(self) -> bool:
+        return self.label_paths is not None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        image = read_image(self.image_paths[index])
+        if self.label_paths is None:
+            label = torch.full(image.shape[-2:], IGNORE_INDEX, dtype=torch.uint8)
+        else:
+            path = self.label_paths[index]
+            label = torch.from_numpy(read_label(path, self.lut, self.num_classes))
+            if tuple(label.shape) != tuple(image.shape[-2:]):
+                raise DatasetError(f"label {path} is {label.shape[1]}x{label.shape[0]} but image "
+                                   f"{self.image_paths[index]} is {image.shape[2]}x{image.shape[1]} (WxH)")
+        return self.transform(tv_tensors.Image(image), tv_tensors.Mask(label))
+
+
+def check_num_classes(dataset_name: str, expected: int, given: int) -> None:
+    """The params' num_classes must equal the data set's own class count."""
+    if given != expected:
+        raise DatasetError(f"num_classes is {given} but dataset '{dataset_name}' has {expected} classes")
+
+
+def labelled_paths(names: list[str], label_of: Callable[[str], Path], listed_in: Path | str,
+                   optional: bool) -> list[Path] | None:
+    """Label paths for `names`; with `optional`, None when none exists (e.g. a test split), else all must exist."""
+    paths = [label_of(name) for name in names]
+    if optional and not any(p.is_file() for p in paths):
+        return None
+    require_files(paths, listed_in)
+    return paths

@@ -1,0 +1,195 @@
+"""Segmentation metrics: a dataset-level confusion matrix and the paper's boundary analysis.
+
+All counting happens on the tensors' device (CPU or CUDA) in int64; only `compute()` copies the
+few counts to the host. Pass predictions and labels at the ORIGINAL image resolution.
+
+Definitions (standard, as in the VOC devkit and torchvision's references/segmentation):
+- confusion matrix M[t, p]: number of labelled pixels of true class t predicted as p;
+- IoU_c = M[c,c] / (row_c + col_c - M[c,c]), undefined (None) when class c is in neither the ground
+  truth nor the predictions; mIoU averages the defined IoUs;
+- accuracy_c = M[c,c] / row_c, undefined when c is absent from the ground truth; mean accuracy
+  averages the defined ones; pixel accuracy = trace / total;
+- frequency-weighted IoU = sum_c (row_c / total) * IoU_c.
+
+Boundary analysis (Table 5 of "Large Kernel Matters"): a labelled pixel is in the boundary band
+when some pixel with a different label lies within `width` pixels of it, distance measured in the
+Chebyshev (chessboard, L-infinity) metric, i.e. inside the (2*width+1)^2 square centred on it; at
+a straight edge the band is `width` pixels deep on each side. The other labelled pixels form the
+interior. The void label counts as a label of its own here: in VOC
+the 255 band is the object outline, so object and background pixels next to it are boundary
+pixels. Void pixels themselves belong to neither band nor interior. The image border is not a
+boundary. Consequently labels padded with void (to batch images of different sizes) would create
+false boundaries: pass such images one at a time, uncropped and unpadded.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+_BOUNDARY_STATS = 4  # boundary correct, boundary total, interior correct, interior total
+
+
+def _check_label_tensor(name: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype.is_floating_point or tensor.dtype.is_complex:
+        raise ValueError(f"{name} must hold integer class indices, got dtype {tensor.dtype}")
+
+
+def _check_ignore_index(num_classes: int, ignore_index: int) -> None:
+    if 0 <= ignore_index < num_classes:
+        raise ValueError(f"ignore_index {ignore_index} is a valid class index "
+                         f"(num_classes={num_classes})")
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int = 255) -> torch.Tensor:
+    """Return the int64 C×C matrix (rows = true class, columns = predicted) of one batch.
+
+    Pixels whose target is `ignore_index` are skipped; `pred` and `target` may have any common
+    shape. Every prediction must be a class index and every target a class index or
+    `ignore_index` (which must lie outside [0, num_classes)); anything else raises ValueError.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+    _check_label_tensor("pred", pred)
+    _check_label_tensor("target", target)
+    pred, target = pred.long(), target.long()
+    _check_ignore_index(num_classes, ignore_index)
+    lowest, highest = pred.aminmax() if pred.numel() else (0, 0)
+    if lowest < 0 or highest >= num_classes:
+        bad = pred[(pred < 0) | (pred >= num_classes)].unique().tolist()
+        raise ValueError(f"predictions must lie in [0, {num_classes}), found {bad}")
+    # As ignore_index lies outside [0, num_classes), a pixel counts iff its target is a class.
+    is_class = (target >= 0) & (target < num_classes)
+    if not (is_class | (target == ignore_index)).all():
+        bad = target[~is_class & (target != ignore_index)].unique().tolist()
+        raise ValueError(f"labels must lie in [0, {num_classes}) or equal ignore_index "
+                         f"{ignore_index}, found {bad}")
+    # Ignored pixels go to an extra bin that is dropped, avoiding a device sync for masking.
+    flat_index = torch.where(is_class, torch.add(pred, target, alpha=num_classes),
+                             num_classes * num_classes)
+    counts = torch.bincount(flat_index.flatten(), minlength=num_classes * num_classes + 1)
+    return counts[:-1].view(num_classes, num_classes)
+
+
+def _window_max(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Maximum over the (2*width+1)^2 square around each pixel of x (N×C×H×W, float)."""
+    size = 2 * width + 1
+    x = F.max_pool2d(x, (1, size), stride=1, padding=(0, width))
+    return F.max_pool2d(x, (size, 1), stride=1, padding=(width, 0))
+
+
+def boundary_band(target: torch.Tensor, width: int = 7, ignore_index: int = 255) -> torch.Tensor:
+    """Return a bool mask (same shape as target, N×H×W or H×W) of the labelled pixels within
+    `width` pixels (Chebyshev distance) of a pixel with a different label, void included.
+
+    Void pixels are always False. Labels must be exactly representable in float32 (< 2**24).
+    """
+    if target.dim() not in (2, 3):
+        raise ValueError(f"target must be H×W or N×H×W, got shape {tuple(target.shape)}")
+    _check_label_tensor("target", target)
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"boundary width must be a positive int, got {width!r}")
+    labels = target.reshape(-1, 1, *target.shape[-2:]).float()
+    # max(x) + max(-x) = max - min over the window: positive iff the window holds two labels.
+    pooled = _window_max(torch.cat([labels, -labels], dim=1), width)
+    band = (pooled[:, 0] + pooled[:, 1] > 0).view(target.shape)
+    return band & (target != ignore_index)
+
+
+class SegmentationMetrics:
+    """Accumulates confusion-matrix and boundary/interior counts over a whole data set.
+
+    Call `update(pred, target)` per batch, `all_reduce()` once on every rank when distributed,
+    then `compute()`. All counts live in one flat int64 tensor; it starts on `device` (CPU when
+    None; this matters only for a rank that sees no data) and follows the inputs' device.
+    """
+
+    def __init__(self, num_classes: int, class_names: list[str] | None = None,
+                 ignore_index: int = 255, boundary_width: int = 7,
+                 device: torch.device | str | None = None) -> None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        _check_ignore_index(num_classes, ignore_index)
+        if isinstance(boundary_width, bool) or not isinstance(boundary_width, int) \
+                or boundary_width < 1:
+            raise ValueError(f"boundary_width must be a positive int, got {boundary_width!r}")
+        if class_names is None:
+            class_names = [str(index) for index in range(num_classes)]
+        if len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names given for {num_classes} classes")
+        self.num_classes = num_classes
+        self.class_names = list(class_names)
+        self.ignore_index = ignore_index
+        self.boundary_width = boundary_width
+        self._device = torch.device(device) if device is not None else torch.device("cpu")
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything accumulated so far."""
+        size = self.num_classes * self.num_classes + _BOUNDARY_STATS
+        self._counts = torch.zeros(size, dtype=torch.int64, device=self._device)
+        self._reduced = False
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Add one batch of predictions and labels (N×H×W or H×W, original resolution)."""
+        if self._reduced:
+            raise RuntimeError("update() after all_reduce() would mix global and local counts; "
+                               "call reset() first")
+        if pred.device != self._counts.device:  # follow the data, e.g. when device=None
+            self._counts = self._counts.to(pred.device)
+        band = boundary_band(target, self.boundary_width, self.ignore_index)
+        matrix = confusion_matrix(pred, target, self.num_classes, self.ignore_index)
+        interior = (target != self.ignore_index) & ~band
+        correct = pred.long() == target.long()
+        cells = self.num_classes * self.num_classes
+        self._counts[:cells] += matrix.flatten()
+        self._counts[cells:] += torch.stack([(correct & band).sum(), band.sum(),
+                                             (correct & interior).sum(), interior.sum()])
+
+    def all_reduce(self) -> None:
+        """Sum the counts over all ranks (one collective); a no-op without torch.distributed.
+
+        Every rank must call it, also ranks that saw no data; call it once before compute().
+        """
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        if self._reduced:
+            raise RuntimeError("all_reduce() called twice without reset(): counts would be "
+                               "summed again")
+        if dist.get_backend() == "nccl" and self._counts.device.type != "cuda":
+            self._counts = self._counts.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(self._counts, op=dist.ReduceOp.SUM)
+        self._reduced = True
+
+    def compute(self) -> dict:
+        """Return the metrics as plain Python floats in [0, 1] (None where undefined)."""
+        counts = self._counts.tolist()
+        cells = self.num_classes * self.num_classes
+        matrix = [counts[row * self.num_classes:(row + 1) * self.num_classes]
+                  for row in range(self.num_classes)]
+        boundary_correct, boundary_total, interior_correct, interior_total = counts[cells:]
+        total = sum(counts[:cells])
+        if total == 0:
+            raise ValueError("no labelled pixels were accumulated: every target pixel was "
+                             f"ignore_index ({self.ignore_index}) or update() was never called")
+        true_pixels = [sum(row) for row in matrix]
+        predicted_pixels = [sum(column) for column in zip(*matrix)]
+        hits = [matrix[c][c] for c in range(self.num_classes)]
+        unions = [true_pixels[c] + predicted_pixels[c] - hits[c] for c in range(self.num_classes)]
+        ious = [hits[c] / unions[c] if unions[c] else None for c in range(self.num_classes)]
+        accuracies = [hits[c] / true_pixels[c] if true_pixels[c] else None
+                      for c in range(self.num_classes)]
+        defined_ious = [iou for iou in ious if iou is not None]
+        defined_accuracies = [accuracy for accuracy in accuracies if accuracy is not None]
+        return {
+            "miou": sum(defined_ious) / len(defined_ious),
+            "pixel_accuracy": sum(hits) / total,
+            "mean_accuracy": sum(defined_accuracies) / len(defined_accuracies),
+            "fw_iou": sum(true_pixels[c] / total * ious[c]
+                          for c in range(self.num_classes) if true_pixels[c]),
+            "per_class_iou": dict(zip(self.class_names, ious)),
+            "per_class_accuracy": dict(zip(self.class_names, accuracies)),
+            "boundary_accuracy": boundary_correct / boundary_total if boundary_total else None,
+            "interior_accuracy": interior_correct / interior_total if interior_total else None,
+        }

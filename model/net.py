@@ -1,0 +1,321 @@
+"""The Global Convolutional Network (Peng et al., 2017, "Large Kernel Matters", Figure 2) and its loss.
+
+ResNet stages res2..res5 -> one head per stage (GCN, or an ablation alternative) -> Boundary Refinement
+-> coarse-to-fine fusion (upsample x2, add the finer stage's score map, BR) -> two more upsample + BR steps
+to full resolution. Nine BR blocks in all (4 after the heads, 3 after the fusions, 2 at the end).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+HEADS = ("gcn", "conv", "stack", "1x1")
+UPSAMPLES = ("deconv", "bilinear")
+STAGES = ("layer1", "layer2", "layer3", "layer4")  # res2 .. res5 in the paper's naming
+
+# params.json keys of the network: key -> (allowed types, default), as utils.Params expects.
+MODEL_PARAMS = {
+    "backbone": ((str,), "resnet50"),
+    "kernel_size": ((int,), 15),
+    "head": ((str,), "gcn"),
+    "boundary_refine": ((bool,), True),
+    "upsample": ((str,), "deconv"),
+    "pretrained": ((bool, str), False),
+    "stack_channels": ((int, type(None)), None),
+}
+
+
+class PretrainedWeightsError(RuntimeError):
+    """ImageNet weights could not be loaded; the message says what to do."""
+
+
+class GlobalConvBlock(nn.Module):
+    """(k×1 -> 1×k) + (1×k -> k×1), summed, no nonlinearity, "same" padding (paper Fig. 2)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"GlobalConvBlock kernel_size must be a positive odd integer, got {kernel_size}")
+        k, p = kernel_size, kernel_size // 2
+        self.left = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, (k, 1), padding=(p, 0)),
+            nn.Conv2d(out_channels, out_channels, (1, k), padding=(0, p)),
+        )
+        self.right = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, (1, k), padding=(0, p)),
+            nn.Conv2d(out_channels, out_channels, (k, 1), padding=(p, 0)),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.left(x) + self.right(x)
+
+
+class BoundaryRefine(nn.Module):
+    """Residual boundary refinement: x + conv3×3(ReLU(conv3×3(x)))."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv2(F.relu(self.conv1(x)))
+
+
+def conv_stack(in_channels: int, out_channels: int, kernel_size: int, mid_channels: int | None) -> nn.Sequential:
+    """(k-1)/2 stacked 3×3 convolutions with a k×k receptive field, no nonlinearity (paper Tables 3-4)."""
+    if kernel_size < 3 or kernel_size % 2 == 0:
+        raise ValueError(f"head 'stack' needs an odd kernel_size >= 3, got {kernel_size}")
+    depth = (kernel_size - 1) // 2
+    mid = mid_channels or in_channels
+    widths = [in_channels] + [mid] * (depth - 1) + [out_channels]
+    return nn.Sequential(*(nn.Conv2d(a, b, 3, padding=1) for a, b in zip(widths[:-1], widths[1:])))
+
+
+def make_head(kind: str, in_channels: int, num_classes: int, kernel_size: int,
+              stack_channels: int | None = None) -> nn.Module:
+    """The per-stage score head: the paper's GCN or one of its ablation alternatives."""
+    if kind == "gcn":
+        return GlobalConvBlock(in_channels, num_classes, kernel_size)
+    if kind == "conv":
+        if kernel_size % 2 == 0:
+            raise ValueError(f"head 'conv' needs an odd kernel_size, got {kernel_size}")
+        return nn.Conv2d(in_channels, num_classes, kernel_size, padding=kernel_size // 2)
+    if kind == "stack":
+        return conv_stack(in_channels, num_classes, kernel_size, stack_channels)
+    if kind == "1x1":
+        return nn.Conv2d(in_channels, num_classes, 1)
+    raise ValueError(f"unknown head {kind!r}; choose one of {HEADS}")
+
+
+def bilinear_kernel(channels: int, size: int = 4) -> Tensor:
+    """Per-channel bilinear upsampling weights for ConvTranspose2d(channels, channels, size, stride=2)."""
+    factor = (size + 1) // 2
+    center = factor - 1 if size % 2 == 1 else factor - 0.5
+    grid = torch.arange(size, dtype=torch.float32)
+    filt1d = 1 - (grid - center).abs() / factor
+    weight = torch.zeros(channels, channels, size, size)
+    weight[range(channels), range(channels)] = filt1d[:, None] * filt1d[None, :]
+    return weight
+
+
+class Upsample2x(nn.Module):
+    """×2 upsampling to an exact target size: a learned deconvolution initialised to bilinear, or fixed bilinear."""
+
+    def __init__(self, channels: int, mode: str) -> None:
+        super().__init__()
+        if mode not in UPSAMPLES:
+            raise ValueError(f"unknown upsample {mode!r}; choose one of {UPSAMPLES}")
+        self.deconv = None
+        if mode == "deconv":
+            self.deconv = nn.ConvTranspose2d(channels, channels, 4, stride=2, padding=1, bias=False)
+            with torch.no_grad():
+                self.deconv.weight.copy_(bilinear_kernel(channels))
+
+    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        if self.deconv is None:
+            return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        y = self.deconv(x)  # exactly 2h × 2w; crop when the target is odd (2h - 1)
+        if y.shape[-2:] != size:
+            y = y[..., : size[0], : size[1]]
+        return y
+
+
+def build_backbone(name: str, pretrained: bool | str | os.PathLike) -> torchvision.models.ResNet:
+    """A torchvision ResNet, randomly initialised, ImageNet-pretrained (True) or loaded from a local state dict."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
+    builder = getattr(torchvision.models, name)
+    if pretrained is False or pretrained is None:
+        return builder(weights=None)
+    if pretrained is True:
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+        try:
+            return builder(weights=weights)
+        except Exception as exc:  # noqa: BLE001 -- any download/cache failure becomes one actionable error
+            raise PretrainedWeightsError(
+                f"could not load ImageNet weights {weights} for {name} ({type(exc).__name__}: {exc}); "
+                f"with no network, download {weights.url} elsewhere and set params 'pretrained' to its local path "
+                f"(or place it in {torch.hub.get_dir()}/checkpoints/)"
+            ) from exc
+    return _load_local_backbone(builder, name, Path(pretrained))
+
+
+def _load_local_backbone(builder, name: str, path: Path) -> torchvision.models.ResNet:
+    if not path.is_file():
+        raise PretrainedWeightsError(f"pretrained weights file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise PretrainedWeightsError(f"{path} is not a readable PyTorch state dict ({exc})") from exc
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    net = builder(weights=None)
+    if not isinstance(state, dict):
+        raise PretrainedWeightsError(f"{path} does not hold a state dict (found {type(state).__name__})")
+    missing, unexpected = _key_mismatch(net.state_dict(), state)
+    if missing or unexpected:
+        raise PretrainedWeightsError(
+            f"{path} is not a torchvision {name} state dict: {len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
+        )
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise PretrainedWeightsError(f"{path} does not match torchvision {name}: {str(exc).splitlines()[1:3]}") from exc
+    return net
+
+
+def _key_mismatch(expected: dict, given: dict) -> tuple[list[str], list[str]]:
+    return sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+
+
+def _stage_channels(backbone: nn.Module) -> list[int]:
+    return [getattr(backbone, stage)[-1].conv1.in_channels for stage in STAGES]
+
+
+class GCN(nn.Module):
+    """GCN + BR segmentation network of Figure 2, with the paper's ablation switches."""
+
+    def __init__(self, num_classes: int, backbone: str = "resnet50", kernel_size: int = 15,
+                 pretrained: bool | str | os.PathLike = False, head: str = "gcn",
+                 boundary_refine: bool = True, upsample: str = "deconv",
+                 stack_channels: int | None = None) -> None:
+        super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"unknown head {head!r}; choose one of {HEADS}")
+        self.config = {"num_classes": num_classes, "backbone": backbone, "kernel_size": kernel_size,
+                       "head": head, "boundary_refine": boundary_refine, "upsample": upsample,
+                       "stack_channels": stack_channels}
+        resnet = build_backbone(backbone, pretrained)
+        self.backbone = nn.ModuleDict({
+            "stem": nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool),
+            **{stage: getattr(resnet, stage) for stage in STAGES},
+        })
+        channels = _stage_channels(resnet)
+
+        def refine() -> nn.Module:
+            return BoundaryRefine(num_classes) if boundary_refine else nn.Identity()
+
+        self.heads = nn.ModuleList(make_head(head, c, num_classes, kernel_size, stack_channels) for c in channels)
+        self.head_refines = nn.ModuleList(refine() for _ in channels)
+        # Decoder: 3 fusions (res5->res4->res3->res2), then stride 4 -> 2 -> 1.
+        self.upsamples = nn.ModuleList(Upsample2x(num_classes, upsample) for _ in range(5))
+        self.decoder_refines = nn.ModuleList(refine() for _ in range(5))
+        self.reset_new_parameters()
+
+    def reset_new_parameters(self) -> None:
+        """Initialise heads and BR blocks for stable training from the first step (README: Initialisation).
+
+        Score heads: N(0, 0.01) weights (as FCN/DeepLab classifiers), zero bias. BR blocks: first conv N(0, 0.01),
+        second conv zero, so every BR starts as the identity and its residual grows slowly. Deconvolutions keep
+        their bilinear init. PyTorch's default init (and even a He-initialised first BR conv) diverges within
+        ~20 SGD steps at lr 0.01, momentum 0.9: the residuals of nine chained BRs compound.
+        """
+        for head in self.heads:
+            for m in head.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.normal_(m.weight, std=0.01)
+                    nn.init.zeros_(m.bias)
+        for br in [*self.head_refines, *self.decoder_refines]:
+            if isinstance(br, BoundaryRefine):
+                nn.init.normal_(br.conv1.weight, std=0.01)
+                nn.init.zeros_(br.conv1.bias)
+                nn.init.zeros_(br.conv2.weight)
+                nn.init.zeros_(br.conv2.bias)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by part: the (pretrainable) backbone, the per-stage heads + their BRs, and the decoder."""
+        return {
+            "backbone": list(self.backbone.parameters()),
+            "heads": [*self.heads.parameters(), *self.head_refines.parameters()],
+            "decoder": [*self.upsamples.parameters(), *self.decoder_refines.parameters()],
+        }
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = []
+        y = self.backbone["stem"](x)
+        for stage in STAGES:
+            y = self.backbone[stage](y)
+            features.append(y)
+        scores = [refine(head(f)) for f, head, refine in zip(features, self.heads, self.head_refines)]
+        # Coarse to fine: res5 -> res4 -> res3 -> res2 (stride 32 -> 4).
+        out = scores[-1]
+        for i, skip in enumerate(reversed(scores[:-1])):
+            out = self.decoder_refines[i](self.upsamples[i](out, skip.shape[-2:]) + skip)
+        # Stride 4 -> 2 -> 1, to the exact input size even when it is not a multiple of 32.
+        half = (x.shape[-2] + 1) // 2, (x.shape[-1] + 1) // 2
+        out = self.decoder_refines[3](self.upsamples[3](out, half))
+        return self.decoder_refines[4](self.upsamples[4](out, tuple(x.shape[-2:])))
+
+
+def loss_fn(logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Pixel-wise cross entropy (optionally class-weighted); label 255 (void) is ignored.
+
+    Unlike F.cross_entropy's mean, an all-void batch (a crop inside an ignored region) gives 0, not NaN.
+    """
+    valid = labels != 255
+    pixel_weight = valid.to(logits.dtype) if weight is None else weight[labels.masked_fill(~valid, 0)] * valid
+    total = F.cross_entropy(logits, labels, weight=weight, ignore_index=255, reduction="sum")
+    return total / pixel_weight.sum().clamp(min=torch.finfo(pixel_weight.dtype).tiny)
+
+
+def dice_loss(logits: Tensor, labels: Tensor, ignore_index: int = 255) -> Tensor:
+    """1 - soft Dice, averaged over the classes present in labels; void pixels are ignored."""
+    valid = labels != ignore_index
+    probs = logits.float().softmax(1) * valid.unsqueeze(1)
+    one_hot = F.one_hot(labels.masked_fill(~valid, 0), logits.shape[1]).permute(0, 3, 1, 2) * valid.unsqueeze(1)
+    intersection = (probs * one_hot).sum((0, 2, 3))
+    total = probs.sum((0, 2, 3)) + one_hot.sum((0, 2, 3))
+    present = one_hot.sum((0, 2, 3)) > 0
+    dice = (2 * intersection + 1) / (total + 1)
+    return 1 - dice[present].mean() if present.any() else logits.sum() * 0
+
+
+class SegmentationLoss(nn.Module):
+    """Cross entropy (optionally class-weighted, void ignored), plus dice_weight × Dice loss if asked."""
+
+    def __init__(self, class_weights: list[float] | None = None, dice_weight: float = 0.0) -> None:
+        super().__init__()
+        weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
+        self.register_buffer("weight", weight, persistent=False)
+        self.dice_weight = dice_weight
+
+    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        loss = loss_fn(logits, labels, self.weight)
+        if self.dice_weight:
+            loss = loss + self.dice_weight * dice_loss(logits, labels)
+        return loss
+
+
+def parameter_summary(model: GCN) -> str:
+    """A per-part parameter count table: backbone, heads (incl. their BR), decoder, total."""
+    counts = {part: sum(p.numel() for p in params) for part, params in model.parameter_groups().items()}
+    counts["total"] = sum(p.numel() for p in model.parameters())
+    width = max(len(k) for k in counts)
+    return "\n".join(f"{part:<{width}}  {n:>12,}" for part, n in counts.items())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Print the GCN parameter summary.")
+    parser.add_argument("--backbone", default="resnet50", choices=BACKBONES)
+    parser.add_argument("--num_classes", type=int, default=21)
+    parser.add_argument("--kernel_size", type=int, default=15)
+    parser.add_argument("--head", default="gcn", choices=HEADS)
+    parser.add_argument("--no_boundary_refine", action="store_true")
+    args = parser.parse_args()
+    model = GCN(args.num_classes, args.backbone, args.kernel_size, head=args.head,
+                boundary_refine=not args.no_boundary_refine)
+    print(f"GCN {args.backbone}, k={args.kernel_size}, head={args.head}, {args.num_classes} classes")
+    print(parameter_summary(model))
+
+
+if __name__ == "__main__":
+    main()

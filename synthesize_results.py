@@ -1,0 +1,274 @@
+"""Collect the runs of a sweep into one Markdown table (results.md) and one plot (results.png).
+
+    python synthesize_results.py --parent_dir experiments/learning_rate [--metric miou]
+        [--metrics_file metrics_val_best_weights.json]
+
+A run is a folder below the parent holding the metrics file, or holding a params.json with no runs below
+it. One row per run: its folder, the parameters whose values differ among the runs, and the main metrics
+(rates in %, boundary/interior accuracy when the runs report them), sorted by --metric (best first:
+highest, or lowest for the loss). Runs whose metrics file is missing or unreadable are listed below the
+table, not crashed on. The plot shows the metric against the swept numeric parameter with the most
+values (log scale when they span two decades or more), one line per setting of the other swept
+parameters; when no parameter gives a line, one bar per run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+METRICS_FILE = "metrics_val_best_weights.json"
+PARAMS_FILE = "params.json"
+COMPLETE_MARKER = "train_complete.json"
+RESULTS_TABLE = "results.md"
+RESULTS_PLOT = "results.png"
+RATE_METRICS = ("miou", "pixel_accuracy", "mean_accuracy", "fw_iou", "boundary_accuracy", "interior_accuracy")
+MAIN_METRICS = (*RATE_METRICS, "loss", "epoch")
+LOWER_IS_BETTER = {"loss"}
+LOG_SCALE_DECADES = 2.0
+MISSING = "—"
+
+
+class ResultsError(ValueError):
+    """Bad command-line input (no such folder, no runs, unknown metric); the message says which."""
+
+
+@dataclass
+class Run:
+    """One run folder: its parameters and metrics, or the reason they cannot be used."""
+
+    name: str
+    directory: Path
+    params: dict[str, Any]  # {} when params.json is missing or broken
+    metrics: dict[str, Any] | None
+    problem: str | None
+    complete: bool
+
+
+def is_number(value: Any) -> bool:
+    """A real, finite number (bools are not numbers here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def find_run_dirs(parent_dir: Path, metrics_file: str) -> list[Path]:
+    """Folders below parent_dir with a metrics file, or with a params.json and no such folder beneath them."""
+    candidates = {p.parent for name in (metrics_file, PARAMS_FILE) for p in parent_dir.rglob(name)} - {parent_dir}
+
+    def has_candidate_below(directory: Path) -> bool:
+        return any(directory in c.parents for c in candidates)
+
+    runs = [d for d in candidates if (d / metrics_file).exists() or not has_candidate_below(d)]
+    if not runs and (parent_dir / metrics_file).exists():
+        runs = [parent_dir]
+    return sorted(runs)
+
+
+def read_json_object(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(object, None) or (None, why it cannot be used)."""
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None, f"missing {path.name}"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, f"broken {path.name}: {exc}"
+    if not isinstance(value, dict):
+        return None, f"broken {path.name}: not a JSON object"
+    return value, None
+
+
+def load_run(directory: Path, parent_dir: Path, metrics_file: str, metric: str) -> Run:
+    """Read one run folder; any problem is recorded on the Run rather than raised."""
+    name = directory.relative_to(parent_dir).as_posix() if directory != parent_dir else directory.name
+    complete = (directory / COMPLETE_MARKER).exists()
+    params, problem = read_json_object(directory / PARAMS_FILE)
+    if params is None and (directory / PARAMS_FILE).exists():
+        return Run(name, directory, {}, None, problem, complete)
+    metrics, problem = read_json_object(directory / metrics_file)
+    if metrics is not None and not is_number(metrics.get(metric)):
+        metrics, problem = None, f"broken {metrics_file}: no numeric {metric!r} (found {metrics.get(metric)!r})"
+    return Run(name, directory, params or {}, metrics, problem, complete)
+
+
+def format_value(value: Any) -> str:
+    """A parameter value as shown in the table: strings bare, others as compact JSON."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
+def swept_keys(runs: list[Run]) -> list[str]:
+    """Keys whose values differ among the runs with a params.json (a key absent from some differs), in file order."""
+    runs = [run for run in runs if run.params]
+    keys = list(dict.fromkeys(k for run in runs for k in run.params))
+    return [k for k in keys if len({json.dumps(run.params.get(k, MISSING), sort_keys=True) for run in runs}) > 1]
+
+
+def sort_runs(runs: list[Run], metric: str) -> list[Run]:
+    """Runs with the metric, best first (ties by name)."""
+    sign = 1 if metric in LOWER_IS_BETTER else -1
+    return sorted((r for r in runs if r.metrics is not None), key=lambda r: (sign * r.metrics[metric], r.name))
+
+
+def metric_columns(rows: list[Run], metric: str) -> list[str]:
+    """The sort metric first, then the main metrics that at least one run reports."""
+    present = [m for m in MAIN_METRICS if m != metric and any(is_number(r.metrics.get(m)) for r in rows)]
+    return [metric, *present]
+
+
+def format_metric(name: str, value: Any) -> str:
+    """Rates in % with 2 decimals, integers as they are, other values with 4 significant digits."""
+    if not is_number(value):
+        return MISSING
+    if name in RATE_METRICS:
+        return f"{100 * value:.2f}"
+    return str(value) if isinstance(value, int) else f"{value:.4g}"
+
+
+def metric_header(name: str) -> str:
+    return f"{name} %" if name in RATE_METRICS else name
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(rows: list[Run], keys: list[str], metrics: list[str]) -> str:
+    """One Markdown table row per run: folder, swept parameters, metrics (rates in %), completion."""
+    headers = ["run", *keys, *(metric_header(m) for m in metrics), "complete"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for run in rows:
+        cells = [run.name, *(format_value(run.params[k]) if k in run.params else MISSING for k in keys),
+                 *(format_metric(m, run.metrics.get(m)) for m in metrics), "yes" if run.complete else "no"]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def render_report(parent_dir: Path, runs: list[Run], metric: str,
+                  metrics_file: str) -> tuple[str, list[Run], list[str]]:
+    """The Markdown text of results.md, the sorted rows and the swept keys."""
+    rows = sort_runs(runs, metric)
+    keys = swept_keys(runs)
+    order = "lower" if metric in LOWER_IS_BETTER else "higher"
+    parts = [f"# Results: {parent_dir}", "",
+             f"{len(rows)} runs sorted by {metric} ({order} is better), from {metrics_file}; rates in %.", ""]
+    if rows:
+        parts += [markdown_table(rows, keys, metric_columns(rows, metric)), ""]
+    problems = [r for r in runs if r.metrics is None]
+    if problems:
+        parts += ["Runs without usable results:", ""]
+        parts += [f"- `{r.name}`: {r.problem}" for r in problems] + [""]
+    return "\n".join(parts), rows, keys
+
+
+# ----------------------------------------------------------------------------- plot
+
+def choose_x_scale(values: list[float]) -> str:
+    """'log' when all values are positive and span at least two decades, else 'linear'."""
+    if not values or min(values) <= 0:
+        return "linear"
+    return "log" if math.log10(max(values) / min(values)) >= LOG_SCALE_DECADES else "linear"
+
+
+def choose_x_key(rows: list[Run], keys: list[str]) -> str | None:
+    """The swept numeric key with the most distinct values, if plotting against it draws a line (>= 2 points)."""
+    numeric = [k for k in keys if all(is_number(r.params.get(k)) for r in rows)]
+    for key in sorted(numeric, key=lambda k: -len({r.params[k] for r in rows})):
+        if any(len(group) >= 2 for group in group_runs(rows, key, keys).values()):
+            return key
+    return None
+
+
+def group_runs(rows: list[Run], x_key: str, keys: list[str]) -> dict[str, list[Run]]:
+    """Runs per setting of the swept keys other than x_key (labelled `key=value, ...`), each group sorted by x."""
+    groups: dict[str, list[Run]] = {}
+    for run in rows:
+        label = ", ".join(f"{k}={format_value(run.params.get(k, MISSING))}" for k in keys if k != x_key)
+        groups.setdefault(label, []).append(run)
+    return {label: sorted(group, key=lambda r: r.params[x_key]) for label, group in groups.items()}
+
+
+def plot_results(rows: list[Run], keys: list[str], metric: str, title: str, path: Path) -> None:
+    """Write results.png: metric versus the swept value (lines), or one bar per run."""
+    scale = 100 if metric in RATE_METRICS else 1
+    label = f"{metric} (%)" if metric in RATE_METRICS else metric
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    x_key = choose_x_key(rows, keys)
+    if x_key is not None:
+        groups = group_runs(rows, x_key, keys)
+        for group, runs in groups.items():
+            ax.plot([r.params[x_key] for r in runs], [r.metrics[metric] * scale for r in runs], marker="o",
+                    label=group or None)
+        xs = sorted({r.params[x_key] for r in rows})
+        ax.set_xscale(choose_x_scale(xs))
+        if ax.get_xscale() == "linear" and all(isinstance(x, int) for x in xs):
+            ax.set_xticks(xs)
+        ax.set_xlabel(x_key)
+        if len(groups) > 1:
+            ax.legend(fontsize="small")
+    else:
+        names = [", ".join(format_value(r.params.get(k, MISSING)) for k in keys) or r.name for r in rows]
+        bars = ax.bar(range(len(rows)), [r.metrics[metric] * scale for r in rows])
+        ax.bar_label(bars, fmt="%.2f" if scale == 100 else "%.4g", fontsize="small")
+        ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize="small")
+        ax.set_xlabel(", ".join(keys) or "run")
+    ax.set_ylabel(label)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parent_dir", required=True, help="folder whose runs to collect")
+    parser.add_argument("--metric", default="miou", help="metrics key to sort and plot by (default: miou)")
+    parser.add_argument("--metrics_file", default=METRICS_FILE, help=f"file name to collect (default: {METRICS_FILE})")
+    return parser
+
+
+def collect(parent_dir: Path, metric: str, metrics_file: str) -> list[Run]:
+    """Every run below parent_dir; a ResultsError when there is none or no metrics file has the metric."""
+    if not parent_dir.is_dir():
+        raise ResultsError(f"{parent_dir} is not a folder")
+    runs = [load_run(d, parent_dir, metrics_file, metric) for d in find_run_dirs(parent_dir, metrics_file)]
+    if not runs:
+        raise ResultsError(f"no runs below {parent_dir} (no {metrics_file} or child {PARAMS_FILE})")
+    readable = [m for m in (read_json_object(r.directory / metrics_file)[0] for r in runs) if m is not None]
+    if readable and all(r.metrics is None for r in runs):
+        available = sorted({k for m in readable for k, v in m.items() if is_number(v)})
+        raise ResultsError(f"no {metrics_file} below {parent_dir} has a numeric {metric!r}; "
+                           f"numeric keys found: {', '.join(available)}")
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print and write results.md and results.png; 0 on success, 2 on bad input."""
+    args = build_parser().parse_args(argv)
+    parent_dir = Path(args.parent_dir)
+    try:
+        runs = collect(parent_dir, args.metric, args.metrics_file)
+    except ResultsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    text, rows, keys = render_report(parent_dir, runs, args.metric, args.metrics_file)
+    print(text)
+    (parent_dir / RESULTS_TABLE).write_text(text)
+    if rows:
+        plot_results(rows, keys, args.metric, str(parent_dir), parent_dir / RESULTS_PLOT)
+        print(f"wrote {parent_dir / RESULTS_TABLE} and {parent_dir / RESULTS_PLOT}")
+    else:
+        print(f"wrote {parent_dir / RESULTS_TABLE}; no results to plot")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
