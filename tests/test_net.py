@@ -490,3 +490,23 @@ def test_cli_parameter_summary_adds_up_and_matches_model():
     assert printed == expected
     resnet50 = torchvision.models.resnet50(weights=None)
     assert printed["backbone"] == sum(p.numel() for p in resnet50.parameters()) - (2048 * 1000 + 1000)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_horizontal_conv_equals_a_plain_1xk_convolution_with_gradients(channels_last):
+    torch.manual_seed(0)
+    fast = net.HorizontalConv(6, 4, 7)
+    plain = nn.Conv2d(6, 4, (1, 7), padding=(0, 3))
+    plain.load_state_dict(fast.state_dict())  # same parameter names and shapes as a 1×k nn.Conv2d
+    x = torch.randn(2, 6, 9, 13)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x_fast, x_plain = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_fast, out_plain = fast(x_fast), plain(x_plain)
+    assert torch.allclose(out_fast, out_plain, atol=1e-5)
+    grad = torch.randn_like(out_plain)
+    out_fast.backward(grad)
+    out_plain.backward(grad)
+    assert torch.allclose(x_fast.grad, x_plain.grad, atol=1e-5)
+    assert torch.allclose(fast.weight.grad, plain.weight.grad, atol=1e-4)
+    assert torch.allclose(fast.bias.grad, plain.bias.grad, atol=1e-4)

@@ -1,0 +1,230 @@
+"""Training/inference speed of the GCN next to torchvision's FCN and DeepLabV3, on CPU or CUDA.
+
+    python benchmarks/benchmark.py --backbone resnet50 --crop 512 --batch_size 8 [--json out.json]
+
+Reports, all measured in this one run: training-step images/s and peak memory for GCN, fcn_resnet50 and
+deeplabv3_resnet50 (and their time ratios), inference latency and throughput at --eval_size, the achieved
+fraction of this device's measured dense matmul rate (whole model and backbone-only FLOPs, counted with
+torch.utils.flop_counter), and the data pipeline's images/s with --workers, next to the step rate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torchvision
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_data import images_per_second, make_voc_tree  # noqa: E402
+from model.net import GCN, loss_fn  # noqa: E402
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(step: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median wall time of step() after warm-up (device-synchronised)."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, size: int, repeats: int) -> float:
+    """Measured dense matmul FLOP/s of this device (size³ product, median)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    seconds = median_seconds(lambda: a @ b, device, warmup=2, repeats=repeats)
+    return 2 * size ** 3 / seconds
+
+
+class LogitsOnly(nn.Module):
+    """torchvision segmentation models return a dict; keep the 'out' logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)["out"]
+
+
+def build_models(backbone: str, num_classes: int, kernel_size: int) -> dict[str, nn.Module]:
+    seg = torchvision.models.segmentation
+    return {
+        f"gcn_{backbone}": GCN(num_classes, backbone, kernel_size),
+        "fcn_resnet50": LogitsOnly(seg.fcn_resnet50(weights=None, weights_backbone=None, num_classes=num_classes)),
+        "deeplabv3_resnet50": LogitsOnly(seg.deeplabv3_resnet50(weights=None, weights_backbone=None,
+                                                                 num_classes=num_classes)),
+    }
+
+
+def train_step_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, amp: bool):
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    device = images.device
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = loss_fn(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def count_train_flops(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """(whole-model, backbone-only) FLOPs of one forward + backward pass."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss_fn(model(images), labels).backward()
+    model.zero_grad(set_to_none=True)
+    prefix = f"{type(model).__name__}.backbone."  # GCN.backbone is a ModuleDict: sum its direct children
+    backbone = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
+                   if name.startswith(prefix) and "." not in name[len(prefix):])
+    return counter.get_total_flops(), backbone
+
+
+def benchmark_model(name: str, model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict:
+    model.to(device).train()
+    amp = device.type == "cuda" and not args.no_amp
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    images = torch.randn(args.batch_size, 3, args.crop, args.crop, device=device)
+    if args.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, args.num_classes, (args.batch_size, args.crop, args.crop), device=device)
+    flops, backbone_flops = count_train_flops(model, images, labels)
+    runner = torch.compile(model) if args.compile else model
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_s = median_seconds(train_step_fn(runner, images, labels, amp), device, args.warmup, args.repeats)
+    result = {"model": name, "train_step_s": step_s, "train_images_per_s": args.batch_size / step_s,
+              "train_tflops": flops / step_s / 1e12, "flops_per_step": flops, "backbone_flops_per_step": backbone_flops,
+              "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    if name.startswith("gcn"):
+        result.update(benchmark_inference(runner, args, device, amp))
+    model.to("cpu")
+    return result
+
+
+@torch.no_grad()
+def benchmark_inference(model: nn.Module, args: argparse.Namespace, device: torch.device, amp: bool) -> dict:
+    model.eval()
+    seconds = {}
+    for batch in (1, args.batch_size):
+        x = torch.randn(batch, 3, args.eval_size, args.eval_size, device=device)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+
+        def forward() -> None:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                model(x)
+        seconds[batch] = median_seconds(forward, device, args.warmup, args.repeats)
+    model.train()
+    return {"inference_latency_s": seconds[1], "inference_images_per_s": args.batch_size / seconds[args.batch_size]}
+
+
+def data_pipeline_rate(args: argparse.Namespace) -> float:
+    """Training-pipeline images/s (VOC-sized JPEGs, crop --crop) with --workers DataLoader workers."""
+    with tempfile.TemporaryDirectory() as tmp:
+        voc = make_voc_tree(Path(tmp), args.data_images)
+        rates = images_per_second(voc, args.workers, repeats=2, batch_size=args.batch_size, crop_size=args.crop)
+    return statistics.median(rates)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="resnet50")
+    parser.add_argument("--kernel_size", type=int, default=15)
+    parser.add_argument("--num_classes", type=int, default=21)
+    parser.add_argument("--crop", type=int, default=512, help="training crop (square)")
+    parser.add_argument("--eval_size", type=int, default=512, help="inference resolution (square)")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no_amp", action="store_true", help="CUDA: float32 instead of bf16 autocast")
+    parser.add_argument("--no_channels_last", dest="channels_last", action="store_false")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the models")
+    parser.add_argument("--models", nargs="+", default=None, help="subset of models to time (default: all)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--matmul_size", type=int, default=None, help="default 8192 on CUDA, 2048 on CPU")
+    parser.add_argument("--workers", type=int, default=4, help="DataLoader workers for the data-pipeline rate")
+    parser.add_argument("--data_images", type=int, default=64, help="JPEGs generated for the data-pipeline rate")
+    parser.add_argument("--skip_data", action="store_true")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+    amp = device.type == "cuda" and not args.no_amp
+    dtype = torch.bfloat16 if amp else torch.float32
+    rate = matmul_rate(device, dtype, args.matmul_size or (8192 if device.type == "cuda" else 2048), args.repeats)
+    models = build_models(args.backbone, args.num_classes, args.kernel_size)
+    rows = [benchmark_model(name, model, args, device) for name, model in models.items()
+            if args.models is None or name in args.models]
+    gcn = rows[0] if rows[0]["model"].startswith("gcn") else None
+    for row in rows:
+        row["matmul_fraction"] = row["train_tflops"] * 1e12 / rate
+        if gcn:
+            row["step_time_vs_gcn"] = row["train_step_s"] / gcn["train_step_s"]
+    summary = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+               "torch": torch.__version__, "dtype": str(dtype), "matmul_tflops": rate / 1e12,
+               "batch_size": args.batch_size, "crop": args.crop, "eval_size": args.eval_size, "channels_last": args.channels_last,
+               "compile": args.compile, "models": rows}
+    if gcn:
+        summary["gcn_backbone_matmul_fraction"] = gcn["backbone_flops_per_step"] / gcn["train_step_s"] / rate
+    if not args.skip_data:
+        summary["data_images_per_s"] = data_pipeline_rate(args)
+        summary["data_workers"] = args.workers
+    print_table(summary)
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def print_table(summary: dict) -> None:
+    print(f"device {summary['device']}, torch {summary['torch']}, {summary['dtype']}, batch {summary['batch_size']}, "
+          f"crop {summary['crop']}, matmul {summary['matmul_tflops']:.3f} TFLOP/s")
+    print(f"{'model':<22}{'step s':>9}{'img/s':>9}{'TFLOP/s':>9}{'of mm':>7}{'×GCN':>7}{'mem GiB':>9}")
+    for row in summary["models"]:
+        memory = f"{row['peak_memory_gib']:.2f}" if row["peak_memory_gib"] is not None else "—"
+        ratio = f"{row['step_time_vs_gcn']:.2f}" if "step_time_vs_gcn" in row else "—"
+        print(f"{row['model']:<22}{row['train_step_s']:>9.3f}{row['train_images_per_s']:>9.2f}"
+              f"{row['train_tflops']:>9.3f}{row['matmul_fraction']:>7.1%}{ratio:>7}{memory:>9}")
+    if "gcn_backbone_matmul_fraction" in summary:
+        gcn = summary["models"][0]
+        print(f"GCN backbone FLOPs only: {summary['gcn_backbone_matmul_fraction']:.1%} of the matmul rate; "
+              f"inference at {summary['eval_size']}²: {gcn['inference_latency_s'] * 1e3:.1f} ms latency (batch 1), "
+              f"{gcn['inference_images_per_s']:.1f} img/s (batch {summary['batch_size']})")
+    if "data_images_per_s" in summary:
+        step_rate = summary["models"][0]["train_images_per_s"]
+        print(f"data pipeline: {summary['data_images_per_s']:.1f} img/s with {summary['data_workers']} workers "
+              f"vs {step_rate:.1f} img/s consumed by the training step"
+              f"{' — DATA-BOUND' if summary['data_images_per_s'] < step_rate else ''}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""benchmarks/benchmark.py runs on CPU at tiny sizes and its figures are consistent with each other."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import benchmark  # noqa: E402
+
+
+def test_benchmark_reports_consistent_figures_on_cpu(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    summary = benchmark.main(["--backbone", "resnet18", "--kernel_size", "3", "--num_classes", "5", "--crop", "64",
+                              "--eval_size", "64", "--batch_size", "2", "--device", "cpu", "--warmup", "1",
+                              "--repeats", "1", "--matmul_size", "256", "--workers", "0", "--data_images", "4",
+                              "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(summary))
+    names = [row["model"] for row in summary["models"]]
+    assert names == ["gcn_resnet18", "fcn_resnet50", "deeplabv3_resnet50"]
+    gcn = summary["models"][0]
+    assert gcn["step_time_vs_gcn"] == 1.0
+    assert 0 < gcn["backbone_flops_per_step"] < gcn["flops_per_step"]
+    for row in summary["models"]:
+        assert row["train_images_per_s"] == pytest.approx(2 / row["train_step_s"])
+        assert row["matmul_fraction"] == pytest.approx(row["train_tflops"] / summary["matmul_tflops"])
+    # fcn_resnet50 is dilated (output stride 8): far more FLOPs than a stride-32 GCN-R18 at the same input
+    assert summary["models"][1]["flops_per_step"] > 5 * gcn["flops_per_step"]
+    assert summary["data_images_per_s"] > 0 and gcn["inference_latency_s"] > 0
+    printed = capsys.readouterr().out
+    assert "gcn_resnet18" in printed and "data pipeline" in printed
