@@ -190,6 +190,9 @@ class Trainer:
         logging.info("Training %s on %s (%d images, %d batches/epoch) for %d iterations on %s × %d",
                      self.model_dir, params.dataset, len(self.train_loader.dataset), self.batches_per_epoch,
                      self.total_iterations, self.device, self.world_size)
+        if self.iteration >= self.total_iterations and (self.model_dir / "train_complete.json").exists():
+            logging.info("Nothing to do: this run already trained its %d iterations", self.total_iterations)
+            return 0
         start = time.time()
         while self.iteration < self.total_iterations:
             utils.seed_everything(params.seed + self.epoch * self.world_size + self.rank)
@@ -209,6 +212,7 @@ class Trainer:
             write_json(self.model_dir / "train_complete.json",
                        {"epochs": self.epoch, "iterations": self.iteration, "best_miou": self.best_miou,
                         "wall_time_s": round(time.time() - start, 1)})
+            self.writer.close()
         logging.info("Done: best val mIoU %.4f", self.best_miou)
         return 0
 

@@ -150,6 +150,11 @@ def test_checkpoint_errors_are_clear_and_nothing_is_overwritten(tmp_path, capsys
     assert "last.pth.tar exists" in capsys.readouterr().err
     assert (model_dir / "last.pth.tar").read_bytes() == saved
 
+    marker = (model_dir / "train_complete.json").read_bytes()
+    assert run_train(model_dir, "--restore_file", "last") == 0  # resuming a finished run changes nothing
+    assert (model_dir / "train_complete.json").read_bytes() == marker
+    assert (model_dir / "last.pth.tar").read_bytes() == saved
+
     (model_dir / "params.json").write_text(json.dumps({**TINY, "num_epochs": 1, "kernel_size": 5}))
     assert run_train(model_dir, "--restore_file", "last") == 2
     assert "kernel_size=3 (this model: 5)" in capsys.readouterr().err
@@ -225,3 +230,34 @@ def test_ddp_two_processes_match_single_process_validation(tmp_path):
     for key in ("miou", "pixel_accuracy", "mean_accuracy", "fw_iou", "boundary_accuracy", "interior_accuracy"):
         assert distributed[key] == pytest.approx(single[key], abs=1e-9), key
     assert distributed["loss"] == pytest.approx(single["loss"], rel=1e-5)
+
+
+def make_tiny_voc(root: Path) -> list[str]:
+    """A VOC2012 tree: train/val ids with palette masks, test ids with images only (no ground truth)."""
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / folder).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"2008_{i:06d}" for i in range(6)]
+    for i, name in enumerate(names):
+        Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(root / "JPEGImages" / f"{name}.jpg")
+        if i < 4:
+            mask = Image.fromarray(rng.choice([0, 1, 15, 255], (30, 40)).astype(np.uint8), mode="P")
+            mask.putpalette([0] * 768)
+            mask.save(root / "SegmentationClass" / f"{name}.png")
+    for split, ids in (("train", names[:2]), ("val", names[2:4]), ("test", names[4:])):
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    return names[4:]
+
+
+def test_evaluate_on_a_split_without_ground_truth_writes_voc_server_layout(tmp_path):
+    voc = tmp_path / "VOC2012"
+    test_ids = make_tiny_voc(voc)
+    model_dir = make_experiment(tmp_path, dataset="voc", data_dir=str(voc), num_classes=21, crop_size=32,
+                                batch_size=2, num_epochs=1)
+    assert run_train(model_dir) == 0
+    out = tmp_path / "submission"
+    assert evaluate.main(["--model_dir", str(model_dir), "--split", "test", "--save_predictions", str(out)]) == 0
+    server = out / "results" / "VOC2012" / "Segmentation" / "comp6_test_cls"
+    assert sorted(p.stem for p in server.glob("*.png")) == test_ids
+    assert Image.open(server / f"{test_ids[0]}.png").size == (40, 30)
+    assert not list(model_dir.glob("metrics_test_*.json"))  # no ground truth: predictions only
