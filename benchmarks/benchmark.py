@@ -26,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_data import images_per_second, make_voc_tree  # noqa: E402
+from evaluate import autocast  # noqa: E402
 from model.net import GCN, loss_fn  # noqa: E402
 
 
@@ -82,7 +83,7 @@ def train_step_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     device = images.device
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(device, amp):
             loss = loss_fn(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -135,7 +136,7 @@ def benchmark_inference(model: nn.Module, args: argparse.Namespace, device: torc
             x = x.contiguous(memory_format=torch.channels_last)
 
         def forward() -> None:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with autocast(device, amp):
                 model(x)
         seconds[batch] = median_seconds(forward, device, args.warmup, args.repeats)
     model.train()
