@@ -1,7 +1,7 @@
 """Collect the runs of a sweep into one Markdown table (results.md) and one plot (results.png).
 
     python synthesize_results.py --parent_dir experiments/learning_rate [--metric miou]
-        [--metrics_file metrics_val_best_weights.json]
+        [--metrics_file metrics_val_best_weights.json] [--average_over seed]
 
 A run is a folder below the parent holding the metrics file, or holding a params.json with no runs below
 it. One row per run: its folder, the parameters whose values differ among the runs, and the main metrics
@@ -9,13 +9,15 @@ it. One row per run: its folder, the parameters whose values differ among the ru
 highest, or lowest for the loss). Runs whose metrics file is missing or unreadable are listed below the
 table, not crashed on. The plot shows the metric against the swept numeric parameter with the most
 values (log scale when they span two decades or more), one line per setting of the other swept
-parameters; when no parameter gives a line, one bar per run.
+parameters; when no parameter gives a line, one bar per run. With --average_over KEY (e.g. seed), a
+second table gives each metric's mean ± sample standard deviation over the runs that differ only in KEY.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,16 +152,50 @@ def markdown_table(rows: list[Run], keys: list[str], metrics: list[str]) -> str:
     return "\n".join(lines)
 
 
-def render_report(parent_dir: Path, runs: list[Run], metric: str,
-                  metrics_file: str) -> tuple[str, list[Run], list[str]]:
+def format_mean(name: str, values: list[Any]) -> str:
+    """Mean ± sample standard deviation of the numeric values (mean alone for one), formatted as format_metric."""
+    numbers = [v for v in values if is_number(v)]
+    if not numbers:
+        return MISSING
+    mean = format_metric(name, float(statistics.fmean(numbers)))
+    return mean if len(numbers) < 2 else f"{mean} ± {format_metric(name, statistics.stdev(numbers))}"
+
+
+def average_table(rows: list[Run], keys: list[str], metrics: list[str], over: str) -> str:
+    """One row per setting of the swept keys other than `over`: run count, `over` values, mean ± std metrics.
+
+    Rows keep the order of their best run in `rows` (sorted best first).
+    """
+    others = [k for k in keys if k != over]
+    groups: dict[tuple[str, ...], list[Run]] = {}
+    for run in rows:
+        groups.setdefault(tuple(format_value(run.params.get(k, MISSING)) for k in others), []).append(run)
+    metrics = [m for m in metrics if m != "epoch"]
+    headers = [*others, "runs", over, *(metric_header(m) for m in metrics)]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for setting, group in groups.items():
+        cells = [*setting, str(len(group)), ", ".join(format_value(r.params.get(over, MISSING)) for r in group),
+                 *(format_mean(m, [r.metrics.get(m) for r in group]) for m in metrics)]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def render_report(parent_dir: Path, runs: list[Run], metric: str, metrics_file: str,
+                  average_over: str | None = None) -> tuple[str, list[Run], list[str]]:
     """The Markdown text of results.md, the sorted rows and the swept keys."""
     rows = sort_runs(runs, metric)
     keys = swept_keys(runs)
+    if average_over is not None and average_over not in keys:
+        raise ResultsError(f"--average_over {average_over!r} is not a parameter that differs among the runs below "
+                           f"{parent_dir} (those are: {', '.join(keys) or 'none'})")
     order = "lower" if metric in LOWER_IS_BETTER else "higher"
     parts = [f"# Results: {parent_dir}", "",
              f"{len(rows)} runs sorted by {metric} ({order} is better), from {metrics_file}; rates in %.", ""]
     if rows:
         parts += [markdown_table(rows, keys, metric_columns(rows, metric)), ""]
+    if rows and average_over is not None:
+        parts += [f"Mean ± sample standard deviation over {average_over}:", "",
+                  average_table(rows, keys, metric_columns(rows, metric), average_over), ""]
     problems = [r for r in runs if r.metrics is None]
     if problems:
         parts += ["Runs without usable results:", ""]
@@ -232,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--parent_dir", required=True, help="folder whose runs to collect")
     parser.add_argument("--metric", default="miou", help="metrics key to sort and plot by (default: miou)")
     parser.add_argument("--metrics_file", default=METRICS_FILE, help=f"file name to collect (default: {METRICS_FILE})")
+    parser.add_argument("--average_over", default=None, metavar="KEY",
+                        help="also tabulate mean ± std over runs that differ only in this parameter (e.g. seed)")
     return parser
 
 
@@ -256,10 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     parent_dir = Path(args.parent_dir)
     try:
         runs = collect(parent_dir, args.metric, args.metrics_file)
+        text, rows, keys = render_report(parent_dir, runs, args.metric, args.metrics_file, args.average_over)
     except ResultsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    text, rows, keys = render_report(parent_dir, runs, args.metric, args.metrics_file)
     print(text)
     (parent_dir / RESULTS_TABLE).write_text(text)
     if rows:

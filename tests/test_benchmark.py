@@ -4,6 +4,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import benchmark  # noqa: E402
@@ -24,8 +26,18 @@ def test_benchmark_reports_consistent_figures_on_cpu(tmp_path, capsys):
     for row in summary["models"]:
         assert row["train_images_per_s"] == pytest.approx(2 / row["train_step_s"])
         assert row["matmul_fraction"] == pytest.approx(row["train_tflops"] / summary["matmul_tflops"])
+    assert set(summary["matmul_tflops_by_kernel"]) == {"torch.matmul", "conv1x1"}
+    assert summary["matmul_tflops"] == max(summary["matmul_tflops_by_kernel"].values())
     # fcn_resnet50 is dilated (output stride 8): far more FLOPs than a stride-32 GCN-R18 at the same input
     assert summary["models"][1]["flops_per_step"] > 5 * gcn["flops_per_step"]
     assert summary["data_images_per_s"] > 0 and gcn["inference_latency_s"] > 0
     printed = capsys.readouterr().out
     assert "gcn_resnet18" in printed and "data pipeline" in printed
+
+
+def test_conv1x1_reference_computes_the_same_product_as_matmul():
+    torch.manual_seed(0)
+    a, b = torch.randn(12, 7), torch.randn(7, 5)  # M × K by K × N, all different
+    pixels, weight = benchmark.conv1x1_operands(a, b)
+    assert pixels.is_contiguous(memory_format=torch.channels_last) and weight.is_contiguous()
+    torch.testing.assert_close(F.conv2d(pixels, weight)[0, :, 0, :].t(), a @ b)

@@ -348,6 +348,20 @@ def test_segmentation_loss_class_weights_match_hand_computation():
     torch.testing.assert_close(SegmentationLoss()(logits, labels), loss_fn(logits, labels))
 
 
+@pytest.mark.parametrize("weights", [None, [0.5, 2.0, 1.0, 3.0]])
+def test_loss_of_channels_last_logits_equals_nchw_with_gradients(weights):
+    logits, labels = void_batch(2)
+    nchw = logits.clone().requires_grad_()
+    nhwc = logits.contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert not nhwc.is_contiguous()  # the row-wise fast path is taken
+    weight = None if weights is None else torch.tensor(weights)
+    loss_nchw, loss_nhwc = loss_fn(nchw, labels, weight), loss_fn(nhwc, labels, weight)
+    torch.testing.assert_close(loss_nhwc, loss_nchw)
+    loss_nchw.backward()
+    loss_nhwc.backward()
+    torch.testing.assert_close(nhwc.grad, nchw.grad)
+
+
 def test_dice_loss_matches_hand_computation_and_is_added_with_its_weight():
     logits, labels = void_batch(1)
     probs = logits.softmax(dim=1)

@@ -176,3 +176,26 @@ def test_bad_input_is_one_clear_error(tmp_path, sweep, capsys):
     assert sr.main(["--parent_dir", str(sweep), "--metric", "mIoU"]) == 2
     err = capsys.readouterr().err
     assert "has a numeric 'mIoU'" in err and "miou" in err
+    assert sr.main(["--parent_dir", str(sweep), "--average_over", "seed"]) == 2
+    assert "--average_over 'seed' is not a parameter that differs among the runs" in capsys.readouterr().err
+
+
+def test_average_over_seed_gives_mean_and_sample_std_per_setting(tmp_path):
+    parent = tmp_path / "kernel_seeds"
+    mious = {(15, 1): 0.50, (15, 2): 0.54, (15, 3): 0.55, (3, 1): 0.47, (3, 2): 0.49}
+    for (k, seed), miou in mious.items():
+        write_run(parent, f"k{k}_s{seed}", {"kernel_size": k, "seed": seed, "lr": 0.02},
+                  metrics(miou, boundary_accuracy=0.6 + seed / 100))
+    write_run(parent, "k3_s3", {"kernel_size": 3, "seed": 3, "lr": 0.02}, None)  # unfinished: left out
+    assert sr.main(["--parent_dir", str(parent), "--average_over", "seed"]) == 0
+    text = (parent / "results.md").read_text()
+    per_run, averages = text.split("Mean ± sample standard deviation over seed:")
+    assert len(table_rows(per_run)) == 5
+    assert table_header(averages) == ["kernel_size", "runs", "seed", "miou %", "pixel_accuracy %", "mean_accuracy %",
+                                      "fw_iou %", "boundary_accuracy %", "loss"]
+    k15, k3 = table_rows(averages)
+    # k=15: mean 0.53, sample std sqrt(((-.03)² + .01² + .02²) / 2) = 0.026458
+    assert k15[:4] == ["15", "3", "3, 2, 1", "53.00 ± 2.65"]
+    assert k15[7] == "62.00 ± 1.00" and k15[8] == "0.47 ± 0.02646"
+    assert k3[:4] == ["3", "2", "2, 1", "48.00 ± 1.41"]
+    assert k3[4] == "90.00 ± 0.00"
