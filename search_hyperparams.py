@@ -44,6 +44,7 @@ COMPLETE_MARKER = "train_complete.json"
 LAST_CHECKPOINT = "last.pth.tar"
 TRAIN_LOG = "train.log"
 CHILD_OUTPUT = "stdout.log"
+CHILD_GITIGNORE = "# A sweep child, generated from the parent's params.json and search.json: git ignores all of it.\n*\n"
 DEFAULT_LR_FACTORS = (0.1, 0.3, 1.0, 3.0)
 TAIL_LINES = 12
 MAX_NAME_LENGTH = 120
@@ -234,6 +235,7 @@ def prepare_child(child: Child) -> str:
     else:
         child.directory.mkdir(parents=True, exist_ok=True)
         params_path.write_text(json.dumps(child.params, indent=4) + "\n")
+        (child.directory / ".gitignore").write_text(CHILD_GITIGNORE)
     if (child.directory / COMPLETE_MARKER).exists():
         return "complete"
     return "resume" if (child.directory / LAST_CHECKPOINT).exists() else "fresh"

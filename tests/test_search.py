@@ -135,6 +135,20 @@ def test_two_learning_rates_train_then_rerun_skips(tmp_path, stub, capsys):
     assert "2 skipped" in out
 
 
+def test_children_are_ignored_by_git_and_the_parent_is_not(tmp_path, stub):
+    repo = tmp_path / "repo"
+    (repo / "experiments").mkdir(parents=True)
+    (repo / ".gitignore").write_text((REPO / ".gitignore").read_text())
+    parent = make_parent(repo / "experiments", {"learning_rate": 0.1}, {"learning_rate": [0.01]})
+    assert sh.main(["--parent_dir", str(parent)], train_script=stub) == 0
+    assert (parent / "learning_rate_0.01" / "params.json").exists()
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=repo,
+                            capture_output=True, text=True, check=True).stdout
+    assert sorted(line[3:] for line in status.splitlines()) == [
+        ".gitignore", "experiments/sweep/params.json", "experiments/sweep/search.json"]
+
+
 def test_failing_child_is_reported_and_others_finish(tmp_path, stub, capsys):
     parent = make_parent(tmp_path, {"learning_rate": 0.01}, {"stub": ["fail", "ok"]})
     assert sh.main(["--parent_dir", str(parent)], train_script=stub) == 1
