@@ -157,7 +157,7 @@ def format_mean(name: str, values: list[Any]) -> str:
     numbers = [v for v in values if is_number(v)]
     if not numbers:
         return MISSING
-    mean = format_metric(name, float(statistics.fmean(numbers)))
+    mean = format_metric(name, statistics.fmean(numbers))
     return mean if len(numbers) < 2 else f"{mean} ± {format_metric(name, statistics.stdev(numbers))}"
 
 
