@@ -141,15 +141,20 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def render_table(headers: list[str], body: list[list[str]]) -> str:
+    """A Markdown table of the given header and body cells."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in cells) + " |" for cells in body]
+    return "\n".join(lines)
+
+
 def markdown_table(rows: list[Run], keys: list[str], metrics: list[str]) -> str:
     """One Markdown table row per run: folder, swept parameters, metrics (rates in %), completion."""
     headers = ["run", *keys, *(metric_header(m) for m in metrics), "complete"]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    for run in rows:
-        cells = [run.name, *(format_value(run.params[k]) if k in run.params else MISSING for k in keys),
-                 *(format_metric(m, run.metrics.get(m)) for m in metrics), "yes" if run.complete else "no"]
-        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
-    return "\n".join(lines)
+    return render_table(headers, [
+        [run.name, *(format_value(run.params[k]) if k in run.params else MISSING for k in keys),
+         *(format_metric(m, run.metrics.get(m)) for m in metrics), "yes" if run.complete else "no"]
+        for run in rows])
 
 
 def format_mean(name: str, values: list[Any]) -> str:
@@ -172,12 +177,10 @@ def average_table(rows: list[Run], keys: list[str], metrics: list[str], over: st
         groups.setdefault(tuple(format_value(run.params.get(k, MISSING)) for k in others), []).append(run)
     metrics = [m for m in metrics if m != "epoch"]
     headers = [*others, "runs", over, *(metric_header(m) for m in metrics)]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    for setting, group in groups.items():
-        cells = [*setting, str(len(group)), ", ".join(format_value(r.params.get(over, MISSING)) for r in group),
-                 *(format_mean(m, [r.metrics.get(m) for r in group]) for m in metrics)]
-        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
-    return "\n".join(lines)
+    return render_table(headers, [
+        [*setting, str(len(group)), ", ".join(format_value(r.params.get(over, MISSING)) for r in group),
+         *(format_mean(m, [r.metrics.get(m) for r in group]) for m in metrics)]
+        for setting, group in groups.items()])
 
 
 def render_report(parent_dir: Path, runs: list[Run], metric: str, metrics_file: str,
