@@ -10,29 +10,35 @@ highest, or lowest for the loss). Runs whose metrics file is missing or unreadab
 table, not crashed on. The plot shows the metric against the swept numeric parameter with the most
 values (log scale when they span two decades or more), one line per setting of the other swept
 parameters; when no parameter gives a line, one bar per run. With --average_over KEY (e.g. seed), a
-second table gives each metric's mean ± sample standard deviation over the runs that differ only in KEY.
+second table gives each metric's mean ± sample standard deviation over the runs that differ only in KEY,
+and the plot shows that mean ± std, one point per setting of the other swept parameters. The runs also
+go to TensorBoard's HParams tab: event files in <parent_dir>/hparams (rewritten on every call).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import shlex
+import shutil
 import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from matplotlib.figure import Figure  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
-METRICS_FILE = "metrics_val_best_weights.json"
-PARAMS_FILE = "params.json"
-COMPLETE_MARKER = "train_complete.json"
+import utils  # noqa: E402
+
 RESULTS_TABLE = "results.md"
 RESULTS_PLOT = "results.png"
+HPARAMS_DIR = "hparams"
 RATE_METRICS = ("miou", "pixel_accuracy", "mean_accuracy", "fw_iou", "boundary_accuracy", "interior_accuracy")
 MAIN_METRICS = (*RATE_METRICS, "loss", "epoch")
 LOWER_IS_BETTER = {"loss"}
@@ -56,6 +62,27 @@ class Run:
     complete: bool
 
 
+@dataclass
+class Point:
+    """One setting of the swept keys and the mean ± sample std of one metric over its runs."""
+
+    name: str  # the run's folder, or "mean over <key>"
+    params: dict[str, Any]  # the setting (the parameters of its best run, less the averaged key)
+    runs: list[Run]  # best first
+    mean: float | None  # None when no run reports the metric
+    std: float | None  # None for fewer than two values
+    n: int  # runs that report the metric
+
+
+class HasParams(Protocol):
+    """A Run or a Point."""
+
+    params: dict[str, Any]
+
+
+Item = TypeVar("Item", bound=HasParams)
+
+
 def is_number(value: Any) -> bool:
     """A real, finite number (bools are not numbers here)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -63,7 +90,8 @@ def is_number(value: Any) -> bool:
 
 def find_run_dirs(parent_dir: Path, metrics_file: str) -> list[Path]:
     """Folders below parent_dir with a metrics file, or with a params.json and no such folder beneath them."""
-    candidates = {p.parent for name in (metrics_file, PARAMS_FILE) for p in parent_dir.rglob(name)} - {parent_dir}
+    candidates = {p.parent for name in (metrics_file, utils.PARAMS_FILE) for p in parent_dir.rglob(name)}
+    candidates -= {parent_dir}
 
     def has_candidate_below(directory: Path) -> bool:
         return any(directory in c.parents for c in candidates)
@@ -90,9 +118,9 @@ def read_json_object(path: Path) -> tuple[dict[str, Any] | None, str | None]:
 def load_run(directory: Path, parent_dir: Path, metrics_file: str, metric: str) -> Run:
     """Read one run folder; any problem is recorded on the Run rather than raised."""
     name = directory.relative_to(parent_dir).as_posix() if directory != parent_dir else directory.name
-    complete = (directory / COMPLETE_MARKER).exists()
-    params, problem = read_json_object(directory / PARAMS_FILE)
-    if params is None and (directory / PARAMS_FILE).exists():
+    complete = (directory / utils.COMPLETE_MARKER).exists()
+    params, problem = read_json_object(directory / utils.PARAMS_FILE)
+    if params is None and (directory / utils.PARAMS_FILE).exists():
         return Run(name, directory, {}, None, problem, complete)
     metrics, problem = read_json_object(directory / metrics_file)
     if metrics is not None and not is_number(metrics.get(metric)):
@@ -157,13 +185,30 @@ def markdown_table(rows: list[Run], keys: list[str], metrics: list[str]) -> str:
         for run in rows])
 
 
-def format_mean(name: str, values: list[Any]) -> str:
-    """Mean ± sample standard deviation of the numeric values (mean alone for one), formatted as format_metric."""
-    numbers = [v for v in values if is_number(v)]
-    if not numbers:
+def averaged_points(rows: list[Run], keys: list[str], metric: str, over: str | None = None) -> list[Point]:
+    """Per setting of the swept keys other than `over` (per run when over is None), in the order of its best
+    run in `rows`: the metric's mean and sample standard deviation over the setting's runs."""
+    others = [k for k in keys if k != over]
+    groups: dict[Any, list[Run]] = {}
+    for run in rows:
+        setting = run.name if over is None else tuple(format_value(run.params.get(k, MISSING)) for k in others)
+        groups.setdefault(setting, []).append(run)
+    points = []
+    for group in groups.values():
+        values = [r.metrics[metric] for r in group if is_number(r.metrics.get(metric))]
+        points.append(Point(group[0].name if over is None else f"mean over {over}",
+                            {k: v for k, v in group[0].params.items() if k != over}, group,
+                            statistics.fmean(values) if values else None,
+                            statistics.stdev(values) if len(values) > 1 else None, len(values)))
+    return points
+
+
+def format_mean(name: str, point: Point) -> str:
+    """Mean ± sample standard deviation (mean alone for one value), formatted as format_metric."""
+    if point.mean is None:
         return MISSING
-    mean = format_metric(name, statistics.fmean(numbers))
-    return mean if len(numbers) < 2 else f"{mean} ± {format_metric(name, statistics.stdev(numbers))}"
+    mean = format_metric(name, point.mean)
+    return mean if point.std is None else f"{mean} ± {format_metric(name, point.std)}"
 
 
 def average_table(rows: list[Run], keys: list[str], metrics: list[str], over: str) -> str:
@@ -172,15 +217,14 @@ def average_table(rows: list[Run], keys: list[str], metrics: list[str], over: st
     Rows keep the order of their best run in `rows` (sorted best first).
     """
     others = [k for k in keys if k != over]
-    groups: dict[tuple[str, ...], list[Run]] = {}
-    for run in rows:
-        groups.setdefault(tuple(format_value(run.params.get(k, MISSING)) for k in others), []).append(run)
     metrics = [m for m in metrics if m != "epoch"]
+    columns = [averaged_points(rows, keys, m, over) for m in metrics]
     headers = [*others, "runs", over, *(metric_header(m) for m in metrics)]
     return render_table(headers, [
-        [*setting, str(len(group)), ", ".join(format_value(r.params.get(over, MISSING)) for r in group),
-         *(format_mean(m, [r.metrics.get(m) for r in group]) for m in metrics)]
-        for setting, group in groups.items()])
+        [*(format_value(points[0].params.get(k, MISSING)) for k in others), str(len(points[0].runs)),
+         ", ".join(format_value(r.params.get(over, MISSING)) for r in points[0].runs),
+         *(format_mean(m, p) for m, p in zip(metrics, points))]
+        for points in zip(*columns)])
 
 
 def render_report(parent_dir: Path, runs: list[Run], metric: str, metrics_file: str,
@@ -215,36 +259,46 @@ def choose_x_scale(values: list[float]) -> str:
     return "log" if math.log10(max(values) / min(values)) >= LOG_SCALE_DECADES else "linear"
 
 
-def choose_x_key(rows: list[Run], keys: list[str]) -> str | None:
+def choose_x_key(items: list[HasParams], keys: list[str]) -> str | None:
     """The swept numeric key with the most distinct values, if plotting against it draws a line (>= 2 points)."""
-    numeric = [k for k in keys if all(is_number(r.params.get(k)) for r in rows)]
-    for key in sorted(numeric, key=lambda k: -len({r.params[k] for r in rows})):
-        if any(len(group) >= 2 for group in group_runs(rows, key, keys).values()):
+    numeric = [k for k in keys if all(is_number(i.params.get(k)) for i in items)]
+    for key in sorted(numeric, key=lambda k: -len({i.params[k] for i in items})):
+        if any(len(group) >= 2 for group in group_lines(items, key, keys).values()):
             return key
     return None
 
 
-def group_runs(rows: list[Run], x_key: str, keys: list[str]) -> dict[str, list[Run]]:
-    """Runs per setting of the swept keys other than x_key (labelled `key=value, ...`), each group sorted by x."""
-    groups: dict[str, list[Run]] = {}
-    for run in rows:
-        label = ", ".join(f"{k}={format_value(run.params.get(k, MISSING))}" for k in keys if k != x_key)
-        groups.setdefault(label, []).append(run)
-    return {label: sorted(group, key=lambda r: r.params[x_key]) for label, group in groups.items()}
+def group_lines(items: list[Item], x_key: str, keys: list[str]) -> dict[str, list[Item]]:
+    """Items per setting of the keys other than x_key (labelled `key=value, ...`), each group sorted by x."""
+    groups: dict[str, list[Item]] = {}
+    for item in items:
+        label = ", ".join(f"{k}={format_value(item.params.get(k, MISSING))}" for k in keys if k != x_key)
+        groups.setdefault(label, []).append(item)
+    return {label: sorted(group, key=lambda i: i.params[x_key]) for label, group in groups.items()}
 
 
-def plot_results(rows: list[Run], keys: list[str], metric: str, title: str, path: Path) -> None:
-    """Write results.png: metric versus the swept value (lines), or one bar per run."""
+def plot_results(rows: list[Run], keys: list[str], metric: str, title: str, path: Path,
+                 over: str | None = None) -> Figure:
+    """Write results.png and return its (closed) figure: the metric versus the swept value (lines), or one bar
+    per run; with `over`, the mean ± sample std over it, one point per setting of the other swept keys."""
+    points = averaged_points(rows, keys, metric, over)
+    keys = [k for k in keys if k != over]
     scale = 100 if metric in RATE_METRICS else 1
-    label = f"{metric} (%)" if metric in RATE_METRICS else metric
+
+    def means(ps: list[Point]) -> list[float]:
+        return [p.mean * scale for p in ps]
+
+    def errors(ps: list[Point]) -> list[float] | None:
+        return None if over is None else [(p.std or 0.0) * scale for p in ps]
+
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
-    x_key = choose_x_key(rows, keys)
+    x_key = choose_x_key(points, keys)
     if x_key is not None:
-        groups = group_runs(rows, x_key, keys)
-        for group, runs in groups.items():
-            ax.plot([r.params[x_key] for r in runs], [r.metrics[metric] * scale for r in runs], marker="o",
-                    label=group or None)
-        xs = sorted({r.params[x_key] for r in rows})
+        groups = group_lines(points, x_key, keys)
+        for group, line in groups.items():
+            ax.errorbar([p.params[x_key] for p in line], means(line), errors(line), marker="o", capsize=4,
+                        label=group or None)
+        xs = sorted({p.params[x_key] for p in points})
         ax.set_xscale(choose_x_scale(xs))
         if ax.get_xscale() == "linear" and all(isinstance(x, int) for x in xs):
             ax.set_xticks(xs)
@@ -252,16 +306,48 @@ def plot_results(rows: list[Run], keys: list[str], metric: str, title: str, path
         if len(groups) > 1:
             ax.legend(fontsize="small")
     else:
-        names = [", ".join(format_value(r.params.get(k, MISSING)) for k in keys) or r.name for r in rows]
-        bars = ax.bar(range(len(rows)), [r.metrics[metric] * scale for r in rows])
-        ax.bar_label(bars, fmt="%.2f" if scale == 100 else "%.4g", fontsize="small")
-        ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize="small")
+        names = [", ".join(format_value(p.params.get(k, MISSING)) for k in keys) or p.name for p in points]
+        bars = ax.bar(range(len(points)), means(points), yerr=errors(points), capsize=4)
+        ax.bar_label(bars, [format_mean(metric, p) for p in points], fontsize="small",
+                     label_type="edge" if over is None else "center")
+        ax.set_xticks(range(len(points)), names, rotation=30, ha="right", fontsize="small")
         ax.set_xlabel(", ".join(keys) or "run")
-    ax.set_ylabel(label)
+    ax.set_ylabel(f"{metric} (%)" if metric in RATE_METRICS else metric)
+    if over is not None:
+        counts = sorted({p.n for p in points})
+        n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+        title = f"{title}\n{metric}: mean ± std over {over} (n={n})"
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return fig
+
+
+# ----------------------------------------------------------------------------- TensorBoard HParams
+
+def hparams_dir(parent_dir: Path, runs: list[Run]) -> Path:
+    """<parent_dir>/hparams, which write_hparams clears; a ResultsError if a run lies inside it."""
+    path = parent_dir / HPARAMS_DIR
+    if any(r.directory == path or path in r.directory.parents for r in runs):
+        raise ResultsError(f"{path} holds runs, but this script rewrites that folder: rename it")
+    return path
+
+
+def hparam_value(value: Any) -> int | float | str:
+    """Numbers as they are, anything else as in the table (torch would turn bools into 1.0 / 0.0)."""
+    return value if is_number(value) else format_value(value)
+
+
+def write_hparams(directory: Path, rows: list[Run], keys: list[str]) -> None:
+    """Replace `directory` by TensorBoard HParams event files: one run per row, named by its folder."""
+    if directory.exists():
+        shutil.rmtree(directory)
+    with SummaryWriter(str(directory)) as writer:
+        for run in rows:
+            writer.add_hparams({k: hparam_value(run.params.get(k, MISSING)) for k in keys},
+                               {m: run.metrics[m] for m in MAIN_METRICS if is_number(run.metrics.get(m))},
+                               run_name=run.name)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -270,9 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parent_dir", required=True, help="folder whose runs to collect")
     parser.add_argument("--metric", default="miou", help="metrics key to sort and plot by (default: miou)")
-    parser.add_argument("--metrics_file", default=METRICS_FILE, help=f"file name to collect (default: {METRICS_FILE})")
+    parser.add_argument("--metrics_file", default=utils.METRICS_BEST,
+                        help=f"file name to collect (default: {utils.METRICS_BEST}; or {utils.METRICS_LAST})")
     parser.add_argument("--average_over", default=None, metavar="KEY",
-                        help="also tabulate mean ± std over runs that differ only in this parameter (e.g. seed)")
+                        help="also tabulate and plot mean ± std over runs that differ only in this parameter "
+                             "(e.g. seed)")
     return parser
 
 
@@ -282,7 +370,7 @@ def collect(parent_dir: Path, metric: str, metrics_file: str) -> list[Run]:
         raise ResultsError(f"{parent_dir} is not a folder")
     runs = [load_run(d, parent_dir, metrics_file, metric) for d in find_run_dirs(parent_dir, metrics_file)]
     if not runs:
-        raise ResultsError(f"no runs below {parent_dir} (no {metrics_file} or child {PARAMS_FILE})")
+        raise ResultsError(f"no runs below {parent_dir} (no {metrics_file} or child {utils.PARAMS_FILE})")
     readable = [m for m in (read_json_object(r.directory / metrics_file)[0] for r in runs) if m is not None]
     if readable and all(r.metrics is None for r in runs):
         available = sorted({k for m in readable for k, v in m.items() if is_number(v)})
@@ -292,22 +380,25 @@ def collect(parent_dir: Path, metric: str, metrics_file: str) -> list[Run]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print and write results.md and results.png; 0 on success, 2 on bad input."""
+    """Print and write results.md, results.png and the HParams event files; 0 on success, 2 on bad input."""
     args = build_parser().parse_args(argv)
     parent_dir = Path(args.parent_dir)
     try:
         runs = collect(parent_dir, args.metric, args.metrics_file)
         text, rows, keys = render_report(parent_dir, runs, args.metric, args.metrics_file, args.average_over)
+        hparams = hparams_dir(parent_dir, runs)
     except ResultsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(text)
     (parent_dir / RESULTS_TABLE).write_text(text)
-    if rows:
-        plot_results(rows, keys, args.metric, str(parent_dir), parent_dir / RESULTS_PLOT)
-        print(f"wrote {parent_dir / RESULTS_TABLE} and {parent_dir / RESULTS_PLOT}")
-    else:
+    if not rows:
         print(f"wrote {parent_dir / RESULTS_TABLE}; no results to plot")
+        return 0
+    plot_results(rows, keys, args.metric, str(parent_dir), parent_dir / RESULTS_PLOT, args.average_over)
+    write_hparams(hparams, rows, keys)
+    print(f"wrote {parent_dir / RESULTS_TABLE}, {parent_dir / RESULTS_PLOT} and TensorBoard HParams for {len(rows)} "
+          f"runs in {hparams}/; view them with: tensorboard --logdir {shlex.quote(str(hparams))}")
     return 0
 
 

@@ -1,16 +1,19 @@
 """Train the GCN of an experiment folder: python train.py --model_dir experiments/demo
 
-Everything the run produces lands in --model_dir: train.log, last.pth.tar / best.pth.tar, metrics JSON,
-TensorBoard events. Several GPUs or nodes: torchrun --nproc_per_node N train.py --model_dir ...
+Everything the run produces lands in --model_dir: train.log, params_resolved.json, last.pth.tar / best.pth.tar,
+metrics JSON, TensorBoard events. Several GPUs or nodes: torchrun --nproc_per_node N train.py --model_dir ...
+SIGTERM/SIGINT (Ctrl-C, pre-emption) saves a resumable checkpoint and exits 128+N; --restore_file last resumes.
 """
 from __future__ import annotations
 
-import argparse
+import contextlib
+import dataclasses
 import logging
 import math
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,49 +25,55 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import utils
-from evaluate import (USER_ERRORS, autocast, build_model, checkpoint_path, eval_loader, evaluate, load_params,
-                      side_by_side, write_json)
-from model.data_loader import build_dataloader, build_dataset
-from model.net import SegmentationLoss
+from evaluate import evaluate
+from model import visualize
+from model.data_loader import DataConfig, DatasetError, EpochSampler, build_dataloader, build_dataset, eval_loader
+from model.net import GCN, GCNConfig, PretrainedWeightsError, SegmentationLoss
+from model.transforms import denormalize
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+OUTPUTS = (utils.LAST_CHECKPOINT, utils.BEST_CHECKPOINT, utils.METRICS_LAST, utils.METRICS_BEST,
+           utils.COMPLETE_MARKER)  # what --force clears, with the TensorBoard events
 
 
 class TrainingDiverged(utils.UserError):
     """The loss became NaN or infinite."""
 
 
-class EpochSampler(torch.utils.data.Sampler[int]):
-    """This rank's share of a per-epoch permutation seeded by (seed, epoch), minus the batches already trained.
+@dataclass
+class Progress:
+    """Where a run stands; every checkpoint holds it, so that a resumed run continues exactly."""
 
-    The order depends only on (seed, epoch), so a resumed run sees the same batches as an uninterrupted one.
-    """
-
-    def __init__(self, length: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        self.length, self.batch_size, self.seed = length, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.per_rank = math.ceil(length / world_size)
-        self.epoch = self.skip_batches = 0
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.epoch, self.skip_batches = epoch, skip_batches
-
-    def __iter__(self):
-        order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        order += order[: self.per_rank * self.world_size - self.length]  # equal shares for every rank
-        return iter(order[self.rank:: self.world_size][self.skip_batches * self.batch_size:])
-
-    def __len__(self) -> int:
-        return max(self.per_rank - self.skip_batches * self.batch_size, 0)
+    epoch: int = 0  # epochs completed
+    iteration: int = 0
+    batch_in_epoch: int = 0  # batches of the current epoch already trained
+    best_miou: float = -1.0
+    best_epoch: int = 0
+    validation_pending: bool = False  # the last epoch is saved but not validated yet
 
 
 class StopSignal:
-    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (a resumable checkpoint is then saved)."""
+    """While active, SIGTERM/SIGINT only raise a flag, which the loops check; a second signal stops at once.
+
+    The previous handlers come back on exit, so an in-process run leaves Ctrl-C working.
+    """
 
     def __init__(self) -> None:
         self.signum = 0
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signum:
+            signal.signal(signum, self._previous[signum])
+            signal.raise_signal(signum)
         self.signum = signum
 
 
@@ -76,243 +85,283 @@ def poly_lr_lambda(total_iterations: int, power: float, warmup: int):
     return factor
 
 
-def build_optimizer(net: nn.Module, params: utils.Params) -> torch.optim.SGD:
+def build_optimizer(model: GCN, params: utils.Params) -> torch.optim.SGD:
     """SGD; the new layers (heads, BR, decoder) learn head_lr_multiplier× faster than the backbone."""
-    groups = net.parameter_groups()
-    new = groups["heads"] + groups["decoder"]
+    groups = model.parameter_groups()
     return torch.optim.SGD(
         [{"params": groups["backbone"], "lr": params.learning_rate},
-         {"params": new, "lr": params.learning_rate * params.head_lr_multiplier}],
+         {"params": groups["heads"] + groups["decoder"], "lr": params.learning_rate * params.head_lr_multiplier}],
         lr=params.learning_rate, momentum=params.momentum, weight_decay=params.weight_decay)
 
 
-def build_loss(params: utils.Params) -> SegmentationLoss:
-    if params.loss not in ("cross_entropy", "cross_entropy+dice"):
-        raise utils.ParamsError(f"params 'loss' must be 'cross_entropy' or 'cross_entropy+dice', got {params.loss!r}")
-    if params.class_weights is not None and len(params.class_weights) != params.num_classes:
-        raise utils.ParamsError(f"params 'class_weights' needs {params.num_classes} values, "
-                                f"got {len(params.class_weights)}")
-    return SegmentationLoss(params.class_weights, params.dice_weight if params.loss == "cross_entropy+dice" else 0)
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv: Sequence[str] | None):
+    parser = utils.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_dir", default="experiments/base_model", help="folder holding params.json")
     parser.add_argument("--data_dir", default=None, help="overrides params.json's data_dir")
-    parser.add_argument("--restore_file", default=None, help="resume from last | best | a checkpoint path")
-    parser.add_argument("--force", action="store_true", help="start afresh even if the folder holds checkpoints")
+    parser.add_argument("--restore_file", default=None,
+                        help="resume from last | best | a checkpoint path; auto: last if it exists, else start afresh")
+    parser.add_argument("--force", action="store_true", help="start afresh, deleting the folder's previous run")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a params.json value (JSON), e.g. --set learning_rate=0.02; repeatable")
     return parser.parse_args(argv)
 
 
-class Trainer:
-    """One training run: the model, its optimiser and schedule, the loaders, and the run's progress counters."""
+def main(args) -> int:
+    model_dir = Path(args.model_dir)
+    overrides = utils.parse_overrides(args.set) | ({"data_dir": args.data_dir} if args.data_dir is not None else {})
+    params = utils.load_params(model_dir, (DataConfig, GCNConfig), overrides)
+    try:
+        str(model_dir.resolve()).encode("utf-8")
+    except UnicodeEncodeError:
+        raise utils.UserError(f"{model_dir!s}: the folder name is not valid UTF-8 (TensorBoard cannot write "
+                              f"there); rename it") from None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world_size = utils.init_distributed(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+    with contextlib.ExitStack() as exit_stack:
+        return train(params, overrides, model_dir, args, device, rank, world_size, exit_stack)
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.model_dir = Path(args.model_dir)
-        self.params = params = load_params(self.model_dir, args.data_dir)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.rank, self.world_size = utils.init_distributed(self.device.type)
-        if self.device.type == "cuda":
-            self.device = torch.device("cuda", torch.cuda.current_device())
-            torch.backends.cudnn.benchmark = True
-            torch.set_float32_matmul_precision("high")
-        self.main = self.rank == 0
-        if self.main:
-            utils.set_logger(self.model_dir / "train.log")
-        self._check_fresh_start(args)
 
-        utils.seed_everything(params.seed)
-        train_set = build_dataset(params, params.train_split, train=True)
-        self.val_set = build_dataset(params, params.val_split, train=False)
-        if len(train_set) < params.batch_size * self.world_size:
-            raise utils.ParamsError(f"batch_size {params.batch_size} × {self.world_size} process(es) exceeds the "
-                                    f"{len(train_set)} training images")
-        self.sampler = EpochSampler(len(train_set), params.batch_size, params.seed, self.rank, self.world_size)
-        self.train_loader = build_dataloader(train_set, params.batch_size, self.sampler, params.num_workers,
-                                             drop_last=True)
-        self.val_loader = eval_loader(self.val_set, params.num_workers, self.rank, self.world_size)
-        self.batches_per_epoch = self.sampler.per_rank // params.batch_size
-        self.total_iterations = params.num_iterations or params.num_epochs * self.batches_per_epoch
-        self.num_epochs = math.ceil(self.total_iterations / self.batches_per_epoch)
+def train(params: utils.Params, overrides: dict, model_dir: Path, args, device: torch.device, rank: int,
+          world_size: int, exit_stack: contextlib.ExitStack) -> int:
+    """Check every input, then train to the end of the budget (or a stop signal); returns the exit status.
 
-        self.net = build_model(params).to(self.device)
-        if params.sync_bn and self.world_size > 1:
-            self.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
-        if params.channels_last:
-            self.net.to(memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(self.net, params)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, poly_lr_lambda(self.total_iterations, params.lr_power, params.warmup_iterations))
-        fp16 = params.amp and self.device.type == "cuda" and not torch.cuda.is_bf16_supported()
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
-        self.loss_fn = build_loss(params).to(self.device)
-        self.epoch = self.iteration = self.batch_in_epoch = 0
-        self.best_miou = -1.0
-        if args.restore_file:
-            self._restore(checkpoint_path(self.model_dir, args.restore_file))
-        self.model: nn.Module = torch.compile(self.net) if params.compile else self.net
-        if self.world_size > 1:
-            self.model = DistributedDataParallel(self.model, device_ids=[self.device.index] if
-                                                 self.device.type == "cuda" else None)
-        self.writer = SummaryWriter(self.model_dir) if self.main else None
-        self.stop = StopSignal()
+    The folder lock and the stop-signal handlers live on `exit_stack` until the caller closes it.
+    """
+    main_process = rank == 0
+    last = model_dir / utils.LAST_CHECKPOINT
+    restore_file = args.restore_file
+    if restore_file == "auto":
+        restore_file = "last" if last.exists() else None
+    elif not restore_file and last.exists() and not args.force:
+        raise utils.UserError(f"{last} exists: resume with --restore_file last, or pass --force to start afresh "
+                              f"and delete that run")
 
-    def _check_fresh_start(self, args: argparse.Namespace) -> None:
-        last = self.model_dir / "last.pth.tar"
-        if not args.restore_file and last.exists() and not args.force:
-            raise utils.UserError(f"{last} exists: resume with --restore_file last, or pass --force to start "
-                                  f"afresh and overwrite it")
-        if not args.restore_file and self.main:
-            (self.model_dir / "train_complete.json").unlink(missing_ok=True)
+    # Data
+    data_config = params.config(DataConfig)
+    train_set = build_dataset(data_config, params.num_classes, params.train_split, train=True)
+    val_set = build_dataset(data_config, params.num_classes, params.val_split, train=False)
+    if len(train_set) < params.batch_size * world_size:
+        raise utils.ParamsError(f"batch_size {params.batch_size} × {world_size} process(es) exceeds the "
+                                f"{len(train_set)} training images")
+    sampler = EpochSampler(len(train_set), params.batch_size, params.seed, rank, world_size)
+    train_loader = build_dataloader(train_set, params.batch_size, sampler, params.num_workers, drop_last=True)
+    val_loader = eval_loader(val_set, params.num_workers, rank, world_size)
+    batches_per_epoch = sampler.per_rank // params.batch_size
+    total_iterations = params.num_iterations or params.num_epochs * batches_per_epoch
+    num_epochs = math.ceil(total_iterations / batches_per_epoch)
 
-    def _restore(self, path: Path) -> None:
-        checkpoint = utils.load_checkpoint(path, self.net, self.net.config)
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
-        self.scaler.load_state_dict(checkpoint["scaler"])
-        self.epoch, self.iteration = checkpoint["epoch"], checkpoint["iteration"]
-        self.batch_in_epoch, self.best_miou = checkpoint["batch_in_epoch"], checkpoint["best_miou"]
-        logging.info("Resumed from %s: epoch %d, iteration %d, best mIoU %.4f", path, self.epoch, self.iteration,
-                     self.best_miou)
-
-    def save(self, is_best: bool) -> None:
-        if not self.main:
-            return
-        state = {"state_dict": self.net.state_dict(), "model_config": self.net.config,
-                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "iteration": self.iteration,
-                 "batch_in_epoch": self.batch_in_epoch, "best_miou": self.best_miou, "params": self.params.dict}
-        utils.save_checkpoint(state, is_best, self.model_dir)
-
-    def fit(self) -> int:
-        """Train to the end of the budget (or until a stop signal); returns the process exit status."""
-        params = self.params
-        logging.info("Training %s on %s (%d images, %d batches/epoch) for %d iterations on %s × %d",
-                     self.model_dir, params.dataset, len(self.train_loader.dataset), self.batches_per_epoch,
-                     self.total_iterations, self.device, self.world_size)
-        if self.iteration >= self.total_iterations and (self.model_dir / "train_complete.json").exists():
-            logging.info("Nothing to do: this run already trained its %d iterations", self.total_iterations)
-            return 0
-        start = time.time()
-        while self.iteration < self.total_iterations:
-            utils.seed_everything(params.seed + self.epoch * self.world_size + self.rank)
-            self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
-            if not self.train_epoch():
-                self.save(is_best=False)
-                logging.info("Stopped by signal %d at iteration %d: saved %s; resume with --restore_file last",
-                             self.stop.signum, self.iteration, self.model_dir / "last.pth.tar")
-                return 128 + self.stop.signum
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-            done = self.iteration >= self.total_iterations
-            if done or self.epoch % params.val_every_epochs == 0:
-                self.validate()
-            else:
-                self.save(is_best=False)
-        if self.main:
-            write_json(self.model_dir / "train_complete.json",
-                       {"epochs": self.epoch, "iterations": self.iteration, "best_miou": self.best_miou,
-                        "wall_time_s": round(time.time() - start, 1)})
-            self.writer.close()
-        logging.info("Done: best val mIoU %.4f", self.best_miou)
+    # Model, optimiser, schedule, loss
+    utils.seed_everything(params.seed)
+    model_config = params.config(GCNConfig)
+    model_without_ddp = GCN(model_config).to(device)
+    if params.sync_bn and world_size > 1:
+        model_without_ddp = nn.SyncBatchNorm.convert_sync_batchnorm(model_without_ddp)
+    if params.channels_last:
+        model_without_ddp.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model_without_ddp, params)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, poly_lr_lambda(total_iterations, params.lr_power, params.warmup_iterations))
+    amp_dtype = utils.autocast_dtype(device, params.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    loss_fn = SegmentationLoss(params.class_weights,
+                               params.dice_weight if params.loss == "cross_entropy+dice" else 0.0).to(device)
+    progress = Progress()
+    if restore_file:
+        path = utils.checkpoint_path(model_dir, restore_file)
+        checkpoint = utils.load_checkpoint(path)
+        utils.check_same_architecture(path, checkpoint["model_config"], model_config.architecture())
+        if not {"optimizer", "scheduler", "scaler", "progress"} <= checkpoint.keys():
+            raise utils.CheckpointError(f"cannot resume from {path}: it holds no training state (an export.py "
+                                        f"weights file?)")
+        changed = params.experiment_differences(checkpoint["params"])
+        if changed:
+            raise utils.UserError(f"{path} was trained with other settings: {', '.join(changed)} differ (params.json "
+                                  f"or --set); resume with the same ones, or start afresh with --force")
+        model_without_ddp.load_state_dict(checkpoint["state_dict"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        progress = Progress(**checkpoint["progress"])
+    done = progress.iteration >= total_iterations and not progress.validation_pending
+    if done and (model_dir / utils.COMPLETE_MARKER).exists():
+        print(f"{model_dir}: nothing to do, this run already trained its {total_iterations} iterations")
         return 0
 
-    def train_epoch(self) -> bool:
-        """One pass over this epoch's remaining batches; False if a stop signal arrived."""
-        params, device = self.params, self.device
-        self.model.train()
-        loss_avg = utils.RunningAverage()
-        progress = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.num_epochs}", disable=not self.main,
-                        dynamic_ncols=True, leave=False)
-        tick = time.time()
-        for images, labels in progress:
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            if params.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with autocast(device, params.amp):
-                loss = self.loss_fn(self.model(images), labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if params.grad_clip_norm:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.net.parameters(), params.grad_clip_norm)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            self.iteration += 1
-            self.batch_in_epoch += 1
-            loss_value, stop = self._synchronise(loss.detach())
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(f"loss is {loss_value} at iteration {self.iteration} (epoch {self.epoch + 1}); "
-                                       f"kept the last good checkpoint in {self.model_dir}; try a lower "
-                                       f"learning_rate or set grad_clip_norm")
-            loss_avg.update(loss_value)
-            if self.iteration % params.save_summary_steps == 0 and self.main:
-                rate = params.batch_size * self.world_size * params.save_summary_steps / (time.time() - tick)
-                tick = time.time()
-                lr = self.optimizer.param_groups[0]["lr"]
-                progress.set_postfix(loss=f"{loss_avg():.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
-                for name, value in (("loss", loss_value), ("lr", lr), ("images_per_s", rate)):
-                    self.writer.add_scalar(f"train/{name}", value, self.iteration)
-            if stop:
-                return False
-            if self.iteration >= self.total_iterations:
-                break
-        logging.info("Epoch %d: train loss %.4f", self.epoch + 1, loss_avg())
-        return True
+    # Every input is checked: from here on, the run writes into its folder, which it holds alone.
+    writer = None
+    if main_process:
+        exit_stack.enter_context(utils.RunLock(model_dir))
+        utils.remove_stale_temporary_files(model_dir)
+        if not restore_file:
+            for name in (*OUTPUTS, *(p.name for p in model_dir.glob("events.out.tfevents.*"))):
+                (model_dir / name).unlink(missing_ok=True)
+        utils.write_json(model_dir / utils.RESOLVED_PARAMS_FILE, utils.run_record(params, overrides, vars(args), device))
+        utils.set_logger(model_dir / utils.TRAIN_LOG)
+        writer = SummaryWriter(model_dir)
+    if restore_file:
+        logging.info("Resumed from %s: epoch %d, iteration %d, best mIoU %.4f", restore_file, progress.epoch,
+                     progress.iteration, progress.best_miou)
+    model = scoring_model = torch.compile(model_without_ddp) if params.compile else model_without_ddp
+    if world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    logging.info("Training %s on %s (%d images, %d batches/epoch) for %d iterations on %s × %d", model_dir,
+                 params.dataset, len(train_set), batches_per_epoch, total_iterations, device, world_size)
 
-    def _synchronise(self, loss: torch.Tensor) -> tuple[float, bool]:
-        """The loss averaged over ranks and whether any rank was asked to stop (so every rank decides alike)."""
-        if self.world_size == 1:
-            return loss.item(), bool(self.stop.signum)
-        flags = torch.stack([loss.float(), torch.tensor(float(bool(self.stop.signum)), device=loss.device)])
-        dist.all_reduce(flags)
-        return flags[0].item() / self.world_size, flags[1].item() > 0
+    def save(path: Path) -> None:
+        if main_process:
+            utils.save_checkpoint({
+                "state_dict": model_without_ddp.state_dict(), "model_config": dataclasses.asdict(model_config),
+                "class_names": list(val_set.classes), "palette": [list(c) for c in val_set.palette],
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "progress": dataclasses.asdict(progress), "params": params.dict}, path)
 
-    def validate(self) -> None:
+    def validate() -> bool:
+        """Score the model on the val split and record it (best first, then last); False if stopped midway."""
         pictures: list[torch.Tensor] = []
 
         def keep_picture(index: int, image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor) -> None:
-            if len(pictures) < self.params.num_logged_images:
-                pictures.append(side_by_side(image, label, pred, self.val_set.palette))
+            if main_process and len(pictures) < params.num_logged_images:
+                pictures.append(visualize.prediction_picture(
+                    denormalize(image.cpu()), label.cpu() if val_set.has_labels else None, pred.cpu(),
+                    val_set.palette, val_set.classes))
 
-        metrics = evaluate(self.model, self.val_loader, self.params, self.device,
-                           on_image=keep_picture if self.main else None)
-        metrics["epoch"] = self.epoch
-        is_best = metrics["miou"] > self.best_miou
-        self.best_miou = max(self.best_miou, metrics["miou"])
-        self.save(is_best)
-        if not self.main:
-            return
-        write_json(self.model_dir / "metrics_val_last_weights.json", metrics)
-        if is_best:
-            write_json(self.model_dir / "metrics_val_best_weights.json", metrics)
-        logging.info("Epoch %d: val mIoU %.4f (best %.4f), pixel acc %.4f, loss %.4f", self.epoch, metrics["miou"],
-                     self.best_miou, metrics["pixel_accuracy"], metrics["loss"])
-        for key in ("miou", "pixel_accuracy", "mean_accuracy", "fw_iou", "loss", "boundary_accuracy",
-                    "interior_accuracy"):
-            if metrics.get(key) is not None:
-                self.writer.add_scalar(f"val/{key}", metrics[key], self.iteration)
-        for name, iou in metrics["per_class_iou"].items():
-            if iou is not None:
-                self.writer.add_scalar(f"val_iou/{name}", iou, self.iteration)
-        for i, picture in enumerate(pictures):
-            self.writer.add_image(f"val_image/{i}", picture, self.iteration)
-        self.writer.flush()
+        if world_size > 1:  # score with rank 0's batch-norm statistics, those the checkpoint holds
+            for buffer in model_without_ddp.buffers():
+                dist.broadcast(buffer, 0)
+        # Not through DDP: its forward synchronises buffers, which would deadlock ranks with fewer images.
+        metrics = evaluate(scoring_model, val_loader, params, device, on_image=keep_picture,
+                           should_stop=(lambda: bool(stop.signum)) if world_size == 1 else None)
+        if metrics is None:
+            return False
+        metrics["epoch"] = progress.epoch
+        progress.validation_pending = False
+        if metrics["miou"] > progress.best_miou:
+            progress.best_miou, progress.best_epoch = metrics["miou"], progress.epoch
+            save(model_dir / utils.BEST_CHECKPOINT)  # best before last: last.pth.tar is what a resume trusts
+            if main_process:
+                utils.write_json(model_dir / utils.METRICS_BEST, metrics)
+        if main_process:
+            utils.write_json(model_dir / utils.METRICS_LAST, metrics)
+            log_validation(writer, metrics, pictures, progress)
+        save(model_dir / utils.LAST_CHECKPOINT)
+        return True
+
+    start = time.time()
+    stop = exit_stack.enter_context(StopSignal())
+    if progress.validation_pending and not validate():
+        return stopped(stop, progress, model_dir)
+    while progress.iteration < total_iterations:
+        sampler.set_epoch(progress.epoch, progress.batch_in_epoch)
+        finished = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, loss_fn, params, device,
+                                   amp_dtype, progress, total_iterations, stop, writer, world_size,
+                                   f"epoch {progress.epoch + 1}/{num_epochs}")
+        if not finished:
+            save(model_dir / utils.LAST_CHECKPOINT)
+            return stopped(stop, progress, model_dir)
+        progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+        last_epoch = progress.iteration >= total_iterations
+        progress.validation_pending = last_epoch or progress.epoch % params.val_every_epochs == 0
+        save(model_dir / utils.LAST_CHECKPOINT)  # the epoch is safe before validation runs
+        if progress.validation_pending and not validate():
+            return stopped(stop, progress, model_dir)
+        if stop.signum:
+            return stopped(stop, progress, model_dir)
+    if main_process:
+        utils.write_json(model_dir / utils.COMPLETE_MARKER, {
+            "epochs": progress.epoch, "iterations": progress.iteration, "best_miou": progress.best_miou,
+            "best_epoch": progress.best_epoch, "wall_time_s": round(time.time() - start, 1)})
+        writer.close()
+    logging.info("Done: best val mIoU %.4f at epoch %d (%s)", progress.best_miou, progress.best_epoch,
+                 model_dir / utils.BEST_CHECKPOINT)
+    return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, loss_fn: nn.Module, params: utils.Params,
+                    device: torch.device, amp_dtype, progress: Progress, total_iterations: int, stop: StopSignal,
+                    writer: SummaryWriter | None, world_size: int, description: str) -> bool:
+    """One pass over this epoch's remaining batches; False if a stop signal arrived (after a whole step)."""
+    model.train()
+    loss_sum = loss_count = 0.0
+    tick = time.time()
+    for images, labels in tqdm(loader, desc=description, disable=writer is None, dynamic_ncols=True, leave=False):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if params.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with utils.autocast(device, amp_dtype):
+            loss = loss_fn(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if params.grad_clip_norm:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        progress.iteration += 1
+        progress.batch_in_epoch += 1
+        loss_value, stop_now = synchronise(loss.detach(), bool(stop.signum), world_size)
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(f"loss is {loss_value} at iteration {progress.iteration} (epoch "
+                                   f"{progress.epoch + 1}); kept the last good checkpoint; try a lower learning_rate "
+                                   f"or set grad_clip_norm (README: Training from scratch)")
+        loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
+        if writer is not None and progress.iteration % params.save_summary_steps == 0:
+            rate = params.batch_size * world_size * params.save_summary_steps / (time.time() - tick)
+            tick = time.time()
+            for name, value in (("loss", loss_value), ("lr", optimizer.param_groups[0]["lr"]),
+                                ("images_per_s", rate)):
+                writer.add_scalar(f"train/{name}", value, progress.iteration)
+        if stop_now:
+            return False
+        if progress.iteration >= total_iterations:
+            break
+    logging.info("Epoch %d: train loss %.4f", progress.epoch + 1, loss_sum / max(loss_count, 1))
+    return True
+
+
+def synchronise(loss: torch.Tensor, stop: bool, world_size: int) -> tuple[float, bool]:
+    """The loss averaged over ranks and whether any rank was asked to stop (so that every rank decides alike)."""
+    if world_size == 1:
+        return loss.item(), stop
+    flags = torch.stack([loss.float(), torch.tensor(float(stop), device=loss.device)])
+    dist.all_reduce(flags)
+    return flags[0].item() / world_size, flags[1].item() > 0
+
+
+def log_validation(writer: SummaryWriter, metrics: dict, pictures: list[torch.Tensor], progress: Progress) -> None:
+    """The validation's line in train.log and its TensorBoard scalars, per-class IoU and pictures."""
+    logging.info("Epoch %d: val mIoU %.4f (best %.4f at epoch %d), pixel acc %.4f, loss %.4f", progress.epoch,
+                 metrics["miou"], progress.best_miou, progress.best_epoch, metrics["pixel_accuracy"], metrics["loss"])
+    for key in ("miou", "pixel_accuracy", "mean_accuracy", "fw_iou", "loss", "boundary_accuracy",
+                "interior_accuracy"):
+        if metrics.get(key) is not None:
+            writer.add_scalar(f"val/{key}", metrics[key], progress.iteration)
+    for name, iou in metrics["per_class_iou"].items():
+        if iou is not None:
+            writer.add_scalar(f"val_iou/{name}", iou, progress.iteration)
+    for i, picture in enumerate(pictures):
+        writer.add_image(f"val_image/{i}", picture, progress.iteration)
+    writer.flush()
+
+
+def stopped(stop: StopSignal, progress: Progress, model_dir: Path) -> int:
+    logging.info("Stopped by signal %d at iteration %d: saved %s; resume with --restore_file last", stop.signum,
+                 progress.iteration, model_dir / utils.LAST_CHECKPOINT)
+    return 128 + stop.signum
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        status = Trainer(args).fit()
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        status = 2
+        return utils.run_cli(lambda: main(args), (DatasetError, PretrainedWeightsError))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return status
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -1,51 +1,41 @@
-"""Params, logging, checkpoints, seeding and distributed helpers (imports nothing of model/)."""
+"""Settings (Params), the run folder (file names, lock, atomic writes, checkpoints), logging, seeding, mixed
+precision, distributed helpers and what every entry point shares on its command line. Imports nothing of model/."""
 from __future__ import annotations
 
+import argparse
 import copy
+import dataclasses
 import difflib
+import fcntl
 import json
 import logging
 import os
-import random
-import tempfile
+import platform
+import socket
+import subprocess
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-# A spec maps each params.json key to (allowed types, default); a default of ... (Ellipsis) means required.
-ParamSpec = dict[str, tuple[tuple[type, ...], Any]]
-
-NUMBER = (float, int)
-# params.json keys of training and evaluation (the data and model rooms declare their own).
-TRAIN_PARAMS: ParamSpec = {
-    "learning_rate": (NUMBER, 0.01),
-    "momentum": (NUMBER, 0.9),
-    "weight_decay": (NUMBER, 1e-4),
-    "batch_size": ((int,), 8),
-    "num_epochs": ((int,), 30),
-    "num_iterations": ((int, type(None)), None),
-    "lr_power": (NUMBER, 0.9),
-    "warmup_iterations": ((int,), 0),
-    "head_lr_multiplier": (NUMBER, 10.0),
-    "loss": ((str,), "cross_entropy"),
-    "class_weights": ((list, type(None)), None),
-    "dice_weight": (NUMBER, 1.0),
-    "grad_clip_norm": ((float, int, type(None)), None),
-    "amp": ((bool,), True),
-    "channels_last": ((bool,), True),
-    "compile": ((bool,), False),
-    "sync_bn": ((bool,), False),
-    "seed": ((int,), 230),
-    "save_summary_steps": ((int,), 20),
-    "val_every_epochs": ((int,), 1),
-    "num_logged_images": ((int,), 4),
-    "tta_scales": ((list,), [0.75, 1.0, 1.25]),
-    "tta_flip": ((bool,), True),
-    "sliding_window": ((bool,), False),
-}
+# The run folder: the files a run writes into its experiment folder, by name (sweeps and synthesis read them too).
+PARAMS_FILE = "params.json"
+RESOLVED_PARAMS_FILE = "params_resolved.json"
+LAST_CHECKPOINT = "last.pth.tar"
+BEST_CHECKPOINT = "best.pth.tar"
+COMPLETE_MARKER = "train_complete.json"
+TRAIN_LOG = "train.log"
+EVALUATE_LOG = "evaluate.log"
+METRICS_LAST = "metrics_val_last_weights.json"
+METRICS_BEST = "metrics_val_best_weights.json"
+LOCK_FILE = ".train.lock"
+CHECKPOINT_NAMES = {"last": LAST_CHECKPOINT, "best": BEST_CHECKPOINT}
+CHECKPOINT_KEYS = ("state_dict", "model_config", "class_names", "palette")  # what every checkpoint holds
 
 
 class UserError(ValueError):
@@ -53,49 +43,211 @@ class UserError(ValueError):
 
 
 class ParamsError(UserError):
-    """params.json is missing, unreadable, or holds a missing/unknown key or a value of the wrong type."""
+    """params.json (or a --set override) is missing, unreadable, or holds an unknown key or a value not allowed."""
 
 
 class CheckpointError(UserError):
-    """A checkpoint is missing, unreadable, or was built for another model."""
+    """A checkpoint is missing, unreadable, or was built for another experiment."""
+
+
+# ----------------------------------------------------------------------------------------------- settings
+
+@dataclass
+class TrainConfig:
+    """The training settings (params.json's training keys); metadata says which values are allowed.
+
+    `execution` marks settings that say how to run, not what: a resumed run may change them.
+    """
+
+    learning_rate: float = field(default=0.01, metadata={"above": 0})  # backbone lr, per process batch
+    head_lr_multiplier: float = field(default=10.0, metadata={"above": 0})  # heads, BR and decoder learn faster
+    momentum: float = field(default=0.9, metadata={"at_least": 0, "below": 1})
+    weight_decay: float = field(default=1e-4, metadata={"at_least": 0})
+    batch_size: int = field(default=8, metadata={"at_least": 1})  # images per process and step
+    num_epochs: int = field(default=30, metadata={"at_least": 1})
+    num_iterations: int | None = field(default=None, metadata={"at_least": 1})  # overrides num_epochs
+    lr_power: float = field(default=0.9, metadata={"at_least": 0})  # poly decay, stepped every iteration
+    warmup_iterations: int = field(default=0, metadata={"at_least": 0})
+    loss: str = field(default="cross_entropy", metadata={"choices": ("cross_entropy", "cross_entropy+dice")})
+    class_weights: list | None = field(default=None, metadata={
+        "items": (float, int), "length": "num_classes", "at_least": 0})
+    dice_weight: float = field(default=1.0, metadata={"at_least": 0})
+    grad_clip_norm: float | None = field(default=None, metadata={"above": 0})
+    sync_bn: bool = False
+    seed: int = 230  # model init, data order and every sample's augmentation
+    val_every_epochs: int = field(default=1, metadata={"at_least": 1})
+    amp: bool = field(default=True, metadata={"execution": True})  # CUDA mixed precision
+    channels_last: bool = field(default=True, metadata={"execution": True})
+    compile: bool = field(default=False, metadata={"execution": True})
+    save_summary_steps: int = field(default=20, metadata={"at_least": 1, "execution": True})
+
+
+@dataclass
+class EvalConfig:
+    """The evaluation settings (params.json's evaluation keys)."""
+
+    num_logged_images: int = field(default=4, metadata={"at_least": 0, "execution": True})
+    tta_scales: list = field(default_factory=lambda: [0.75, 1.0, 1.25], metadata={"items": (float, int), "above": 0})
+    tta_flip: bool = True
+    sliding_window: bool = False
+
+
+REQUIRED = dataclasses.MISSING
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list",
+               dict: "an object", type(None): "null"}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One params.json key: its types, its default and the values it allows (from a config dataclass field)."""
+
+    name: str
+    types: tuple[type, ...]
+    default: Any
+    rules: dict[str, Any]
+
+    @property
+    def execution(self) -> bool:
+        return bool(self.rules.get("execution"))
+
+    def allows(self, value: Any, values: dict[str, Any]) -> bool:
+        """Whether `value` is allowed, given the other settings' `values` (a list's length may name one)."""
+        if value is None or not _is_instance(value, self.types):
+            return value is None and type(None) in self.types
+        if isinstance(value, list) and "items" in self.rules:
+            return (len(value) == self._length(values) if "length" in self.rules else len(value) > 0) and all(
+                _is_instance(item, self.rules["items"]) and self._in_range(item) for item in value) and self._ok(value)
+        return self._in_range(value) and self._ok(value)
+
+    def describe(self, values: dict[str, Any]) -> str:
+        """What is allowed, in words: e.g. 'an odd integer >= 1', "one of 'gcn', 'conv'", 'a list of 11 numbers'."""
+        rules = self.rules
+        if "choices" in rules:
+            text = "one of " + ", ".join(json.dumps(c) for c in rules["choices"])
+        elif "items" in rules:
+            count = f"{self._length(values)} " if "length" in rules else "one or more "
+            item = _TYPE_WORDS[rules["items"][0]].split(" ", 1)[1]
+            text = f"a list of {count}{item}s{self._bounds()}"
+            if rules.get("length") in values:
+                text += f" (one per class: {rules['length']} = {self._length(values)})"
+        else:
+            words = [_TYPE_WORDS[t] for t in self.types if t is not type(None) and not (t is int and float in self.types)]
+            text = " or ".join(words) + self._bounds()
+            if rules.get("odd"):
+                text = text.replace("an integer", "an odd integer")
+        if "rule" in rules:
+            text += f" ({rules['rule'][0]})"
+        return text + (" or null" if type(None) in self.types else "")
+
+    def _length(self, values: dict[str, Any]) -> int:
+        length = self.rules["length"]
+        return values[length] if isinstance(length, str) else length
+
+    def _in_range(self, value: Any) -> bool:
+        if not isinstance(value, (int, float)):
+            return True
+        r = self.rules
+        return not (("at_least" in r and value < r["at_least"]) or ("above" in r and value <= r["above"])
+                    or ("below" in r and value >= r["below"]) or (r.get("odd") and value % 2 == 0))
+
+    def _ok(self, value: Any) -> bool:
+        if "choices" in self.rules and value not in self.rules["choices"]:
+            return False
+        try:
+            return "rule" not in self.rules or bool(self.rules["rule"][1](value))
+        except (TypeError, ValueError, AttributeError, IndexError, KeyError):
+            return False
+
+    def _bounds(self) -> str:
+        symbols = {"at_least": ">=", "above": ">", "below": "<"}
+        return "".join(f" {symbols[k]} {self.rules[k]}" if i == 0 else f" and {symbols[k]} {self.rules[k]}"
+                       for i, k in enumerate(k for k in symbols if k in self.rules))
+
+
+def _is_instance(value: Any, types: Iterable[type]) -> bool:
+    """isinstance, except that a bool is not an int (JSON's true is no number)."""
+    return any(isinstance(value, t) and not (isinstance(value, bool) and t is not bool) for t in types)
+
+
+def settings_of(config_class: type) -> dict[str, Setting]:
+    """The params.json settings a config dataclass declares: types from its annotations (a float also takes an
+    int), defaults from its fields, allowed values from each field's metadata."""
+    hints = typing.get_type_hints(config_class)
+    settings = {}
+    for f in dataclasses.fields(config_class):
+        types = typing.get_args(hints[f.name]) or (hints[f.name],)
+        types = (*types, int) if float in types else types
+        default = f.default_factory() if f.default_factory is not REQUIRED else f.default
+        settings[f.name] = Setting(f.name, tuple(types), default, dict(f.metadata))
+    return settings
+
+
+def experiment_settings(config_classes: Sequence[type]) -> dict[str, Setting]:
+    """Every setting of an experiment, each declared by exactly one room's config dataclass."""
+    settings: dict[str, Setting] = {}
+    for config_class in config_classes:
+        for name, setting in settings_of(config_class).items():
+            if name in settings:
+                raise TypeError(f"setting {name!r} is declared twice (in {config_class.__name__} too)")
+            settings[name] = setting
+    return settings
 
 
 class Params:
-    """Hyper-parameters loaded from a params.json, validated against a spec; values are attributes.
+    """The settings of one experiment, validated once against the rooms' config dataclasses: every key is an
+    attribute (params.learning_rate) and params.config(GCNConfig) builds one room's config.
 
-    >>> params = Params("experiments/demo/params.json", spec)
-    >>> params.learning_rate
+    >>> params = Params.load("experiments/demo/params.json", (DataConfig, GCNConfig, TrainConfig, EvalConfig))
     """
 
-    def __init__(self, json_path: str | os.PathLike, spec: ParamSpec) -> None:
-        self._path = Path(json_path)
-        self._spec = spec
-        self.__dict__.update({k: copy.deepcopy(default) for k, (_, default) in spec.items() if default is not ...})
-        self.update(json_path)
-        missing = [k for k, (_, default) in spec.items() if default is ... and k not in self.__dict__]
+    def __init__(self, values: dict[str, Any], config_classes: Sequence[type], source: str = "params",
+                 overrides: dict[str, Any] | None = None) -> None:
+        self._settings = experiment_settings(config_classes)
+        overrides = overrides or {}
+        self._check_keys(values, source)
+        self._check_keys(overrides, "--set")
+        self._sources = {**dict.fromkeys(values, source), **dict.fromkeys(overrides, "--set")}
+        values = {**values, **overrides}
+        missing = [k for k, s in self._settings.items() if s.default is REQUIRED and k not in values]
         if missing:
-            raise ParamsError(f"{self._path}: missing required key(s) {', '.join(map(repr, missing))}")
+            raise ParamsError(f"{source}: missing required key(s) {', '.join(map(repr, missing))}")
+        self.__dict__.update({k: copy.deepcopy(s.default) for k, s in self._settings.items() if k not in values})
+        self.__dict__.update(copy.deepcopy(values))
+        values = self.dict
+        for key, setting in self._settings.items():
+            if not setting.allows(values[key], values):
+                raise ParamsError(f"{self._sources.get(key, 'defaults')}: {key!r} is {json.dumps(values[key])}; "
+                                  f"expected {setting.describe(values)}")
 
-    def update(self, json_path: str | os.PathLike) -> None:
-        """Load (and validate) the values of another params.json over the current ones."""
-        path = Path(json_path)
+    @classmethod
+    def load(cls, path: str | os.PathLike, config_classes: Sequence[type],
+             overrides: dict[str, Any] | None = None) -> Params:
+        """params.json at `path` with `overrides` (e.g. --set key=value) on top, all validated before any work."""
+        path = Path(path)
         if not path.is_file():
             raise ParamsError(f"{path}: no such params file")
         try:
-            values = json.loads(path.read_text())
+            values = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ParamsError(f"{path}: not valid JSON ({exc})") from exc
         if not isinstance(values, dict):
             raise ParamsError(f"{path}: expected a JSON object of key/value pairs")
-        self.set(values, source=path)
+        return cls(values, config_classes, str(path), overrides)
 
-    def set(self, values: dict[str, Any], source: str | os.PathLike = "<override>") -> None:
-        """Validate and set several values (e.g. command-line overrides)."""
-        for key, value in values.items():
-            self.__dict__[key] = check_param(key, value, self._spec, source)
+    def _check_keys(self, values: dict[str, Any], source: str) -> None:
+        for key in values:
+            if key not in self._settings:
+                close = difflib.get_close_matches(key, self._settings, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ParamsError(f"{source}: unknown key {key!r}{hint}")
 
-    def save(self, json_path: str | os.PathLike) -> None:
-        atomic_write_text(Path(json_path), json.dumps(self.dict, indent=4) + "\n")
+    def config(self, config_class: type) -> Any:
+        """One room's config dataclass, filled from these settings."""
+        return config_class(**{f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(config_class)})
+
+    def experiment_differences(self, other: dict[str, Any]) -> list[str]:
+        """The keys (execution settings aside) whose values differ from `other`, e.g. a checkpoint's params."""
+        return [k for k, s in self._settings.items() if not s.execution and other.get(k, s.default) != getattr(self, k)]
 
     @property
     def dict(self) -> dict[str, Any]:
@@ -103,36 +255,147 @@ class Params:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
 
-def check_param(key: str, value: Any, spec: ParamSpec, source: str | os.PathLike) -> Any:
-    """Return value if spec allows it for key, else raise a ParamsError naming the key and source."""
-    if key not in spec:
-        close = difflib.get_close_matches(key, spec, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ParamsError(f"{source}: unknown key {key!r}{hint}")
-    types, _ = spec[key]
-    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-        names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-        raise ParamsError(f"{source}: key {key!r} must be {names}, got {json.dumps(value)}")
-    return value
+def load_params(model_dir: Path, room_configs: Sequence[type], overrides: dict[str, Any] | None = None) -> Params:
+    """An experiment's params.json with its overrides, validated against the rooms' configs and the run's own."""
+    return Params.load(model_dir / PARAMS_FILE, (*room_configs, TrainConfig, EvalConfig), overrides)
 
 
-class RunningAverage:
-    """Weighted running mean, e.g. of the loss over pixels or images."""
+# ----------------------------------------------------------------------------------------------- command lines
 
-    def __init__(self) -> None:
-        self.total = 0.0
-        self.count = 0
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that also accepts dashed spellings of underscored options (--model-dir for --model_dir)."""
 
-    def update(self, value: float, weight: int = 1) -> None:
-        self.total += value * weight
-        self.count += weight
-
-    def __call__(self) -> float:
-        return self.total / max(self.count, 1)
+    def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action:
+        aliases = [n.replace("_", "-") for n in names if n.startswith("--") and "_" in n]
+        return super().add_argument(*names, *aliases, **kwargs)
 
 
-def set_logger(log_path: str | os.PathLike | None, level: int = logging.INFO) -> logging.Logger:
-    """Log to the terminal and (if given) to log_path, appending; idempotent across calls."""
+def parse_overrides(assignments: Sequence[str]) -> dict[str, Any]:
+    """--set key=value options -> {key: value}; values are JSON where they parse (1e-3, true, [0.5, 2]), else text."""
+    overrides = {}
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep or not key:
+            raise ParamsError(f"--set {assignment!r}: expected key=value, e.g. --set learning_rate=0.02")
+        try:
+            overrides[key] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[key] = text
+    return overrides
+
+
+def run_cli(main: Callable[[], int], user_errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Run an entry point: a user error (UserError or one of `user_errors`) is one line on stderr and status 2."""
+    try:
+        return main()
+    except (UserError, *user_errors) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+# ----------------------------------------------------------------------------------------------- run folder
+
+def atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
+    """Write `path` through `.<name>.tmp` and a rename: readers never see half a file, a crash keeps the old one.
+
+    The file gets the umask's permissions; the fixed temporary name is reused, so a crash leaves at most one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, values: dict[str, Any]) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(values, indent=4) + "\n").encode()))
+
+
+def checkpoint_path(model_dir: Path, restore_file: str) -> Path:
+    """last/best -> <model_dir>/last.pth.tar or best.pth.tar; anything else is a path."""
+    return model_dir / CHECKPOINT_NAMES[restore_file] if restore_file in CHECKPOINT_NAMES else Path(restore_file)
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Atomically torch.save `state`; a full disk or a crash mid-write keeps the previous file."""
+    try:
+        atomic_write(path, lambda f: torch.save(state, f))
+    except OSError as exc:
+        raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}; the previous one is "
+                              f"kept") from exc
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint written by train.py or export.py (CHECKPOINT_KEYS at least), loaded with weights_only=True: no
+    code runs."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 -- truncated files, pickles with code, random bytes...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupted or not a plain tensor checkpoint ({reason})") from exc
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a checkpoint of train.py")
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} has no {', '.join(missing)}: not written by this train.py or "
+                              f"export.py")
+    return checkpoint
+
+
+def check_same_architecture(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose model config differs from the one about to be built, naming the keys."""
+    diffs = [f"{k}={saved.get(k)!r} (this model: {v!r})" for k, v in current.items() if saved.get(k) != v]
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} was built for another model: {', '.join(diffs)}")
+
+
+def remove_stale_temporary_files(folder: Path) -> None:
+    """The `.<name>.tmp` files a killed process left behind (call with the folder's lock held)."""
+    for tmp in folder.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+class RunLock:
+    """An exclusive lock on an experiment folder: a second writer is refused with one line naming the holder.
+
+    flock is released by the OS when the holder dies, so a killed run never blocks the folder (local file
+    systems; on NFS, flock may only be honoured within one machine).
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / LOCK_FILE
+        self.file = None
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise UserError(f"{self.path.parent} is in use by {holder}; wait for it to finish or stop it") from None
+        self.file.truncate(0)
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()} ({Path(sys.argv[0]).name}, since "
+                        f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.file.close()  # closing releases the lock
+
+
+def set_logger(log_path: Path | None, level: int = logging.INFO) -> logging.Logger:
+    """Log to the terminal and (if given) to log_path, appending, created at the first record; idempotent."""
     logger = logging.getLogger()
     logger.setLevel(level)
     for handler in list(logger.handlers):
@@ -141,7 +404,7 @@ def set_logger(log_path: str | os.PathLike | None, level: int = logging.INFO) ->
             handler.close()
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if log_path is not None:
-        handlers.append(logging.FileHandler(log_path))
+        handlers.append(logging.FileHandler(log_path, delay=True))
     for handler in handlers:
         handler._gcn = True  # type: ignore[attr-defined]
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
@@ -149,68 +412,47 @@ def set_logger(log_path: str | os.PathLike | None, level: int = logging.INFO) ->
     return logger
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text to path through a temporary file and a rename, so readers never see half a file."""
-    _atomic_write(path, lambda f: f.write(text.encode()))
+def run_record(params: Params, overrides: dict[str, Any], arguments: dict[str, Any],
+               device: torch.device) -> dict[str, Any]:
+    """What params_resolved.json holds: every setting (defaults filled in), the overrides, the command line and its
+    parsed arguments, the versions, the git commit and the device."""
+    import torchvision  # noqa: PLC0415 -- only for its version
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
+                                  timeout=10, check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    return {"params": params.dict, "overrides": overrides, "command": [sys.executable, *sys.argv],
+            "arguments": arguments,
+            "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
+            "git_commit": commit, "git_dirty": bool(git("status", "--porcelain")) if commit else None,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+# ----------------------------------------------------------------------------------------------- devices
+
+def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """The mixed-precision dtype: bf16 on CUDA where supported, else fp16 (which needs a GradScaler); None (plain
+    float32) on CPU or with amp off."""
+    if not amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def save_checkpoint(state: dict[str, Any], is_best: bool, checkpoint_dir: str | os.PathLike) -> None:
-    """Atomically write last.pth.tar (and best.pth.tar when is_best); a crash mid-write keeps the old files."""
-    directory = Path(checkpoint_dir)
-    _atomic_write(directory / "last.pth.tar", lambda f: torch.save(state, f))
-    if is_best:
-        _atomic_write(directory / "best.pth.tar", lambda f: torch.save(state, f))
-
-
-def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module | None = None,
-                    model_config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Load a checkpoint with weights_only=True, check it matches model_config, load its weights into model.
-
-    Returns the whole checkpoint dict (optimizer, scheduler, epoch, ... for resuming).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 -- truncated files, pickles with code, random bytes...
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint {path} is corrupted or not a plain tensor checkpoint ({reason})") from exc
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise CheckpointError(f"checkpoint {path} has no 'state_dict': not a checkpoint written by train.py")
-    if model_config is not None:
-        saved = checkpoint.get("model_config", {})
-        diffs = [f"{k}={saved.get(k)!r} (this model: {v!r})" for k, v in model_config.items() if saved.get(k) != v]
-        if diffs:
-            raise CheckpointError(f"checkpoint {path} was built for another model: {', '.join(diffs)}")
-    if model is not None:
-        model.load_state_dict(checkpoint["state_dict"])
-    return checkpoint
+def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """Autocast to `dtype` (from autocast_dtype); None: disabled."""
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
+    """Seed torch (all devices); the data pipeline seeds every sample itself (model/data_loader.py)."""
     torch.manual_seed(seed)
-
-
-def is_main_process() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def init_distributed(device_type: str) -> tuple[int, int]:

@@ -14,7 +14,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -22,7 +21,7 @@ from torch.utils.data import RandomSampler
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model.data_loader import build_dataloader, build_dataset  # noqa: E402
+from model.data_loader import DataConfig, build_dataloader, build_dataset  # noqa: E402
 from model.datasets.voc import voc_palette  # noqa: E402
 
 
@@ -53,8 +52,7 @@ def make_voc_tree(root: Path, count: int, seed: int = 0) -> Path:
 
 def images_per_second(voc_dir: Path, workers: int, repeats: int, batch_size: int, crop_size: int) -> list[float]:
     """Per-epoch throughput (after one warm-up epoch that starts the persistent workers)."""
-    params = SimpleNamespace(dataset="voc", data_dir=str(voc_dir), num_classes=21, crop_size=crop_size)
-    dataset = build_dataset(params, "train", train=True)
+    dataset = build_dataset(DataConfig("voc", str(voc_dir), crop_size=crop_size), 21, "train", train=True)
     loader = build_dataloader(dataset, batch_size, RandomSampler(dataset), num_workers=workers, drop_last=True,
                               pin_memory=False)
     rates = []

@@ -27,8 +27,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_data import images_per_second, make_voc_tree  # noqa: E402
-from evaluate import autocast  # noqa: E402
-from model.net import GCN, loss_fn  # noqa: E402
+import utils  # noqa: E402
+from model.net import GCN, GCNConfig, loss_fn  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
@@ -87,19 +87,19 @@ class LogitsOnly(nn.Module):
 def build_models(backbone: str, num_classes: int, kernel_size: int) -> dict[str, nn.Module]:
     seg = torchvision.models.segmentation
     return {
-        f"gcn_{backbone}": GCN(num_classes, backbone, kernel_size),
+        f"gcn_{backbone}": GCN(GCNConfig(num_classes, backbone, kernel_size)),
         "fcn_resnet50": LogitsOnly(seg.fcn_resnet50(weights=None, weights_backbone=None, num_classes=num_classes)),
         "deeplabv3_resnet50": LogitsOnly(seg.deeplabv3_resnet50(weights=None, weights_backbone=None,
                                                                  num_classes=num_classes)),
     }
 
 
-def train_step_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, amp: bool):
+def train_step_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, amp_dtype: torch.dtype | None):
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     device = images.device
 
     def step() -> None:
-        with autocast(device, amp):
+        with utils.autocast(device, amp_dtype):
             loss = loss_fn(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -121,7 +121,7 @@ def count_train_flops(model: nn.Module, images: torch.Tensor, labels: torch.Tens
 
 def benchmark_model(name: str, model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict:
     model.to(device).train()
-    amp = device.type == "cuda" and not args.no_amp
+    amp_dtype = utils.autocast_dtype(device, not args.no_amp)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     images = torch.randn(args.batch_size, 3, args.crop, args.crop, device=device)
@@ -132,18 +132,19 @@ def benchmark_model(name: str, model: nn.Module, args: argparse.Namespace, devic
     runner = torch.compile(model) if args.compile else model
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    step_s = median_seconds(train_step_fn(runner, images, labels, amp), device, args.warmup, args.repeats)
+    step_s = median_seconds(train_step_fn(runner, images, labels, amp_dtype), device, args.warmup, args.repeats)
     result = {"model": name, "train_step_s": step_s, "train_images_per_s": args.batch_size / step_s,
               "train_tflops": flops / step_s / 1e12, "flops_per_step": flops, "backbone_flops_per_step": backbone_flops,
               "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
     if name.startswith("gcn"):
-        result.update(benchmark_inference(runner, args, device, amp))
+        result.update(benchmark_inference(runner, args, device, amp_dtype))
     model.to("cpu")
     return result
 
 
 @torch.no_grad()
-def benchmark_inference(model: nn.Module, args: argparse.Namespace, device: torch.device, amp: bool) -> dict:
+def benchmark_inference(model: nn.Module, args: argparse.Namespace, device: torch.device,
+                        amp_dtype: torch.dtype | None) -> dict:
     model.eval()
     seconds = {}
     for batch in (1, args.batch_size):
@@ -152,7 +153,7 @@ def benchmark_inference(model: nn.Module, args: argparse.Namespace, device: torc
             x = x.contiguous(memory_format=torch.channels_last)
 
         def forward() -> None:
-            with autocast(device, amp):
+            with utils.autocast(device, amp_dtype):
                 model(x)
         seconds[batch] = median_seconds(forward, device, args.warmup, args.repeats)
     model.train()
@@ -176,7 +177,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval_size", type=int, default=512, help="inference resolution (square)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no_amp", action="store_true", help="CUDA: float32 instead of bf16 autocast")
+    parser.add_argument("--no_amp", action="store_true", help="CUDA: float32 instead of mixed precision")
     parser.add_argument("--no_channels_last", dest="channels_last", action="store_false")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models")
     parser.add_argument("--models", nargs="+", default=None, help="subset of models to time (default: all)")
@@ -196,8 +197,7 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
-    amp = device.type == "cuda" and not args.no_amp
-    dtype = torch.bfloat16 if amp else torch.float32
+    dtype = utils.autocast_dtype(device, not args.no_amp) or torch.float32
     rates = matmul_rates(device, dtype, args.matmul_size or (8192 if device.type == "cuda" else 2048), args.repeats)
     rate = max(rates.values())
     models = build_models(args.backbone, args.num_classes, args.kernel_size)

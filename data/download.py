@@ -1,5 +1,8 @@
 """Download and extract a data set into data/ (or --dest): progress bar, md5 check, resume of partial downloads.
 
+A dropped connection keeps <archive>.part and resumes it with an HTTP Range request (ATTEMPTS tries per run; running
+the same command again resumes too). <archive>.lock keeps a second download into the same folder out.
+
     python data/download.py voc|sbd|camvid [--dest data/]
     python data/download.py cityscapes          # prints the manual steps (the site needs a login)
 
@@ -8,19 +11,27 @@ Exit status: 0 done, 2 on any failure (one line on stderr: no network, bad check
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
+import http.client
+import os
+import re
 import sys
 import tarfile
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from email.message import Message
 from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
 CHUNK = 1 << 20
 TIMEOUT_S = 30
+ATTEMPTS = 3  # requests per run for a connection that keeps dropping
 
 
 @dataclass(frozen=True)
@@ -63,53 +74,95 @@ def md5sum(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _open(url: str, offset: int):
-    """Open `url`, asking for bytes from `offset` on when resuming."""
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else 0
+
+
+def _total(headers: Message, offset: int) -> int | None:
+    """The full file size: Content-Range's total, else offset + Content-Length; None if the server gives neither."""
+    if match := re.search(r"/(\d+)$", headers.get("Content-Range", "")):
+        return int(match.group(1))
+    length = headers.get("Content-Length")
+    return offset + int(length) if length is not None else None
+
+
+def _get(url: str, partial: Path, name: str) -> int | None:
+    """One request appending to `partial` from its current size; returns the full file size (None: unknown).
+
+    A connection that drops mid-body just leaves `partial` short; one that fails before the headers raises OSError
+    or http.client.HTTPException.
+    """
+    offset = _size(partial)
     request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
     try:
-        return urllib.request.urlopen(request, timeout=TIMEOUT_S)
+        response = urllib.request.urlopen(request, timeout=TIMEOUT_S)
     except urllib.error.HTTPError as err:
         if err.code == 416:  # nothing left to send: the partial file is already complete
-            return None
+            return offset
         raise DownloadError(f"cannot download {url}: HTTP {err.code} {err.reason}") from None
-    except (urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
-        raise DownloadError(f"cannot download {url}: {reason} (no network connection?)") from None
+    with response:
+        resumed = offset > 0 and response.status == 206
+        if resumed and not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
+            raise DownloadError(f"{url} answered the resume request for byte {offset} with Content-Range "
+                                f"{response.headers.get('Content-Range')!r}; delete {partial} and run again")
+        if not resumed:  # a server that ignores Range sends the whole file again
+            offset = 0
+        total = _total(response.headers, offset)
+        with open(partial, "ab" if resumed else "wb") as file, \
+                tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=name) as bar:
+            try:
+                while chunk := response.read1(CHUNK):  # read1: what arrived is written even if a timeout follows
+                    file.write(chunk)
+                    bar.update(len(chunk))
+            except (OSError, http.client.HTTPException):  # reset or timeout: the caller sees the short file
+                pass
+    return total
 
 
 def fetch(url: str, target: Path, md5: str) -> Path:
-    """Download `url` to `target` via `target`.part (resumed with an HTTP Range request) and verify its md5."""
+    """Download `url` to `target` via `target`.part, resuming it after dropped connections, and verify its md5."""
     if target.is_file():
         if md5sum(target) == md5:
             return target
         target.unlink()
     partial = target.with_name(target.name + ".part")
-    offset = partial.stat().st_size if partial.is_file() else 0
-    response = _open(url, offset)
-    if response is not None:
-        with response:
-            resumed = offset > 0 and response.status == 206
-            if resumed and not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
-                raise DownloadError(f"{url} answered the resume request for byte {offset} with Content-Range "
-                                    f"{response.headers.get('Content-Range')!r}; delete {partial} and run again")
-            if not resumed:
-                offset = 0
-            length = response.headers.get("Content-Length")
-            total = offset + int(length) if length is not None else None
-            with open(partial, "ab" if resumed else "wb") as file, \
-                    tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=target.name) as bar:
-                try:
-                    while chunk := response.read(CHUNK):
-                        file.write(chunk)
-                        bar.update(len(chunk))
-                except OSError as err:
-                    raise DownloadError(f"download of {url} interrupted ({err}); run again to resume") from None
+    total, reason = None, None
+    for _ in range(ATTEMPTS):
+        try:
+            total = _get(url, partial, target.name)
+        except (OSError, http.client.HTTPException) as err:
+            reason = getattr(err, "reason", err)
+            continue
+        if total is None or _size(partial) >= total:
+            break
+    else:
+        if total is None:
+            raise DownloadError(f"cannot download {url}: {reason} (no network connection?)")
+        raise DownloadError(f"download of {url} incomplete after {ATTEMPTS} attempts: {_size(partial)} of {total} "
+                            f"bytes arrived in {partial}; run the same command again to resume")
     actual = md5sum(partial)
     if actual != md5:
+        size = _size(partial)
         partial.unlink()
-        raise DownloadError(f"checksum mismatch for {target.name}: md5 {actual}, expected {md5}; "
-                            f"the file was deleted, run again")
+        raise DownloadError(f"checksum mismatch for {target.name}: md5 {actual}, expected {md5}; the download was "
+                            f"complete ({size} bytes) but corrupt, so it was deleted: run again to download it afresh")
     return partial.replace(target)
+
+
+@contextmanager
+def _lock(archive: Path) -> Iterator[None]:
+    """Hold `archive`.lock (flock: freed when its holder exits, even killed) or refuse, naming the holder's pid."""
+    with open(archive.with_name(archive.name + ".lock"), "a+") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            raise DownloadError(f"{archive} is already being downloaded by process {file.read().strip() or '?'}; "
+                                f"wait for it to finish, or stop it, and run again") from None
+        file.truncate(0)
+        file.write(str(os.getpid()))
+        file.flush()
+        yield  # closing the file releases the lock
 
 
 def _inside(dest: Path, name: str) -> Path:
@@ -159,12 +212,13 @@ def download(name: str, dest: Path) -> Path:
         print(f"{name}: already in {done}")
         return done
     dest.mkdir(parents=True, exist_ok=True)
-    archive = fetch(source.url, dest / source.filename, source.md5)
-    print(f"{name}: extracting {archive.name} ...")
-    extract(archive, done if source.strip_prefix else dest, source.strip_prefix)
-    if not done.is_dir():
-        raise DownloadError(f"{archive} did not contain {source.extracted}")
-    marker.touch()
+    with _lock(dest / source.filename):
+        archive = fetch(source.url, dest / source.filename, source.md5)
+        print(f"{name}: extracting {archive.name} ...")
+        extract(archive, done if source.strip_prefix else dest, source.strip_prefix)
+        if not done.is_dir():
+            raise DownloadError(f"{archive} did not contain {source.extracted}")
+        marker.touch()
     print(f"{name}: ready in {done} (archive kept at {archive}; delete it to save space)")
     return done
 

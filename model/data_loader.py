@@ -1,120 +1,187 @@
-"""Files on disk -> batches for the model: the params this room reads, data set construction, DataLoaders.
+"""Files on disk -> batches for the model: the data settings, data set construction, samplers and DataLoaders.
 
-    dataset = build_dataset(params, params.train_split, train=True)   # (image 3×H×W float32, label H×W int64)
-    loader = build_dataloader(dataset, batch_size, train=True, num_workers=params.num_workers)
+    config = DataConfig(dataset="voc", data_dir="data/VOCdevkit/VOC2012")
+    train_set = build_dataset(config, num_classes=21, split="train", train=True)  # (image 3×H×W, label H×W)
+    loader = build_dataloader(train_set, batch_size=8, sampler=EpochSampler(len(train_set), 8, seed=0),
+                              num_workers=4, drop_last=True)
 """
 from __future__ import annotations
 
+import math
+import signal
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from model.datasets import (IGNORE_INDEX, CamVidSegmentation, CityscapesSegmentation, DatasetError,
-                            FolderSegmentation, SyntheticSegmentation, VOCAugSegmentation, VOCSegmentation)
+from model.datasets import (CamVidSegmentation, CityscapesSegmentation, DatasetError, FolderSegmentation,
+                            SyntheticSegmentation, VOCAugSegmentation, VOCSegmentation)
 from model.datasets.base import Transform, check_num_classes
-from model.transforms import colorize, denormalize, eval_transform, train_transform
-
-__all__ = ["DATA_PARAMS", "DATASETS", "IGNORE_INDEX", "DatasetError", "build_dataset", "build_dataloader",
-           "colorize", "denormalize"]
-
-DATA_PARAMS: dict[str, tuple[tuple[type, ...], Any]] = {
-    "dataset": ((str,), ...),
-    "data_dir": ((str,), ...),
-    "num_classes": ((int,), ...),
-    "crop_size": ((int,), 512),
-    "scale_range": ((list,), [0.5, 2.0]),
-    "flip": ((bool,), True),
-    "color_jitter": ((float, int), 0.0),
-    "num_workers": ((int,), 4),
-    "train_split": ((str,), "train"),
-    "val_split": ((str,), "val"),
-    "mask_values": ((dict, type(None)), None),
-    "val_fraction": ((float,), 0.2),
-    "class_names": ((list, type(None)), None),
-    "synthetic_seed": ((int,), 0),
-    "synthetic_image_size": ((int,), 128),
-    "synthetic_train_images": ((int,), 1000),
-    "synthetic_val_images": ((int,), 100),
-}
+from model.transforms import eval_transform, train_transform
 
 
-def _voc(params: Any, split: str, transform: Transform) -> Dataset:
-    return VOCSegmentation(Path(params.data_dir), split, transform)
+def _ascending_pair(value: list) -> bool:
+    return value[0] <= value[1]
 
 
-def _voc_aug(params: Any, split: str, transform: Transform) -> Dataset:
-    return VOCAugSegmentation(Path(params.data_dir), split, transform)
+def _disjoint_splits(value: dict) -> bool:
+    lists = list(value.values())
+    if not all(isinstance(v, list) and v and all(isinstance(s, str) for s in v) for v in lists):
+        return False
+    every = [s for v in lists for s in v]
+    return len(every) == len(set(every))
 
 
-def _cityscapes(params: Any, split: str, transform: Transform) -> Dataset:
-    return CityscapesSegmentation(Path(params.data_dir), split, transform)
+def _stored_values_to_classes(value: dict) -> bool:
+    return all(k.isdigit() and int(k) < 256 and isinstance(v, int) and not isinstance(v, bool)
+               for k, v in value.items())
 
 
-def _camvid(params: Any, split: str, transform: Transform) -> Dataset:
-    return CamVidSegmentation(Path(params.data_dir), split, transform)
+DATASET_NAMES = ("voc", "voc_aug", "cityscapes", "camvid", "folder", "synthetic")
 
 
-def _folder(params: Any, split: str, transform: Transform) -> Dataset:
-    return FolderSegmentation(Path(params.data_dir), split, transform, params.num_classes, params.mask_values,
-                              params.val_fraction, params.class_names)
+@dataclass
+class DataConfig:
+    """Every data setting (params.json's data keys); each field's metadata says which values params.json may give
+    (`execution`: how to run, not what; a resumed run may change it)."""
+
+    dataset: str = field(metadata={"choices": DATASET_NAMES})
+    data_dir: str = field(metadata={"execution": True})  # root of the data set (ignored by synthetic)
+    crop_size: int = field(default=512, metadata={"at_least": 1})  # square training crop, padded when larger
+    scale_range: list = field(default_factory=lambda: [0.5, 2.0], metadata={
+        "items": (float, int), "length": 2, "above": 0, "rule": ("[low, high] with low <= high", _ascending_pair)})
+    flip: bool = True
+    color_jitter: float = field(default=0.0, metadata={"at_least": 0})  # brightness/contrast/saturation strength
+    num_workers: int = field(default=4, metadata={"at_least": 0, "execution": True})
+    train_split: str = "train"
+    val_split: str = "val"
+    mask_values: dict | None = field(default=None, metadata={  # folder: stored mask value -> class
+        "rule": ('{"stored value 0..255": class index, ...}', _stored_values_to_classes)})
+    val_fraction: float = field(default=0.2, metadata={"above": 0, "below": 1})  # folder without split lists
+    class_names: list | None = field(default=None, metadata={"items": (str,), "length": "num_classes"})
+    split_sequences: dict | None = field(default=None, metadata={  # camvid: build each split from whole drives
+        "rule": ('{"split": ["sequence", ...], ...} with no sequence in two splits', _disjoint_splits)})
+    synthetic_seed: int = 0
+    synthetic_image_size: int = field(default=128, metadata={"at_least": 8})
+    synthetic_train_images: int = field(default=1000, metadata={"at_least": 1})
+    synthetic_val_images: int = field(default=100, metadata={"at_least": 1})
 
 
-def _synthetic(params: Any, split: str, transform: Transform) -> Dataset:
-    length = params.synthetic_train_images if split == "train" else params.synthetic_val_images
-    if length < 1 or params.synthetic_image_size < 8:
-        raise DatasetError(f"synthetic split '{split}' needs >= 1 image of >= 8 px, got {length} images of "
-                           f"{params.synthetic_image_size} px")
-    return SyntheticSegmentation(split, transform, params.synthetic_seed, length, params.synthetic_image_size)
+def _open(config: DataConfig, num_classes: int, split: str, transform: Transform) -> Dataset:
+    root = Path(config.data_dir)
+    if config.split_sequences is not None and config.dataset != "camvid":
+        raise DatasetError(f"split_sequences is for camvid only, not for dataset '{config.dataset}'")
+    if config.dataset == "voc":
+        return VOCSegmentation(root, split, transform)
+    if config.dataset == "voc_aug":
+        return VOCAugSegmentation(root, split, transform)
+    if config.dataset == "cityscapes":
+        return CityscapesSegmentation(root, split, transform)
+    if config.dataset == "camvid":
+        return CamVidSegmentation(root, split, transform, (config.split_sequences or {}).get(split))
+    if config.dataset == "folder":
+        return FolderSegmentation(root, split, transform, num_classes, config.mask_values, config.val_fraction,
+                                  config.class_names)
+    if config.dataset != "synthetic":
+        raise DatasetError(f"unknown dataset '{config.dataset}'; choose one of {', '.join(DATASET_NAMES)}")
+    length = config.synthetic_train_images if split == "train" else config.synthetic_val_images
+    return SyntheticSegmentation(split, transform, config.synthetic_seed, length, config.synthetic_image_size)
 
 
-DATASETS: dict[str, Callable[[Any, str, Transform], Dataset]] = {
-    "voc": _voc, "voc_aug": _voc_aug, "cityscapes": _cityscapes, "camvid": _camvid, "folder": _folder,
-    "synthetic": _synthetic,
-}
+def build_dataset(config: DataConfig, num_classes: int, split: str, train: bool) -> Dataset:
+    """The data set of `split`: augmented fixed-size crops if `train`, else whole images at original resolution.
 
-
-def _get(params: Any, key: str) -> Any:
-    """params.<key>, or the DATA_PARAMS default for an optional key (params may be a bare SimpleNamespace)."""
-    if hasattr(params, key):
-        return getattr(params, key)
-    default = DATA_PARAMS[key][1]
-    if default is ...:
-        raise DatasetError(f"params lacks the required data key '{key}'")
-    return default
-
-
-def _augmentation(p: SimpleNamespace) -> Transform:
-    scale = p.scale_range
-    if not (len(scale) == 2 and all(isinstance(s, (int, float)) for s in scale) and 0 < scale[0] <= scale[1]):
-        raise DatasetError(f"scale_range must be [low, high] with 0 < low <= high, got {scale}")
-    if p.crop_size < 1:
-        raise DatasetError(f"crop_size must be positive, got {p.crop_size}")
-    if p.color_jitter < 0:
-        raise DatasetError(f"color_jitter must be >= 0, got {p.color_jitter}")
-    return train_transform(p.crop_size, scale, p.flip, float(p.color_jitter))
-
-
-def build_dataset(params: Any, split: str, train: bool) -> Dataset:
-    """The data set `params.dataset` for `split`: augmented fixed-size crops if `train`, else whole images.
-
-    The returned data set has .classes, .palette, .names and .has_labels; its class count must equal
-    params.num_classes.
+    It has .classes, .palette, .names and .has_labels, and exactly `num_classes` classes.
     """
-    p = SimpleNamespace(**{key: _get(params, key) for key in DATA_PARAMS})
-    if p.dataset not in DATASETS:
-        raise DatasetError(f"unknown dataset '{p.dataset}'; choose one of {sorted(DATASETS)}")
-    transform = _augmentation(p) if train else eval_transform()
-    dataset = DATASETS[p.dataset](p, split, transform)
-    check_num_classes(p.dataset, len(dataset.classes), p.num_classes)
+    transform = (train_transform(config.crop_size, config.scale_range, config.flip, float(config.color_jitter))
+                 if train else eval_transform())
+    dataset = _open(config, num_classes, split, transform)
+    check_num_classes(config.dataset, len(dataset.classes), num_classes)
     return dataset
+
+
+class SeededItems(Dataset):
+    """Item (index, seed) of `dataset`, drawn with torch's random generator seeded with `seed`.
+
+    With seeds from EpochSampler, a sample's augmentation depends on (run seed, epoch, index) alone: not on the
+    worker that loads it, the number of workers, or the batches a resumed run skips.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """This rank's share of a per-epoch permutation, as (index, augmentation seed), minus the batches already trained.
+
+    Order and seeds depend only on (seed, epoch), so a resumed run sees exactly the batches of an uninterrupted one.
+    """
+
+    def __init__(self, length: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.length, self.batch_size, self.seed = length, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.per_rank = math.ceil(length / world_size)
+        self.epoch = self.skip_batches = 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip_batches = epoch, skip_batches
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(2, np.uint64)
+        generator = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+        order = torch.randperm(self.length, generator=generator).tolist()
+        sample_seeds = torch.randint(0, 2**62, (self.length,), generator=generator).tolist()
+        order += order[: self.per_rank * self.world_size - self.length]  # equal shares for every rank
+        mine = order[self.rank:: self.world_size][self.skip_batches * self.batch_size:]
+        return iter([(index, sample_seeds[index]) for index in mine])
+
+    def __len__(self) -> int:
+        return max(self.per_rank - self.skip_batches * self.batch_size, 0)
+
+
+class ShardSampler(Sampler[int]):
+    """Every index exactly once over all ranks (rank r takes r, r + world, ...): no padded duplicates."""
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1) -> None:
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _leave_stop_signals_to_the_main_process(_worker_id: int) -> None:
+    """SIGINT/SIGTERM sent to the whole process group (Ctrl-C, Slurm, a pod stop) must not kill a worker: the main
+    process finishes its step, saves a checkpoint and then shuts the workers down itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_dataloader(dataset: Dataset, batch_size: int, sampler: Sampler, num_workers: int,
                      drop_last: bool = False, pin_memory: bool | None = None) -> DataLoader:
-    """Batches in the sampler's order; workers persist across epochs; memory is pinned when CUDA is available."""
+    """Batches in the sampler's order; workers persist across epochs and ignore stop signals; memory is pinned when
+    CUDA is available. With an EpochSampler the data set is read through SeededItems."""
+    if isinstance(sampler, EpochSampler):
+        dataset = SeededItems(dataset)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers,
                       pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, worker_init_fn=_leave_stop_signals_to_the_main_process)
+
+
+def eval_loader(dataset: Dataset, num_workers: int, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """Whole images one at a time (no padding, which would add false label boundaries), sharded over ranks."""
+    return build_dataloader(dataset, 1, ShardSampler(len(dataset), rank, world_size), num_workers)

@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from model import IGNORE_INDEX
+
 _BOUNDARY_STATS = 4  # boundary correct, boundary total, interior correct, interior total
 
 
@@ -42,7 +44,7 @@ def _check_ignore_index(num_classes: int, ignore_index: int) -> None:
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
-                     ignore_index: int = 255) -> torch.Tensor:
+                     ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Return the int64 C×C matrix (rows = true class, columns = predicted) of one batch.
 
     Pixels whose target is `ignore_index` are skipped; `pred` and `target` may have any common
@@ -79,7 +81,7 @@ def _window_max(x: torch.Tensor, width: int) -> torch.Tensor:
     return F.max_pool2d(x, (size, 1), stride=1, padding=(width, 0))
 
 
-def boundary_band(target: torch.Tensor, width: int = 7, ignore_index: int = 255) -> torch.Tensor:
+def boundary_band(target: torch.Tensor, width: int = 7, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Return a bool mask (same shape as target, N×H×W or H×W) of the labelled pixels within
     `width` pixels (Chebyshev distance) of a pixel with a different label, void included.
 
@@ -106,7 +108,7 @@ class SegmentationMetrics:
     """
 
     def __init__(self, num_classes: int, class_names: list[str] | None = None,
-                 ignore_index: int = 255, boundary_width: int = 7,
+                 ignore_index: int = IGNORE_INDEX, boundary_width: int = 7,
                  device: torch.device | str | None = None) -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -190,6 +192,8 @@ class SegmentationMetrics:
                           for c in range(self.num_classes) if true_pixels[c]),
             "per_class_iou": dict(zip(self.class_names, ious)),
             "per_class_accuracy": dict(zip(self.class_names, accuracies)),
+            "per_class_pixel_share": {name: true_pixels[c] / total for c, name in enumerate(self.class_names)},
             "boundary_accuracy": boundary_correct / boundary_total if boundary_total else None,
             "interior_accuracy": interior_correct / interior_total if interior_total else None,
+            "confusion_matrix": {"classes": self.class_names, "counts": matrix},
         }

@@ -7,7 +7,9 @@ to full resolution. Nine BR blocks in all (4 after the heads, 3 after the fusion
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,37 +17,55 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from model import IGNORE_INDEX
+
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 HEADS = ("gcn", "conv", "stack", "1x1")
 UPSAMPLES = ("deconv", "bilinear")
 STAGES = ("layer1", "layer2", "layer3", "layer4")  # res2 .. res5 in the paper's naming
 
-# params.json keys of the network: key -> (allowed types, default), as utils.Params expects.
-MODEL_PARAMS = {
-    "backbone": ((str,), "resnet50"),
-    "kernel_size": ((int,), 15),
-    "head": ((str,), "gcn"),
-    "boundary_refine": ((bool,), True),
-    "upsample": ((str,), "deconv"),
-    "pretrained": ((bool, str), False),
-    "stack_channels": ((int, type(None)), None),
-}
+
+
+@dataclass
+class GCNConfig:
+    """Every setting of the network: params.json's model keys, the checkpoint's record and the model's blueprint.
+
+    Each field's metadata says which values params.json may give it (utils.Params checks them at load).
+    """
+
+    num_classes: int = field(metadata={"at_least": 1})
+    backbone: str = field(default="resnet50", metadata={"choices": BACKBONES})
+    kernel_size: int = field(default=15, metadata={"at_least": 1, "odd": True})  # k of gcn (and conv/stack) heads
+    head: str = field(default="gcn", metadata={"choices": HEADS})  # the paper's ablation alternatives
+    boundary_refine: bool = True  # false removes all nine BR blocks
+    upsample: str = field(default="deconv", metadata={"choices": UPSAMPLES})
+    stack_channels: int | None = field(default=None, metadata={"at_least": 1})  # stack head width (None: input's)
+    pretrained: bool | str = False  # ImageNet weights: true (torchvision download) or a local state-dict file
+
+    def architecture(self) -> dict:
+        """The fields that shape the weights (all but `pretrained`, which only says where they start from)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "pretrained"}
 
 
 class PretrainedWeightsError(RuntimeError):
     """ImageNet weights could not be loaded; the message says what to do."""
 
 
+# Whether torch.export (and so torch.onnx) is tracing; older torch lacks is_exporting, is_compiling covers it.
+_exporting = getattr(torch.compiler, "is_exporting", torch.compiler.is_compiling)
+
+
 class HorizontalConv(nn.Conv2d):
     """A 1×k convolution ("same" padding). On CPU it runs as a k×1 convolution of the H/W-transposed input,
     which oneDNN trains about 2× faster (benchmarks/benchmark.py; README: Performance). Same weights and result.
+    An exported graph (ONNX, torch.export) gets the plain 1×k convolution: the trick is eager oneDNN's only.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
         super().__init__(in_channels, out_channels, (1, kernel_size), padding=(0, kernel_size // 2))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or torch.onnx.is_in_onnx_export() or _exporting():
             return super().forward(x)
         layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         # The transposed view is neither NCHW nor NHWC: without the copy oneDNN falls back to a slow path.
@@ -113,19 +133,24 @@ def make_head(kind: str, in_channels: int, num_classes: int, kernel_size: int,
     raise ValueError(f"unknown head {kind!r}; choose one of {HEADS}")
 
 
-def bilinear_kernel(channels: int, size: int = 4) -> Tensor:
-    """Per-channel bilinear upsampling weights for ConvTranspose2d(channels, channels, size, stride=2)."""
-    factor = (size + 1) // 2
-    center = factor - 1 if size % 2 == 1 else factor - 0.5
-    grid = torch.arange(size, dtype=torch.float32)
-    filt1d = 1 - (grid - center).abs() / factor
-    weight = torch.zeros(channels, channels, size, size)
-    weight[range(channels), range(channels)] = filt1d[:, None] * filt1d[None, :]
+def bilinear_kernel(channels: int) -> Tensor:
+    """C×C×3×3 weights of a per-channel ×2 linear interpolation in the top-left convention (see Upsample2x)."""
+    tent = torch.tensor([0.5, 1.0, 0.5])
+    weight = torch.zeros(channels, channels, 3, 3)
+    weight[range(channels), range(channels)] = torch.outer(tent, tent)
     return weight
 
 
 class Upsample2x(nn.Module):
-    """×2 upsampling to an exact target size: a learned deconvolution initialised to bilinear, or fixed bilinear."""
+    """×2 upsampling on torchvision's pixel grid: coarse pixel j lands on fine pixel 2j.
+
+    torchvision's ResNet places feature j of a stride-s stage on image pixel s·j (its strided convolutions and
+    max-pool are top-left aligned), not on s·j + (s-1)/2 as F.interpolate(align_corners=False) or FCN's 4×4
+    deconvolution assume (which shifts res-5 by 15 px). So fine pixel 2j copies j and 2j+1 averages j and j+1:
+    a stride-2 transposed 3×3 convolution with the kernel [½, 1, ½]ᵀ[½, 1, ½], learned from there ("deconv", as
+    in the paper) or fixed ("bilinear"). The last row and column are replicated first, so a constant map stays
+    constant up to the border; the result (2h+1 × 2w+1) is cropped to the target size (2h or 2h-1).
+    """
 
     def __init__(self, channels: int, mode: str) -> None:
         super().__init__()
@@ -133,17 +158,18 @@ class Upsample2x(nn.Module):
             raise ValueError(f"unknown upsample {mode!r}; choose one of {UPSAMPLES}")
         self.deconv = None
         if mode == "deconv":
-            self.deconv = nn.ConvTranspose2d(channels, channels, 4, stride=2, padding=1, bias=False)
+            self.deconv = nn.ConvTranspose2d(channels, channels, 3, stride=2, padding=1, bias=False)
             with torch.no_grad():
                 self.deconv.weight.copy_(bilinear_kernel(channels))
 
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
-        if self.deconv is None:
-            return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        y = self.deconv(x)  # exactly 2h × 2w; crop when the target is odd (2h - 1)
-        if y.shape[-2:] != size:
-            y = y[..., : size[0], : size[1]]
-        return y
+        x = F.pad(x, (0, 1, 0, 1), mode="replicate")
+        if self.deconv is None:  # align_corners=True from (h+1) to (2h+1) pixels maps fine i to coarse i/2 exactly
+            y = F.interpolate(x, size=(2 * x.shape[-2] - 1, 2 * x.shape[-1] - 1), mode="bilinear",
+                              align_corners=True)
+        else:
+            y = self.deconv(x)
+        return y[..., : size[0], : size[1]]
 
 
 def build_backbone(name: str, pretrained: bool | str | os.PathLike) -> torchvision.models.ResNet:
@@ -202,17 +228,13 @@ def _stage_channels(backbone: nn.Module) -> list[int]:
 class GCN(nn.Module):
     """GCN + BR segmentation network of Figure 2, with the paper's ablation switches."""
 
-    def __init__(self, num_classes: int, backbone: str = "resnet50", kernel_size: int = 15,
-                 pretrained: bool | str | os.PathLike = False, head: str = "gcn",
-                 boundary_refine: bool = True, upsample: str = "deconv",
-                 stack_channels: int | None = None) -> None:
+    def __init__(self, config: GCNConfig) -> None:
         super().__init__()
-        if head not in HEADS:
-            raise ValueError(f"unknown head {head!r}; choose one of {HEADS}")
-        self.config = {"num_classes": num_classes, "backbone": backbone, "kernel_size": kernel_size,
-                       "head": head, "boundary_refine": boundary_refine, "upsample": upsample,
-                       "stack_channels": stack_channels}
-        resnet = build_backbone(backbone, pretrained)
+        if config.head not in HEADS:
+            raise ValueError(f"unknown head {config.head!r}; choose one of {HEADS}")
+        self.config = config
+        num_classes = config.num_classes
+        resnet = build_backbone(config.backbone, config.pretrained)
         self.backbone = nn.ModuleDict({
             "stem": nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool),
             **{stage: getattr(resnet, stage) for stage in STAGES},
@@ -220,14 +242,22 @@ class GCN(nn.Module):
         channels = _stage_channels(resnet)
 
         def refine() -> nn.Module:
-            return BoundaryRefine(num_classes) if boundary_refine else nn.Identity()
+            return BoundaryRefine(num_classes) if config.boundary_refine else nn.Identity()
 
-        self.heads = nn.ModuleList(make_head(head, c, num_classes, kernel_size, stack_channels) for c in channels)
+        self.heads = nn.ModuleList(make_head(config.head, c, num_classes, config.kernel_size, config.stack_channels)
+                                   for c in channels)
         self.head_refines = nn.ModuleList(refine() for _ in channels)
         # Decoder: 3 fusions (res5->res4->res3->res2), then stride 4 -> 2 -> 1.
-        self.upsamples = nn.ModuleList(Upsample2x(num_classes, upsample) for _ in range(5))
+        self.upsamples = nn.ModuleList(Upsample2x(num_classes, config.upsample) for _ in range(5))
         self.decoder_refines = nn.ModuleList(refine() for _ in range(5))
         self.reset_new_parameters()
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict) -> GCN:
+        """The model a checkpoint (train.py's or export.py's weights-only file) describes, with its weights."""
+        model = cls(GCNConfig(**{**checkpoint["model_config"], "pretrained": False}))
+        model.load_state_dict(checkpoint["state_dict"])
+        return model
 
     def reset_new_parameters(self) -> None:
         """Initialise heads and BR blocks for stable training from the first step (README: Initialisation).
@@ -275,22 +305,22 @@ class GCN(nn.Module):
 
 
 def loss_fn(logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
-    """Pixel-wise cross entropy (optionally class-weighted); label 255 (void) is ignored.
+    """Pixel-wise cross entropy (optionally class-weighted); void pixels (IGNORE_INDEX) are ignored.
 
     Unlike F.cross_entropy's mean, an all-void batch (a crop inside an ignored region) gives 0, not NaN.
     """
     if logits.dim() == 4 and not logits.is_contiguous() and logits.is_contiguous(memory_format=torch.channels_last):
         # NHWC logits as (pixels × classes) rows, a free view: log-softmax over rows is ~2× faster on CPU.
         logits, labels = logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1]), labels.reshape(-1)
-    valid = labels != 255
+    valid = labels != IGNORE_INDEX
     pixel_weight = valid.to(logits.dtype) if weight is None else weight[labels.masked_fill(~valid, 0)] * valid
-    total = F.cross_entropy(logits, labels, weight=weight, ignore_index=255, reduction="sum")
+    total = F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
     return total / pixel_weight.sum().clamp(min=torch.finfo(pixel_weight.dtype).tiny)
 
 
-def dice_loss(logits: Tensor, labels: Tensor, ignore_index: int = 255) -> Tensor:
+def dice_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """1 - soft Dice, averaged over the classes present in labels; void pixels are ignored."""
-    valid = labels != ignore_index
+    valid = labels != IGNORE_INDEX
     probs = logits.float().softmax(1) * valid.unsqueeze(1)
     one_hot = F.one_hot(labels.masked_fill(~valid, 0), logits.shape[1]).permute(0, 3, 1, 2) * valid.unsqueeze(1)
     intersection = (probs * one_hot).sum((0, 2, 3))
@@ -325,17 +355,20 @@ def parameter_summary(model: GCN) -> str:
 
 
 def main() -> None:
+    """python -m model.net [--backbone resnet18 --num_classes 11 ...]: the parameter summary of any GCNConfig."""
     parser = argparse.ArgumentParser(description="Print the GCN parameter summary.")
-    parser.add_argument("--backbone", default="resnet50", choices=BACKBONES)
-    parser.add_argument("--num_classes", type=int, default=21)
-    parser.add_argument("--kernel_size", type=int, default=15)
-    parser.add_argument("--head", default="gcn", choices=HEADS)
-    parser.add_argument("--no_boundary_refine", action="store_true")
-    args = parser.parse_args()
-    model = GCN(args.num_classes, args.backbone, args.kernel_size, head=args.head,
-                boundary_refine=not args.no_boundary_refine)
-    print(f"GCN {args.backbone}, k={args.kernel_size}, head={args.head}, {args.num_classes} classes")
-    print(parameter_summary(model))
+    for f in dataclasses.fields(GCNConfig):
+        if f.name == "pretrained":
+            continue
+        default = 21 if f.name == "num_classes" else f.default
+        if isinstance(default, bool):
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default)
+        else:
+            parser.add_argument(f"--{f.name}", type=int if f.type.startswith("int") else str, default=default,
+                                choices=f.metadata.get("choices"))
+    config = GCNConfig(**vars(parser.parse_args()))
+    print(f"GCN {config.backbone}, k={config.kernel_size}, head={config.head}, {config.num_classes} classes")
+    print(parameter_summary(GCN(config)))
 
 
 if __name__ == "__main__":

@@ -13,9 +13,10 @@ from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
+from model import IGNORE_INDEX
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IGNORE_INDEX = 255
 _MEAN_255 = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
 _STD_255 = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
 
@@ -60,6 +61,11 @@ def _normalise_into(out: Tensor, image: Tensor) -> Tensor:
     """Write uint8 `image` into float `out` (same shape) normalised with the ImageNet mean/std, in place."""
     out.copy_(image)
     return out.sub_(_MEAN_255).div_(_STD_255)
+
+
+def normalize(image: Tensor) -> Tensor:
+    """uint8 RGB (3×H×W or N×3×H×W) -> float32 normalised with the ImageNet mean/std: what the network expects."""
+    return _normalise_into(torch.empty(image.shape, dtype=torch.float32, device=image.device), image)
 
 
 class NormalizeAndPad(v2.Transform):

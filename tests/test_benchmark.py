@@ -3,9 +3,11 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import benchmark  # noqa: E402
@@ -20,16 +22,19 @@ def test_benchmark_reports_consistent_figures_on_cpu(tmp_path, capsys):
     assert json.loads(out.read_text()) == json.loads(json.dumps(summary))
     names = [row["model"] for row in summary["models"]]
     assert names == ["gcn_resnet18", "fcn_resnet50", "deeplabv3_resnet50"]
-    gcn = summary["models"][0]
-    assert gcn["step_time_vs_gcn"] == 1.0
-    assert 0 < gcn["backbone_flops_per_step"] < gcn["flops_per_step"]
-    for row in summary["models"]:
-        assert row["train_images_per_s"] == pytest.approx(2 / row["train_step_s"])
-        assert row["matmul_fraction"] == pytest.approx(row["train_tflops"] / summary["matmul_tflops"])
+    gcn, fcn = summary["models"][:2]
+    # fcn_resnet50 is dilated (output stride 8): far more FLOPs, and far slower, than a GCN-R18 at the same input
+    assert fcn["flops_per_step"] > 5 * gcn["flops_per_step"] and fcn["step_time_vs_gcn"] > 1.5
+    # The backbone FLOPs are those of torchvision's ResNet-18 trunk, counted independently: forward + backward is
+    # about 3× the forward (the first convolution needs no input gradient, hence a little less).
+    trunk = nn.Sequential(*list(torchvision.models.resnet18().children())[:-2])
+    counter = FlopCounterMode(display=False)
+    with counter:
+        trunk(torch.randn(2, 3, 64, 64))
+    assert 2.8 * counter.get_total_flops() < gcn["backbone_flops_per_step"] < 3.0 * counter.get_total_flops()
+    assert gcn["backbone_flops_per_step"] < gcn["flops_per_step"]  # heads and decoder count too
     assert set(summary["matmul_tflops_by_kernel"]) == {"torch.matmul", "conv1x1"}
-    assert summary["matmul_tflops"] == max(summary["matmul_tflops_by_kernel"].values())
-    # fcn_resnet50 is dilated (output stride 8): far more FLOPs than a stride-32 GCN-R18 at the same input
-    assert summary["models"][1]["flops_per_step"] > 5 * gcn["flops_per_step"]
+    assert 1e-4 < summary["matmul_tflops"] < 100 and summary["dtype"] == "torch.float32"
     assert summary["data_images_per_s"] > 0 and gcn["inference_latency_s"] > 0
     printed = capsys.readouterr().out
     assert "gcn_resnet18" in printed and "data pipeline" in printed

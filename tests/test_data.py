@@ -2,9 +2,9 @@
 the SBD -> SegmentationClassAug builder, and a few items of the real data sets in ../shared/data."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,13 +14,13 @@ from PIL import Image
 from torchvision import tv_tensors
 from torch.utils.data import RandomSampler, SequentialSampler
 
-from model.data_loader import DATA_PARAMS, DatasetError, build_dataloader, build_dataset, colorize, denormalize
+from model.data_loader import (DataConfig, DatasetError, EpochSampler, build_dataloader, build_dataset,
+                               eval_loader)
 from model.datasets.synthetic import void_borders
 from model.datasets.voc import voc_palette
-from model.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
+from model.transforms import IMAGENET_MEAN, IMAGENET_STD, colorize, denormalize, train_transform
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PALETTE = [c for rgb in voc_palette(256) for c in rgb]
 
 
@@ -31,12 +31,17 @@ def load_script(name: str):
     return module
 
 
-def params(**kw) -> SimpleNamespace:
-    """Params with every DATA_PARAMS default, overridden by kw (small crops so tests stay fast)."""
-    values = {k: v for k, (_, v) in DATA_PARAMS.items() if v is not ...}
-    values.update(crop_size=32, num_workers=0)
-    values.update(kw)
-    return SimpleNamespace(**values)
+def params(num_classes: int, **kw) -> tuple[DataConfig, int]:
+    """A DataConfig with small crops and no workers (so tests stay fast), and the class count."""
+    return DataConfig(**{"crop_size": 32, "num_workers": 0, **kw}), num_classes
+
+
+def replace(p: tuple[DataConfig, int], **kw) -> tuple[DataConfig, int]:
+    return dataclasses.replace(p[0], **kw), p[1]
+
+
+def build(p: tuple[DataConfig, int], split: str, train: bool):
+    return build_dataset(p[0], p[1], split, train)
 
 
 def save_rgb(path: Path, array: np.ndarray) -> None:
@@ -90,7 +95,7 @@ def check_item(image: torch.Tensor, label: torch.Tensor, shape: tuple[int, int])
 
 def test_voc_val_yields_whole_images_and_exact_labels(voc):
     root, arrays = voc
-    dataset = build_dataset(params(dataset="voc", data_dir=str(root), num_classes=21), "val", train=False)
+    dataset = build(params(dataset="voc", data_dir=str(root), num_classes=21), "val", train=False)
     assert dataset.names == ["2008_000010", "2008_000011"] and dataset.has_labels
     assert len(dataset.classes) == 21 and dataset.classes[15] == "person"
     assert dataset.palette[:3] == [(0, 0, 0), (128, 0, 0), (0, 128, 0)]
@@ -104,7 +109,7 @@ def test_voc_val_yields_whole_images_and_exact_labels(voc):
 
 def test_voc_train_yields_fixed_size_crops(voc):
     root, _ = voc
-    dataset = build_dataset(params(dataset="voc", data_dir=str(root), num_classes=21, crop_size=48), "train", True)
+    dataset = build(params(dataset="voc", data_dir=str(root), num_classes=21, crop_size=48), "train", True)
     for i in range(len(dataset)):
         image, label = dataset[i]
         check_item(image, label, (48, 48))
@@ -114,7 +119,7 @@ def test_voc_train_yields_fixed_size_crops(voc):
 def test_voc_test_split_without_labels(voc):
     root, _ = voc
     make_voc(root, {"test": ["2008_000100"]}, labels=False)
-    dataset = build_dataset(params(dataset="voc", data_dir=str(root), num_classes=21), "test", train=False)
+    dataset = build(params(dataset="voc", data_dir=str(root), num_classes=21), "test", train=False)
     assert not dataset.has_labels
     image, label = dataset[0]
     check_item(image, label, (30, 40))
@@ -142,13 +147,13 @@ def test_voc_aug_builder_and_loader(tmp_path):
     assert train_aug == ["a1", "a2", "s1", "s2"]
 
     p = params(dataset="voc_aug", data_dir=str(voc_dir), num_classes=21)
-    train = build_dataset(p, "train", train=False)  # whole images, to compare the labels exactly
+    train = build(p, "train", train=False)  # whole images, to compare the labels exactly
     assert train.names == train_aug
     expected = {"a1": voc_arrays["a1"], "a2": voc_arrays["a2"], "s1": sbd_arrays["s1"], "s2": sbd_arrays["s2"]}
     for i, name in enumerate(train.names):
         assert torch.equal(train[i][1], torch.from_numpy(expected[name]).long()), name
     assert Image.open(voc_dir / "SegmentationClassAug" / "s1.png").mode == "P"
-    val = build_dataset(p, "val", train=False)
+    val = build(p, "val", train=False)
     assert val.names == ["v1", "v2"] and torch.equal(val[0][1], torch.from_numpy(voc_arrays["v1"]).long())
 
 
@@ -173,13 +178,13 @@ def test_cityscapes_maps_label_ids_to_train_ids(tmp_path):
     for city, stem in [("aachen", "aachen_000000_000019"), ("bremen", "bremen_000001_000019")]:
         save_rgb(tmp_path / "leftImg8bit" / "val" / city / f"{stem}_leftImg8bit.png", np.full((3, 4, 3), 100))
         save_index_png(tmp_path / "gtFine" / "val" / city / f"{stem}_gtFine_labelIds.png", label_ids, palette=False)
-    dataset = build_dataset(params(dataset="cityscapes", data_dir=str(tmp_path), num_classes=19), "val", False)
+    dataset = build(params(dataset="cityscapes", data_dir=str(tmp_path), num_classes=19), "val", False)
     assert dataset.names == ["aachen/aachen_000000_000019", "bremen/bremen_000001_000019"]
     assert len(dataset.classes) == 19 == len(dataset.palette) and dataset.classes[13] == "car"
     image, label = dataset[1]
     check_item(image, label, (3, 4))
     assert torch.equal(label, torch.from_numpy(train_ids))
-    train = build_dataset(params(dataset="cityscapes", data_dir=str(tmp_path), num_classes=19, crop_size=8), "val",
+    train = build(params(dataset="cityscapes", data_dir=str(tmp_path), num_classes=19, crop_size=8), "val",
                           True)
     assert set(train[0][1].unique().tolist()) <= {0, 1, 2, 10, 11, 13, 16, 18, 255}
 
@@ -198,14 +203,14 @@ def make_camvid(root: Path, split: str, names: list[str], seed=0) -> dict[str, n
 
 def test_camvid_resolves_segnet_paths_and_voids_class_11(tmp_path):
     arrays = make_camvid(tmp_path, "train", ["0001TP_006690", "Seq05VD_f00000"])
-    dataset = build_dataset(params(dataset="camvid", data_dir=str(tmp_path), num_classes=11), "train", False)
+    dataset = build(params(dataset="camvid", data_dir=str(tmp_path), num_classes=11), "train", False)
     assert dataset.names == ["0001TP_006690", "Seq05VD_f00000"] and dataset.classes[0] == "Sky"
     for i, name in enumerate(dataset.names):
         image, label = dataset[i]
         check_item(image, label, (12, 16))
         expected = torch.from_numpy(arrays[name]).long()
         assert torch.equal(label, expected.where(expected != 11, 255))
-    image, label = build_dataset(params(dataset="camvid", data_dir=str(tmp_path), num_classes=11), "train", True)[0]
+    image, label = build(params(dataset="camvid", data_dir=str(tmp_path), num_classes=11), "train", True)[0]
     check_item(image, label, (32, 32))
     assert 11 not in label.unique().tolist()
 
@@ -227,9 +232,9 @@ def test_folder_with_mask_values_and_seeded_split(tmp_path):
     masks = make_folder(tmp_path, names)
     p = params(dataset="folder", data_dir=str(tmp_path), num_classes=2, mask_values={"0": 0, "255": 1},
                val_fraction=0.3, class_names=["background", "lung"])
-    train, val = build_dataset(p, "train", False), build_dataset(p, "val", False)
+    train, val = build(p, "train", False), build(p, "val", False)
     assert len(val) == 3 and len(train) == 7 and sorted(train.names + val.names) == names
-    assert build_dataset(p, "val", False).names == val.names  # the same split every time
+    assert build(p, "val", False).names == val.names  # the same split every time
     assert train.classes == ["background", "lung"] and len(train.palette) == 2
     image, label = val[0]
     check_item(image, label, (10, 14))
@@ -244,8 +249,8 @@ def test_folder_split_lists_and_unlabelled_test_split(tmp_path):
     Image.fromarray(np.zeros((10, 14), np.uint8)).save(tmp_path / "images" / "t.png")
     (tmp_path / "test.txt").write_text("t\n")
     p = params(dataset="folder", data_dir=str(tmp_path), num_classes=2, mask_values={"0": 0, "255": 1})
-    assert build_dataset(p, "train", False).names == ["c", "a"]
-    test = build_dataset(p, "test", False)
+    assert build(p, "train", False).names == ["c", "a"]
+    test = build(p, "test", False)
     assert not test.has_labels and (test[0][1] == 255).all()
 
 
@@ -254,7 +259,7 @@ def test_folder_split_lists_and_unlabelled_test_split(tmp_path):
 
 def test_synthetic_is_deterministic_per_seed_and_has_void_borders():
     p = params(dataset="synthetic", data_dir="", num_classes=5, synthetic_image_size=64, synthetic_val_images=6)
-    first, again = build_dataset(p, "val", False), build_dataset(p, "val", False)
+    first, again = build(p, "val", False), build(p, "val", False)
     assert len(first) == 6 and first.classes[0] == "background" and len(first.palette) == 5
     for i in reversed(range(6)):  # order does not matter
         image, label = first[i]
@@ -263,11 +268,11 @@ def test_synthetic_is_deterministic_per_seed_and_has_void_borders():
     labels = torch.stack([first[i][1] for i in range(6)])
     assert set(labels.unique().tolist()) == {0, 1, 2, 3, 4, 255}
     assert 0.01 < (labels == 255).float().mean() < 0.2
-    other_seed = build_dataset(params(**{**vars(p), "synthetic_seed": 1}), "val", False)
+    other_seed = build(replace(p, synthetic_seed=1), "val", False)
     assert not torch.equal(other_seed[0][0], first[0][0])
-    assert not torch.equal(build_dataset(p, "train", False)[0][0], first[0][0])  # splits differ
-    train = build_dataset(params(**{**vars(p), "crop_size": 48}), "train", True)
-    assert len(train) == DATA_PARAMS["synthetic_train_images"][1]
+    assert not torch.equal(build(p, "train", False)[0][0], first[0][0])  # splits differ
+    train = build(replace(p, crop_size=48), "train", True)
+    assert len(train) == DataConfig.synthetic_train_images
     check_item(*train[0], (48, 48))
 
 
@@ -370,32 +375,28 @@ def expect_error(match: str, build, *args):
 def test_construction_errors_name_the_file_or_key(voc, tmp_path):
     root, _ = voc
     voc_params = params(dataset="voc", data_dir=str(root), num_classes=21)
-    expect_error("num_classes is 20 but dataset 'voc' has 21 classes", build_dataset,
+    expect_error("num_classes is 20 but dataset 'voc' has 21 classes", build,
                  params(dataset="voc", data_dir=str(root), num_classes=20), "train", False)
-    expect_error(f"VOC data_dir not found: {tmp_path}/missing", build_dataset,
+    expect_error(f"VOC data_dir not found: {tmp_path}/missing", build,
                  params(dataset="voc", data_dir=str(tmp_path / "missing"), num_classes=21), "val", False)
-    expect_error(r"split list not found: .*ImageSets/Segmentation/trainval\.txt", build_dataset, voc_params,
+    expect_error(r"split list not found: .*ImageSets/Segmentation/trainval\.txt", build, voc_params,
                  "trainval", False)
     (root / "JPEGImages" / "2008_000011.jpg").unlink()
-    expect_error(r"val\.txt not found: .*JPEGImages/2008_000011\.jpg", build_dataset, voc_params, "val", False)
+    expect_error(r"val\.txt not found: .*JPEGImages/2008_000011\.jpg", build, voc_params, "val", False)
     (root / "SegmentationClass" / "2008_000002.png").unlink()
-    expect_error(r"train\.txt not found: .*SegmentationClass/2008_000002\.png", build_dataset, voc_params, "train",
+    expect_error(r"train\.txt not found: .*SegmentationClass/2008_000002\.png", build, voc_params, "train",
                  False)
-    expect_error("unknown dataset 'vocc'", build_dataset, params(dataset="vocc", data_dir="", num_classes=21), "val",
+    expect_error("unknown dataset 'vocc'", build, params(dataset="vocc", data_dir="", num_classes=21), "val",
                  False)
-    expect_error("required data key 'data_dir'", build_dataset, SimpleNamespace(dataset="voc", num_classes=21),
-                 "val", False)
-    expect_error(r"scale_range must be \[low, high\]", build_dataset,
-                 params(dataset="voc", data_dir=str(root), num_classes=21, scale_range=[2.0]), "val", True)
-    expect_error("mask_values key 'x'", build_dataset,
-                 params(dataset="folder", data_dir=str(make_folder_root(tmp_path)), num_classes=2,
-                        mask_values={"x": 1}), "train", False)
-    expect_error(r"mask_values\['255'\] = 2 is not a class", build_dataset,
+    expect_error("split_sequences is for camvid only", build,
+                 params(dataset="voc", data_dir=str(root), num_classes=21, split_sequences={"val": ["x"]}), "val",
+                 False)
+    expect_error(r"mask_values\['255'\] = 2 is not a class", build,
                  params(dataset="folder", data_dir=str(make_folder_root(tmp_path)), num_classes=2,
                         mask_values={"255": 2}), "train", False)
-    expect_error(r"Cityscapes image folder not found: .*leftImg8bit/val", build_dataset,
+    expect_error(r"Cityscapes image folder not found: .*leftImg8bit/val", build,
                  params(dataset="cityscapes", data_dir=str(tmp_path), num_classes=19), "val", False)
-    expect_error(r"split list not found: .*/val\.txt", build_dataset,
+    expect_error(r"split list not found: .*/val\.txt", build,
                  params(dataset="camvid", data_dir=str(tmp_path), num_classes=11), "val", False)
 
 
@@ -408,7 +409,7 @@ def make_folder_root(tmp_path: Path) -> Path:
 
 def test_load_time_errors_name_the_file(voc):
     root, _ = voc
-    dataset = build_dataset(params(dataset="voc", data_dir=str(root), num_classes=21), "train", False)
+    dataset = build(params(dataset="voc", data_dir=str(root), num_classes=21), "train", False)
     bad_image = root / "JPEGImages" / "2008_000001.jpg"
     bad_image.write_bytes(b"not a jpeg")
     expect_error(f"unreadable image {bad_image}", dataset.__getitem__, 0)
@@ -423,7 +424,7 @@ def test_load_time_errors_name_the_file(voc):
 
 def test_worker_errors_reach_the_main_process_as_one_line_naming_the_file(voc):
     root, _ = voc
-    dataset = build_dataset(params(dataset="voc", data_dir=str(root), num_classes=21), "train", True)
+    dataset = build(params(dataset="voc", data_dir=str(root), num_classes=21), "train", True)
     save_index_png(root / "SegmentationClass" / "2008_000002.png", np.full((30, 40), 99))
     loader = build_dataloader(dataset, batch_size=1, sampler=SequentialSampler(dataset), num_workers=1)
     with pytest.raises(DatasetError) as info:
@@ -438,7 +439,7 @@ def test_worker_errors_reach_the_main_process_as_one_line_naming_the_file(voc):
 def test_dataloader_batches_fixed_size_crops(voc):
     root, arrays = voc
     p = params(dataset="voc", data_dir=str(root), num_classes=21, crop_size=24)
-    dataset = build_dataset(p, "train", True)
+    dataset = build(p, "train", True)
     train = build_dataloader(dataset, batch_size=2, sampler=RandomSampler(dataset), num_workers=0, drop_last=True)
     batches = list(train)
     assert len(batches) == 1 and batches[0][0].shape == (2, 3, 24, 24) and batches[0][1].shape == (2, 24, 24)
@@ -460,10 +461,10 @@ def test_denormalize_inverts_normalisation_and_colorize_uses_the_palette():
 # ---------------------------------------------------------------- real data (../shared/data, present in CI)
 
 
-def test_real_voc_subset_loads():
-    root = SHARED_DATA / "voc2012_2007subset" / "VOCdevkit" / "VOC2012"
+def test_real_voc_subset_loads(shared_data):
+    root = shared_data / "voc2012_2007subset" / "VOCdevkit" / "VOC2012"
     p = params(dataset="voc", data_dir=str(root), num_classes=21, crop_size=64)
-    val, train = build_dataset(p, "val", False), build_dataset(p, "train", True)
+    val, train = build(p, "val", False), build(p, "train", True)
     assert len(train) == 311 and len(val) == 321
     for i in range(3):
         image, label = val[i]
@@ -474,10 +475,10 @@ def test_real_voc_subset_loads():
         check_item(*train[i], (64, 64))
 
 
-def test_real_camvid_loads():
-    root = SHARED_DATA / "camvid"
+def test_real_camvid_loads(shared_data):
+    root = shared_data / "camvid"
     p = params(dataset="camvid", data_dir=str(root), num_classes=11, crop_size=64)
-    val, train = build_dataset(p, "val", False), build_dataset(p, "train", True)
+    val, train = build(p, "val", False), build(p, "train", True)
     assert len(train) == 367 and len(val) == 101 and train.names[0] == "0001TP_006690"
     for i in range(3):
         image, label = val[i]

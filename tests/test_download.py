@@ -4,11 +4,15 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import io
+import os
 import re
+import subprocess
 import sys
 import tarfile
 import threading
+import time
 import zipfile
+from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -29,10 +33,16 @@ download = load_download()
 
 
 class ArchiveServer:
-    """Serves `files` (name -> bytes) on 127.0.0.1; honours `Range: bytes=N-` unless `ranges` is False."""
+    """Serves `files` (name -> bytes) on 127.0.0.1; honours `Range: bytes=N-` unless `ranges` is False.
 
-    def __init__(self, files: dict[str, bytes], ranges: bool = True) -> None:
+    The i-th response with i < len(`cuts`) sends only cuts[i] bytes of its body, then, after `stall_s` seconds,
+    closes the connection: a download cut short.
+    """
+
+    def __init__(self, files: dict[str, bytes], ranges: bool = True, cuts: Sequence[int] = (),
+                 stall_s: float = 0) -> None:
         self.files, self.ranges, self.requests = files, ranges, []
+        self.cuts, self.stall_s = list(cuts), stall_s
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -52,7 +62,10 @@ class ArchiveServer:
                     self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
                 self.send_header("Content-Length", str(len(body) - start))
                 self.end_headers()
-                self.wfile.write(body[start:])
+                cut = server.cuts.pop(0) if server.cuts else None
+                self.wfile.write(body[start:][:cut])
+                if cut is not None:
+                    time.sleep(server.stall_s)
 
             def log_message(self, *args) -> None:
                 pass
@@ -126,6 +139,88 @@ def test_fetch_accepts_a_complete_partial_file_answered_416(tmp_path):
         (tmp_path / "voc.tgz.part").write_bytes(archive)
         download.fetch(server.url("voc.tgz"), tmp_path / "voc.tgz", md5(archive))
         assert (tmp_path / "voc.tgz").read_bytes() == archive
+
+
+@pytest.mark.parametrize("stall", [False, True], ids=["closed", "timeout"])
+def test_fetch_resumes_a_dropped_connection_with_range_requests(tmp_path, monkeypatch, stall):
+    archive = tar_bytes(VOC_MEMBERS)
+    if stall:  # the server goes silent after the cut: the client's read times out
+        monkeypatch.setattr(download, "TIMEOUT_S", 0.5)
+    with ArchiveServer({"voc.tgz": archive}, cuts=[1000, 2000], stall_s=3 if stall else 0) as server:
+        download.fetch(server.url("voc.tgz"), tmp_path / "voc.tgz", md5(archive))
+        assert (tmp_path / "voc.tgz").read_bytes() == archive and not (tmp_path / "voc.tgz.part").exists()
+        assert server.requests == [("/voc.tgz", None), ("/voc.tgz", "bytes=1000-"), ("/voc.tgz", "bytes=3000-")]
+
+
+def test_a_download_cut_on_every_attempt_keeps_the_part_and_resumes_on_the_next_run(tmp_path, monkeypatch, capsys):
+    archive = tar_bytes(VOC_MEMBERS)
+    with ArchiveServer({"voc.tgz": archive}, cuts=[1000] * 3) as server:
+        url = server.url("voc.tgz")
+        monkeypatch.setitem(download.SOURCES, "voc", download.Source(url, "voc.tgz", md5(archive), "VOCdevkit/VOC2012"))
+        assert download.main(["voc", "--dest", str(tmp_path)]) == 2
+        error = capsys.readouterr().err.splitlines()[-1]  # after the progress bars
+        assert error.startswith(f"error: download of {url} incomplete after 3 attempts: 3000 of {len(archive)} "
+                                f"bytes arrived") and error.endswith("run the same command again to resume")
+        assert (tmp_path / "voc.tgz.part").read_bytes() == archive[:3000]
+        assert download.main(["voc", "--dest", str(tmp_path)]) == 0  # the failed run released its lock
+        assert server.requests[-1] == ("/voc.tgz", "bytes=3000-")
+        assert (tmp_path / "voc.tgz").read_bytes() == archive
+
+
+def test_fetch_deletes_a_complete_but_corrupt_download_and_says_so(tmp_path):
+    archive = tar_bytes(VOC_MEMBERS)
+    with ArchiveServer({"voc.tgz": archive}) as server:
+        (tmp_path / "voc.tgz.part").write_bytes(b"x" * 1000)  # a corrupt start, resumed to full size
+        with pytest.raises(download.DownloadError, match=rf"complete \({len(archive)} bytes\) but corrupt, so it was "
+                                                         r"deleted: run again"):
+            download.fetch(server.url("voc.tgz"), tmp_path / "voc.tgz", md5(archive))
+        assert not (tmp_path / "voc.tgz.part").exists() and not (tmp_path / "voc.tgz").exists()
+
+
+HOLD_LOCK = """import fcntl, os, sys, time
+file = open(sys.argv[1], "w")
+fcntl.flock(file, fcntl.LOCK_EX)
+file.write(str(os.getpid()))
+file.flush()
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_second_download_into_the_same_folder_is_refused_naming_the_holder(tmp_path, monkeypatch, capsys):
+    archive = tar_bytes(VOC_MEMBERS)
+    with ArchiveServer({"voc.tgz": archive}) as server:
+        monkeypatch.setitem(download.SOURCES, "voc", download.Source(
+            server.url("voc.tgz"), "voc.tgz", md5(archive), "VOCdevkit/VOC2012"))
+        holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "voc.tgz.lock")],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline() == "locked\n"
+            assert download.main(["voc", "--dest", str(tmp_path)]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"already being downloaded by process {holder.pid};" in err
+            assert server.requests == [] and not (tmp_path / "voc.tgz.part").exists()
+        finally:
+            holder.kill()
+            holder.wait()
+        assert download.main(["voc", "--dest", str(tmp_path)]) == 0  # a killed holder holds nothing
+        assert (tmp_path / "voc.tgz.lock").read_text() == str(os.getpid())
+        with download._lock(tmp_path / "voc.tgz"):  # released after the download, in this process too
+            pass
+
+
+def test_files_are_created_with_the_users_umask(tmp_path, monkeypatch):
+    archive = zip_bytes({"SegNet-X/CamVid/train.txt": b"t\n"})
+    with ArchiveServer({"camvid.zip": archive}) as server:
+        monkeypatch.setitem(download.SOURCES, "camvid", download.Source(
+            server.url("camvid.zip"), "camvid.zip", md5(archive), "camvid", strip_prefix="SegNet-X/CamVid/"))
+        previous = os.umask(0o027)
+        try:
+            assert download.main(["camvid", "--dest", str(tmp_path)]) == 0
+        finally:
+            os.umask(previous)
+    for name in ["camvid.zip", "camvid.zip.lock", "camvid/train.txt"]:
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
 
 
 def test_fetch_rejects_a_bad_checksum_and_deletes_the_file(tmp_path):

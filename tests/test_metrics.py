@@ -72,6 +72,8 @@ def reference_metrics(pairs, width: int) -> dict:
                             for c in range(NUM_CLASSES) if rows[c] > 0)),
         "per_class_iou": dict(zip(NAMES, ious)),
         "per_class_accuracy": dict(zip(NAMES, accuracies)),
+        "per_class_pixel_share": {name: rows[c] / matrix.sum() for c, name in enumerate(NAMES)},
+        "confusion_matrix": {"classes": NAMES, "counts": matrix.astype(np.int64).tolist()},
         "boundary_accuracy": band_hits / band_total,
         "interior_accuracy": inner_hits / inner_total,
     }
@@ -112,7 +114,9 @@ def images_of(batches):
 def assert_metrics_equal(actual: dict, expected: dict) -> None:
     assert set(actual) == set(expected)
     for key, value in expected.items():
-        if isinstance(value, dict):
+        if key == "confusion_matrix":
+            assert actual[key] == value
+        elif isinstance(value, dict):
             assert list(actual[key]) == list(value), key
             for name, item in value.items():
                 got = actual[key][name]

@@ -1,6 +1,6 @@
 """model/net.py: shapes for every switch, GCN/BR/deconv against hand-built references, paper parameter counts,
 initialisation stability, the loss, pretrained-weight loading and the parameter-summary CLI."""
-import inspect
+import dataclasses
 import itertools
 import math
 import re
@@ -16,7 +16,8 @@ import torchvision
 from torch import nn
 
 from model import net
-from model.net import GCN, BoundaryRefine, GlobalConvBlock, SegmentationLoss, Upsample2x, dice_loss, loss_fn, make_head
+from model.net import (GCN, BoundaryRefine, GCNConfig, GlobalConvBlock, SegmentationLoss, Upsample2x, dice_loss, loss_fn,
+                       make_head)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ODD_SIZES = [(97, 131), (33, 47), (65, 64)]
@@ -50,7 +51,7 @@ def backbone_models():
     def get(name: str) -> GCN:
         if name not in cache:
             torch.manual_seed(0)
-            cache[name] = GCN(21, name).eval()
+            cache[name] = GCN(GCNConfig(21, name)).eval()
         return cache[name]
 
     return get
@@ -74,8 +75,8 @@ def test_output_shape_voc_sized_input(backbone_models):
                          list(itertools.product(net.HEADS, net.UPSAMPLES, [True, False])))
 def test_output_shape_for_every_head_upsample_and_refine(head, upsample, boundary_refine):
     torch.manual_seed(0)
-    model = GCN(7, "resnet18", kernel_size=7, head=head, upsample=upsample,
-                boundary_refine=boundary_refine).eval()
+    model = GCN(GCNConfig(7, "resnet18", kernel_size=7, head=head, upsample=upsample,
+                boundary_refine=boundary_refine)).eval()
     for height, width in ODD_SIZES:
         assert forward_eval(model, height, width).shape == (1, 7, height, width)
 
@@ -84,7 +85,7 @@ def test_output_shape_for_every_head_upsample_and_refine(head, upsample, boundar
                                     {"kernel_size": 4}, {"head": "stack", "kernel_size": 1}])
 def test_bad_switch_values_raise_value_error(kwargs):
     with pytest.raises(ValueError):
-        GCN(3, **{"backbone": "resnet18", **kwargs})
+        GCN(GCNConfig(3, **{"backbone": "resnet18", **kwargs}))
 
 
 # ---------------------------------------------------------------- GlobalConvBlock
@@ -189,7 +190,7 @@ def test_boundary_refine_equals_residual_of_two_convs():
 
 def test_every_boundary_refine_is_identity_at_init():
     torch.manual_seed(0)
-    model = GCN(6, "resnet18", kernel_size=5)
+    model = GCN(GCNConfig(6, "resnet18", kernel_size=5))
     assert len(brs(model)) == 9
     x = torch.randn(2, 6, 11, 9)
     with torch.no_grad():
@@ -199,8 +200,8 @@ def test_every_boundary_refine_is_identity_at_init():
 
 def test_network_with_br_at_init_equals_network_without_br():
     torch.manual_seed(0)
-    plain = GCN(6, "resnet18", kernel_size=5, boundary_refine=False).eval()
-    refined = GCN(6, "resnet18", kernel_size=5, boundary_refine=True).eval()
+    plain = GCN(GCNConfig(6, "resnet18", kernel_size=5, boundary_refine=False)).eval()
+    refined = GCN(GCNConfig(6, "resnet18", kernel_size=5, boundary_refine=True)).eval()
     missing, unexpected = refined.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and missing and all("refines" in key for key in missing)
     x = torch.randn(1, 3, 67, 45)
@@ -210,7 +211,7 @@ def test_network_with_br_at_init_equals_network_without_br():
 
 @pytest.mark.parametrize("boundary_refine,count", [(True, 9), (False, 0)])
 def test_number_of_boundary_refine_blocks(boundary_refine, count):
-    model = GCN(4, "resnet18", kernel_size=3, boundary_refine=boundary_refine)
+    model = GCN(GCNConfig(4, "resnet18", kernel_size=3, boundary_refine=boundary_refine))
     assert len(brs(model)) == count
     assert len(model.head_refines) == 4 and len(model.decoder_refines) == 5
     if not boundary_refine:
@@ -219,34 +220,96 @@ def test_number_of_boundary_refine_blocks(boundary_refine, count):
 
 # ---------------------------------------------------------------- upsampling
 
-def test_deconv_upsampling_starts_bilinear():
-    model = GCN(3, "resnet18", kernel_size=3, upsample="deconv")
-    constants = torch.tensor([1.5, -2.0, 7.0]).reshape(1, 3, 1, 1)
-    x = constants.expand(1, 3, 6, 8).clone()
-    for up in model.upsamples:
-        assert up.deconv is not None
-        with torch.no_grad():
-            y = up(x, (12, 16))
-        assert y.shape == (1, 3, 12, 16)
-        torch.testing.assert_close(y[..., 1:-1, 1:-1], constants.expand(1, 3, 10, 14), rtol=0, atol=1e-6)
-
-
-def test_deconv_matches_bilinear_interpolation_inside_and_crops_odd_targets():
+@pytest.mark.parametrize("target", [(14, 18), (13, 17)])
+def test_deconv_starts_as_the_fixed_bilinear_upsampling_and_is_learned(target):
     torch.manual_seed(0)
-    up = Upsample2x(4, "deconv")
+    deconv, bilinear = Upsample2x(4, "deconv"), Upsample2x(4, "bilinear")
     x = torch.randn(2, 4, 7, 9)
     with torch.no_grad():
-        y = up(x, (14, 18))
-        cropped = up(x, (13, 17))
-    reference = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-    torch.testing.assert_close(y[..., 1:-1, 1:-1], reference[..., 1:-1, 1:-1], rtol=0, atol=1e-5)
-    assert cropped.shape == (2, 4, 13, 17)
-    assert torch.equal(cropped, y[..., :13, :17])
+        torch.testing.assert_close(deconv(x, target), bilinear(x, target), rtol=0, atol=1e-6)
+    assert deconv.deconv.weight.requires_grad and deconv.deconv.weight.shape == (4, 4, 3, 3)
 
 
 def test_bilinear_upsample_has_no_parameters():
-    model = GCN(3, "resnet18", kernel_size=3, upsample="bilinear")
+    model = GCN(GCNConfig(3, "resnet18", kernel_size=3, upsample="bilinear"))
     assert sum(p.numel() for p in model.upsamples.parameters()) == 0
+
+
+# ---------------------------------------------------------------- wiring (Figure 2, restated)
+
+def gcn_reference(block: GlobalConvBlock, x: torch.Tensor) -> torch.Tensor:
+    """(k×1 -> 1×k) + (1×k -> k×1) from the block's weights, each checked to have the shape its place needs."""
+    (left_col, left_row), (right_row, right_col) = block.left, block.right
+    k = left_col.weight.shape[-2]
+    p = k // 2
+    for conv, shape in ((left_col, (k, 1)), (left_row, (1, k)), (right_row, (1, k)), (right_col, (k, 1))):
+        assert tuple(conv.weight.shape[-2:]) == shape
+    left = F.conv2d(F.conv2d(x, left_col.weight, left_col.bias, padding=(p, 0)), left_row.weight, left_row.bias,
+                    padding=(0, p))
+    right = F.conv2d(F.conv2d(x, right_row.weight, right_row.bias, padding=(0, p)), right_col.weight,
+                     right_col.bias, padding=(p, 0))
+    return left + right
+
+
+def br_reference(br: BoundaryRefine, x: torch.Tensor) -> torch.Tensor:
+    return x + F.conv2d(F.relu(F.conv2d(x, br.conv1.weight, br.conv1.bias, padding=1)), br.conv2.weight,
+                        br.conv2.bias, padding=1)
+
+
+def upsample_reference(up: Upsample2x, x: torch.Tensor, size) -> torch.Tensor:
+    """Fine pixel i reads coarse coordinate i/2 through the learned 3×3 stride-2 transposed convolution."""
+    padded = F.pad(x, (0, 1, 0, 1), mode="replicate")
+    return F.conv_transpose2d(padded, up.deconv.weight, stride=2, padding=1)[..., :size[0], :size[1]]
+
+
+def figure2_reference(model: GCN, x: torch.Tensor) -> torch.Tensor:
+    """The paper's Figure 2 from the model's weights: res2..res5 -> GCN -> BR; res5 up + res4 -> BR, up + res3 ->
+    BR, up + res2 -> BR; then up -> BR twice to the input size. Only the torchvision backbone modules are called."""
+    backbone = model.backbone
+    features, y = [], backbone["stem"](x)
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        y = backbone[stage](y)
+        features.append(y)
+    scores = [br_reference(model.head_refines[i], gcn_reference(model.heads[i], features[i])) for i in range(4)]
+    out = scores[3]
+    for step, skip in enumerate((scores[2], scores[1], scores[0])):
+        out = br_reference(model.decoder_refines[step],
+                           upsample_reference(model.upsamples[step], out, skip.shape[-2:]) + skip)
+    half = (-(-x.shape[-2] // 2), -(-x.shape[-1] // 2))
+    out = br_reference(model.decoder_refines[3], upsample_reference(model.upsamples[3], out, half))
+    return br_reference(model.decoder_refines[4], upsample_reference(model.upsamples[4], out, x.shape[-2:]))
+
+
+@pytest.mark.parametrize("height,width", [(67, 45), (64, 96)])
+def test_forward_is_figure2_with_trained_looking_weights(height, width):
+    """Every BR, deconvolution and head gets distinct random weights (at init the BRs are identities and the
+    deconvolutions alike, so a mis-wired decoder would look right): the model must equal the restatement."""
+    torch.manual_seed(0)
+    model = GCN(GCNConfig(4, "resnet18", kernel_size=5)).eval()
+    with torch.no_grad():
+        for part in (model.heads, model.head_refines, model.upsamples, model.decoder_refines):
+            for param in part.parameters():
+                param.add_(torch.randn_like(param) * 0.1)
+    x = torch.randn(2, 3, height, width)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), figure2_reference(model, x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("part", ["heads", "head_refines", "upsamples", "decoder_refines"])
+def test_every_block_of_every_part_changes_the_output(part):
+    """Perturbing any single block changes the logits: nothing is built and then left unused."""
+    torch.manual_seed(0)
+    model = GCN(GCNConfig(4, "resnet18", kernel_size=5)).eval()
+    x = torch.randn(1, 3, 67, 45)
+    with torch.no_grad():
+        before = model(x)
+        for block in getattr(model, part):
+            saved = [p.clone() for p in block.parameters()]
+            for param in block.parameters():
+                param.add_(torch.randn_like(param) * 0.1)
+            assert not torch.allclose(model(x), before, atol=1e-5), f"{part} block {block} is not used"
+            for param, value in zip(block.parameters(), saved):
+                param.copy_(value)
 
 
 # ---------------------------------------------------------------- initialisation stability
@@ -282,7 +345,7 @@ def stable_so_far(losses: list[float]) -> bool:
 @pytest.mark.parametrize("upsample", net.UPSAMPLES)
 def test_initialisation_trains_stably(upsample):
     torch.manual_seed(0)
-    model = GCN(21, "resnet18", 15, upsample=upsample)
+    model = GCN(GCNConfig(21, "resnet18", 15, upsample=upsample))
     losses = train_losses(model, *stability_batch(), stop_on_failure=True)
     assert stable_so_far(losses), losses
     assert len(losses) == 30
@@ -291,7 +354,7 @@ def test_initialisation_trains_stably(upsample):
 
 def test_default_pytorch_init_diverges_so_stability_test_discriminates():
     torch.manual_seed(0)
-    model = GCN(21, "resnet18", 15, upsample="bilinear")
+    model = GCN(GCNConfig(21, "resnet18", 15, upsample="bilinear"))
     reset_to_pytorch_default(model)
     losses = train_losses(model, *stability_batch(), stop_on_failure=True)
     assert not stable_so_far(losses), losses
@@ -377,11 +440,17 @@ def test_dice_loss_matches_hand_computation_and_is_added_with_its_weight():
                                loss_fn(logits, labels) + 0.3 * expected)
 
 
-def test_model_params_defaults_match_constructor_defaults():
-    signature = inspect.signature(GCN)
-    for key, (types, default) in net.MODEL_PARAMS.items():
-        assert signature.parameters[key].default == default, key
-        assert isinstance(default, types), key
+def test_a_checkpoint_rebuilds_the_same_model_without_downloading():
+    torch.manual_seed(0)
+    model = GCN(GCNConfig(3, "resnet18", kernel_size=5, head="conv", upsample="bilinear")).eval()
+    checkpoint = {"state_dict": model.state_dict(), "model_config": {**dataclasses.asdict(model.config),
+                                                                     "pretrained": "/no/such/file.pth"}}
+    rebuilt = GCN.from_checkpoint(checkpoint).eval()
+    assert rebuilt.config == dataclasses.replace(model.config, pretrained=False)
+    x = torch.randn(1, 3, 33, 47)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model(x))
+    assert "pretrained" not in model.config.architecture() and model.config.architecture()["head"] == "conv"
 
 
 # ---------------------------------------------------------------- pretrained weights
@@ -409,13 +478,13 @@ def test_pretrained_local_file_loads_every_backbone_tensor(tmp_path):
     saved = random_resnet_state("resnet18", seed=3)
     path = tmp_path / "resnet18.pth"
     torch.save(saved, path)
-    model = GCN(5, "resnet18", pretrained=path)
+    model = GCN(GCNConfig(5, "resnet18", pretrained=path))
     loaded = model.backbone.state_dict()
     expected = {backbone_key(k): v for k, v in saved.items() if backbone_key(k) is not None}
     assert set(loaded) == set(expected)
     for key, value in expected.items():
         assert torch.equal(loaded[key], value), key
-    also_str = GCN(5, "resnet18", pretrained=str(path))
+    also_str = GCN(GCNConfig(5, "resnet18", pretrained=str(path)))
     assert torch.equal(also_str.backbone["stem"][0].weight, saved["conv1.weight"])
 
 
@@ -423,7 +492,7 @@ def test_pretrained_accepts_wrapped_state_dict(tmp_path):
     saved = random_resnet_state("resnet18", seed=4)
     path = tmp_path / "wrapped.pth"
     torch.save({"state_dict": saved}, path)
-    model = GCN(5, "resnet18", pretrained=path)
+    model = GCN(GCNConfig(5, "resnet18", pretrained=path))
     assert torch.equal(model.backbone["layer4"][1].bn2.running_var, saved["layer4.1.bn2.running_var"])
 
 
@@ -445,20 +514,20 @@ def test_pretrained_file_with_wrong_contents_raises(tmp_path, make_state):
     path = tmp_path / "weights.pth"
     torch.save(make_state(path), path)
     with pytest.raises(net.PretrainedWeightsError, match=re.escape(str(path))):
-        GCN(5, "resnet18", pretrained=path)
+        GCN(GCNConfig(5, "resnet18", pretrained=path))
 
 
 def test_pretrained_garbage_file_raises(tmp_path):
     path = tmp_path / "garbage.pth"
     path.write_bytes(b"not a checkpoint at all")
     with pytest.raises(net.PretrainedWeightsError, match=re.escape(str(path))):
-        GCN(5, "resnet18", pretrained=path)
+        GCN(GCNConfig(5, "resnet18", pretrained=path))
 
 
 def test_pretrained_missing_file_raises(tmp_path):
     path = tmp_path / "nope" / "resnet18.pth"
     with pytest.raises(net.PretrainedWeightsError, match=re.escape(str(path))):
-        GCN(5, "resnet18", pretrained=path)
+        GCN(GCNConfig(5, "resnet18", pretrained=path))
 
 
 def test_pretrained_true_without_network_raises_actionable_error(tmp_path, monkeypatch):
@@ -473,7 +542,7 @@ def test_pretrained_true_without_network_raises_actionable_error(tmp_path, monke
 
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", no_network)
     with pytest.raises(net.PretrainedWeightsError) as info:
-        GCN(5, "resnet18", pretrained=True)
+        GCN(GCNConfig(5, "resnet18", pretrained=True))
     message = str(info.value)
     assert calls, "the download function was never attempted"
     assert "pretrained" in message and "local path" in message
@@ -500,7 +569,7 @@ def test_cli_parameter_summary_adds_up_and_matches_model():
                for m in re.finditer(r"^(backbone|heads|decoder|total)\s+([\d,]+)\s*$", result.stdout, re.M)}
     assert set(printed) == {"backbone", "heads", "decoder", "total"}, result.stdout
     assert printed["backbone"] + printed["heads"] + printed["decoder"] == printed["total"]
-    expected = counts_by_prefix(GCN(21, "resnet50"))
+    expected = counts_by_prefix(GCN(GCNConfig(21, "resnet50")))
     assert printed == expected
     resnet50 = torchvision.models.resnet50(weights=None)
     assert printed["backbone"] == sum(p.numel() for p in resnet50.parameters()) - (2048 * 1000 + 1000)

@@ -2,6 +2,7 @@
 integration sweep with the real train.py on the demo (synthetic) experiment."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -25,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 #   "fail"            log a line, print a traceback to stderr, exit 1
 #   "crash_once"      without --restore_file: write last.pth.tar and exit 1 (killed mid-run); resumed: complete
 #   "rendezvous"      wait (<= 20 s) until two children have started, then complete
-#   "wait_signal"     announce itself, then wait for SIGTERM: save last.pth.tar, exit 1
+#   "wait_signal"     announce itself, then wait for SIGINT/SIGTERM/SIGHUP: record it, save last.pth.tar, exit 1
 STUB_TRAIN = textwrap.dedent('''
     import argparse, json, os, signal, sys, time
     from pathlib import Path
@@ -67,8 +68,9 @@ STUB_TRAIN = textwrap.dedent('''
             (run / "got_signal").write_text(str(signum))
             (run / "last.pth.tar").write_text("checkpoint")
             sys.exit(1)
-        signal.signal(signal.SIGTERM, on_term)
-        (run.parent / "waiting").touch()
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, on_term)
+        (run.parent / "waiting").write_text(str(os.getpid()))
         time.sleep(60)
         sys.exit(3)
     miou = 0.5 + float(params.get("learning_rate", 0.0))
@@ -238,27 +240,50 @@ def test_changed_parent_params_do_not_overwrite_a_trained_child(tmp_path, stub, 
     assert "differs from the sweep's settings in num_epochs" in capsys.readouterr().err
 
 
-def test_sigterm_is_forwarded_and_no_new_child_starts(tmp_path, stub):
-    parent = make_parent(tmp_path, {"learning_rate": 0.01}, {"stub": ["wait_signal", "ok"]})
-    code = ("import sys; from pathlib import Path; import search_hyperparams as sh; "
+def signal_sweep(parent: Path, stub: Path, signals: list[signal.Signals], prelude: str = "pass") -> tuple[int, bytes]:
+    """Run a sweep in a subprocess (after `prelude`), send it `signals` once its first child waits; (status, stderr)."""
+    code = (f"import signal, sys; from pathlib import Path; import search_hyperparams as sh; {prelude}; "
             f"sys.exit(sh.main(['--parent_dir', {str(parent)!r}], train_script=Path({str(stub)!r})))")
     sweep = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 30
+        deadline = time.time() + 60
         while not (parent / "waiting").exists():
             assert time.time() < deadline and sweep.poll() is None, "the first child never started"
             time.sleep(0.05)
-        sweep.send_signal(signal.SIGTERM)
+        for signum in signals:
+            sweep.send_signal(signum)
+            time.sleep(0.5)
         _, err = sweep.communicate(timeout=30)
     finally:
         if sweep.poll() is None:
             sweep.kill()
+        if (parent / "waiting").exists() and not list(parent.glob("*/got_signal")):  # an orphan, still sleeping
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int((parent / "waiting").read_text()), signal.SIGKILL)
+    return sweep.returncode, err
 
-    assert sweep.returncode == 128 + signal.SIGTERM
-    assert (parent / "stub_wait_signal" / "got_signal").read_text() == str(int(signal.SIGTERM))
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_stop_signal_is_forwarded_and_no_new_child_starts(tmp_path, stub, signum):
+    parent = make_parent(tmp_path, {"learning_rate": 0.01}, {"stub": ["wait_signal", "ok"]})
+    code, err = signal_sweep(parent, stub, [signum])
+
+    assert code == 128 + signum, err.decode()
+    assert (parent / "stub_wait_signal" / "got_signal").read_text() == str(int(signum))
+    assert (parent / "stub_wait_signal" / "last.pth.tar").exists()
     assert not (parent / "stub_ok" / "stdout.log").exists()
     assert [c["run"] for c in invocations(parent)] == ["stub_wait_signal"]
-    assert b"SIGTERM received" in err
+    assert f"{signum.name} received".encode() in err
+
+
+def test_an_ignored_sighup_stays_ignored_under_nohup(tmp_path, stub):
+    parent = make_parent(tmp_path, {"learning_rate": 0.01}, {"stub": ["wait_signal"]})
+    nohup = "signal.signal(signal.SIGHUP, signal.SIG_IGN)"
+    code, err = signal_sweep(parent, stub, [signal.SIGHUP, signal.SIGTERM], nohup)
+
+    assert code == 128 + signal.SIGTERM, err.decode()
+    assert (parent / "stub_wait_signal" / "got_signal").read_text() == str(int(signal.SIGTERM))
+    assert b"SIGHUP" not in err
 
 
 # ----------------------------------------------------------------------------- sweep definition
@@ -268,7 +293,8 @@ def test_sigterm_is_forwarded_and_no_new_child_starts(tmp_path, stub):
     ("head=gcn,conv", ("head", ["gcn", "conv"])),
     ("boundary_refine=true,false", ("boundary_refine", [True, False])),
     ("scale_range=[0.5,2.0],[0.75,1.5]", ("scale_range", [[0.5, 2.0], [0.75, 1.5]])),
-    ('note="a,b",c', ("note", ["a,b", "c"])),
+    ('note="a,b","c"', ("note", ["a,b", "c"])),
+    ('note="a,b",c', ("note", ['"a', 'b"', "c"])),  # not all JSON: every comma splits
     ("note=NaN,x y", ("note", ["NaN", "x y"])),
     ("stack_channels=null,210", ("stack_channels", [None, 210])),
 ])
@@ -301,7 +327,7 @@ def test_child_name_sanitises_and_keeps_distinct_values_apart():
     (json.dumps({"learning_rate": 0.1}), "'learning_rate' must map to a non-empty list"),
     (json.dumps({"learning_rate": []}), "'learning_rate' must map to a non-empty list"),
     (json.dumps({"bad key": [1]}), "'bad key' is not a params.json key name"),
-    (json.dumps({"kernel_size": [3, 3]}), "lists 3 more than once"),
+    (json.dumps({"kernel_size": [3, 3]}), "defines 'kernel_size_3' twice"),
     (json.dumps([]), "the list of grids is empty"),
     (json.dumps([{"kernel_size": [3]}, {"kernel_size": [3, 5]}]), "defines 'kernel_size_3' twice"),
 ])
@@ -357,7 +383,7 @@ def test_ablation_sweeps_define_the_paper_rows(table, suffix, backbone):
     parent = ABLATIONS / f"{table}_{suffix}"
     params = sh.load_json(parent / "params.json")
     grids = sh.load_grids(parent, [], params)
-    children = sh.plan_children(parent, params, sh.expand(grids))
+    children = sh.plan_children(parent, params, grids)
     assert [c.directory.name for c in children] == EXPECTED_RUNS[table]
     assert params["backbone"] == backbone
     assert {k for g in grids for k in g} <= ABLATION_KEYS

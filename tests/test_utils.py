@@ -1,9 +1,14 @@
-"""utils.py: Params validation, RunningAverage, set_logger, atomic checkpoints, safe checkpoint loading, seeding."""
+"""utils.py: settings validated once (every key with a bad value), command-line helpers, the run folder (atomic
+writes with the umask's permissions, the lock, checkpoints), logging, mixed precision and seeding."""
 import json
 import logging
 import os
-import random
-import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,19 +16,29 @@ import torch
 from torch import nn
 
 import utils
-from utils import CheckpointError, Params, ParamsError, RunningAverage, UserError
+from model.data_loader import DataConfig
+from model.net import GCNConfig
+from utils import CheckpointError, Params, ParamsError, UserError
 
-SPEC = {
-    "dataset": ((str,), ...),
-    "crop_size": ((int,), 512),
-    "scale_range": ((list,), [0.5, 2.0]),
-    "learning_rate": ((float, int), 0.01),
-    "momentum": ((float,), 0.9),
-    "amp": ((bool,), False),
-    "class_weights": ((list, type(None)), None),
-}
-DEFAULTS = {"crop_size": 512, "scale_range": [0.5, 2.0], "learning_rate": 0.01, "momentum": 0.9, "amp": False,
-            "class_weights": None}
+EXPERIMENT = (DataConfig, GCNConfig, utils.TrainConfig, utils.EvalConfig)
+MINIMAL = {"dataset": "synthetic", "data_dir": "", "num_classes": 5}
+
+
+@dataclass
+class Demo:
+    """A small room with every kind of rule."""
+
+    dataset: str = field(metadata={"choices": ("voc", "sbd")})
+    crop_size: int = field(default=512, metadata={"at_least": 1})
+    scale_range: list = field(default_factory=lambda: [0.5, 2.0], metadata={"items": (float, int), "length": 2})
+    learning_rate: float = field(default=0.01, metadata={"above": 0})
+    amp: bool = False
+    class_weights: list | None = field(default=None, metadata={"items": (float, int), "length": "num_classes"})
+    num_classes: int = 2
+
+
+DEFAULTS = {"crop_size": 512, "scale_range": [0.5, 2.0], "learning_rate": 0.01, "amp": False, "class_weights": None,
+            "num_classes": 2}
 
 
 def write_json(path, values) -> str:
@@ -33,124 +48,290 @@ def write_json(path, values) -> str:
 
 # ---------------------------------------------------------------- Params
 
-def test_params_fills_defaults_and_exposes_attributes(tmp_path):
-    params = Params(write_json(tmp_path / "params.json", {"dataset": "voc", "crop_size": 321}), SPEC)
+def test_params_fills_defaults_and_builds_room_configs(tmp_path):
+    params = Params.load(write_json(tmp_path / "params.json", {"dataset": "voc", "crop_size": 321}), (Demo,))
     assert params.dict == {**DEFAULTS, "dataset": "voc", "crop_size": 321}
-    assert params.crop_size == 321 and params.momentum == 0.9 and params.dataset == "voc"
+    assert params.crop_size == 321 and params.dataset == "voc"
+    assert params.config(Demo) == Demo(dataset="voc", crop_size=321)
 
 
-def test_params_save_then_load_round_trips(tmp_path):
-    values = {"dataset": "sbd", "crop_size": 257, "scale_range": [0.75, 1.25], "learning_rate": 3,
-              "momentum": 0.99, "amp": True, "class_weights": [1.0, 2.5]}
-    params = Params(write_json(tmp_path / "params.json", values), SPEC)
-    out = tmp_path / "sub" / "saved.json"
-    params.save(out)
-    assert json.loads(out.read_text()) == values
-    assert Params(out, SPEC).dict == values
-    assert [p.name for p in out.parent.iterdir()] == ["saved.json"]
-
-
-def test_params_defaults_are_copies_not_the_spec_itself(tmp_path):
-    first = Params(write_json(tmp_path / "params.json", {"dataset": "voc"}), SPEC)
+def test_params_defaults_are_copies(tmp_path):
+    first = Params({"dataset": "voc"}, (Demo,))
     first.scale_range.append(9)
-    assert SPEC["scale_range"][1] == [0.5, 2.0]
-    assert Params(write_json(tmp_path / "params.json", {"dataset": "voc"}), SPEC).scale_range == [0.5, 2.0]
+    assert Params({"dataset": "voc"}, (Demo,)).scale_range == [0.5, 2.0]
 
 
-def test_params_update_and_set_override(tmp_path):
-    params = Params(write_json(tmp_path / "a.json", {"dataset": "voc"}), SPEC)
-    params.update(write_json(tmp_path / "b.json", {"crop_size": 400, "amp": True}))
-    assert params.dict == {**DEFAULTS, "dataset": "voc", "crop_size": 400, "amp": True}
-    params.set({"learning_rate": 0.5})
-    assert params.learning_rate == 0.5 and params.crop_size == 400
+def test_overrides_win_and_are_validated_as_the_file(tmp_path):
+    path = write_json(tmp_path / "params.json", {"dataset": "voc", "crop_size": 100})
+    params = Params.load(path, (Demo,), {"crop_size": 64, "amp": True})
+    assert params.crop_size == 64 and params.amp is True
+    with pytest.raises(ParamsError, match=r"^--set: 'crop_size' is 0; expected an integer >= 1$"):
+        Params.load(path, (Demo,), {"crop_size": 0})
+    with pytest.raises(ParamsError, match=r"^--set: unknown key 'crop'"):
+        Params.load(path, (Demo,), {"crop": 1})
 
 
-def assert_params_error(path, key_fragment, spec=SPEC):
+def assert_params_error(values, *fragments, configs=(Demo,)):
+    path = None
+    if isinstance(values, dict):
+        values = {"dataset": "voc", **values} if configs == (Demo,) else {**MINIMAL, **values}
     with pytest.raises(ParamsError) as info:
-        Params(path, spec)
+        Params.load(values, configs) if not isinstance(values, dict) else Params(values, configs, "p.json")
     message = str(info.value)
-    assert str(path) in message
-    assert key_fragment in message
+    for fragment in fragments:
+        assert fragment in message, message
     assert "\n" not in message
-    return message
+    return message, path
 
 
-def test_params_errors_are_user_errors():
-    assert issubclass(ParamsError, UserError) and issubclass(ParamsError, ValueError)
-    assert issubclass(CheckpointError, UserError)
+def test_params_file_errors(tmp_path):
+    assert_params_error(tmp_path / "missing.json", "missing.json", "no such")
+    (tmp_path / "bad.json").write_text('{"dataset": "voc",')
+    assert_params_error(tmp_path / "bad.json", "bad.json", "JSON")
+    assert_params_error(write_json(tmp_path / "list.json", ["dataset"]), "list.json", "object")
+    (tmp_path / "latin1.json").write_bytes('{"dataset": "vöc"}'.encode("latin-1"))
+    assert_params_error(tmp_path / "latin1.json", "latin1.json", "JSON")
 
 
-def test_params_missing_file(tmp_path):
-    assert_params_error(tmp_path / "missing.json", "no such")
-
-
-def test_params_bad_json(tmp_path):
-    path = tmp_path / "params.json"
-    path.write_text('{"dataset": "voc",')
-    assert_params_error(path, "JSON")
-
-
-def test_params_not_an_object(tmp_path):
-    assert_params_error(write_json(tmp_path / "params.json", ["dataset", "voc"]), "object")
-
-
-def test_params_missing_required_key(tmp_path):
-    assert_params_error(write_json(tmp_path / "params.json", {"crop_size": 3}), "'dataset'")
-
-
-@pytest.mark.parametrize("key,value", [
-    ("crop_size", True),          # bool is not an int
-    ("crop_size", 512.0),
-    ("crop_size", "512"),
-    ("momentum", "0.9"),          # string for a float
-    ("momentum", 1),              # int only where the spec lists int too
-    ("amp", 1),
-    ("scale_range", None),
-    ("dataset", 3),
-])
-def test_params_wrong_type(tmp_path, key, value):
-    path = write_json(tmp_path / "params.json", {"dataset": "voc", key: value})
-    assert_params_error(path, repr(key))
-
-
-@pytest.mark.parametrize("key,value", [("learning_rate", 1), ("learning_rate", 0.1), ("class_weights", None),
-                                       ("class_weights", [1, 2]), ("amp", False)])
-def test_params_accepts_allowed_types(tmp_path, key, value):
-    params = Params(write_json(tmp_path / "params.json", {"dataset": "voc", key: value}), SPEC)
-    assert getattr(params, key) == value and type(getattr(params, key)) is type(value)
-
-
-def test_params_unknown_key_suggests_close_match(tmp_path):
-    message = assert_params_error(write_json(tmp_path / "params.json", {"dataset": "voc", "learning_rat": 0.1}),
-                                  "'learning_rat'")
-    assert "did you mean 'learning_rate'" in message
-    message = assert_params_error(write_json(tmp_path / "p2.json", {"dataset": "voc", "zzz": 1}), "'zzz'")
+def test_missing_required_and_unknown_keys():
+    with pytest.raises(ParamsError, match=r"p\.json: missing required key\(s\) 'dataset'"):
+        Params({"crop_size": 3}, (Demo,), "p.json")
+    message, _ = assert_params_error({"learning_rat": 0.1}, "'learning_rat'", "did you mean 'learning_rate'")
+    message, _ = assert_params_error({"zzz": 1}, "'zzz'")
     assert "did you mean" not in message
 
 
-def test_params_set_rejects_bad_values(tmp_path):
-    params = Params(write_json(tmp_path / "params.json", {"dataset": "voc"}), SPEC)
-    with pytest.raises(ParamsError, match="'crop_size'"):
-        params.set({"crop_size": False})
-    with pytest.raises(ParamsError, match="'momentun'.*did you mean 'momentum'"):
-        params.set({"momentun": 0.5})
-    assert params.crop_size == 512
+@pytest.mark.parametrize("key,value,allowed", [
+    ("crop_size", True, "an integer >= 1"),   # JSON true is no number
+    ("crop_size", 512.0, "an integer >= 1"),
+    ("crop_size", "512", "an integer >= 1"),
+    ("crop_size", 0, "an integer >= 1"),
+    ("dataset", "VOC", 'one of "voc", "sbd"'),
+    ("scale_range", [0.5], "a list of 2 numbers"),
+    ("scale_range", ["a", "b"], "a list of 2 numbers"),
+    ("learning_rate", 0, "a number > 0"),
+    ("amp", 1, "true or false"),
+    ("class_weights", [1, 2, 3], "a list of 2 numbers (one per class: num_classes = 2) or null"),
+])
+def test_a_bad_value_names_the_file_key_value_and_what_is_allowed(key, value, allowed):
+    message, _ = assert_params_error({key: value}, "p.json", repr(key), json.dumps(value), allowed)
+    assert message == f"p.json: {key!r} is {json.dumps(value)}; expected {allowed}"
 
 
-# ---------------------------------------------------------------- RunningAverage
-
-def test_running_average_is_weighted_mean():
-    average = RunningAverage()
-    assert average() == 0.0
-    average.update(2.0, 3)
-    average.update(4.0)
-    average.update(10.0, 0)
-    assert average() == pytest.approx((2.0 * 3 + 4.0) / 4)
-    average.update(-1.0, 6)
-    assert average() == pytest.approx((6.0 + 4.0 - 6.0) / 10)
+@pytest.mark.parametrize("key,value", [("learning_rate", 1), ("class_weights", [1, 2.5]), ("class_weights", None),
+                                       ("amp", True), ("scale_range", [1, 1])])
+def test_allowed_values_pass_unchanged(key, value):
+    params = Params({"dataset": "voc", key: value}, (Demo,))
+    assert getattr(params, key) == value and type(getattr(params, key)) is type(value)
 
 
-# ---------------------------------------------------------------- set_logger
+# Every key of a real experiment with values it must refuse (a new setting without an entry fails the test below).
+BAD_VALUES = {
+    "dataset": ["GCN", 3], "data_dir": [3, None], "crop_size": [0, 1.5], "scale_range": [[2, 1], [0.5], [0, 1]],
+    "flip": ["yes"], "color_jitter": [-0.1], "num_workers": [-1], "train_split": [None], "val_split": [1],
+    "mask_values": [{"x": 1}, {"300": 1}, [0, 1]], "val_fraction": [0, 1, 1.5], "class_names": [["a", "b"], [1] * 5],
+    "split_sequences": [{"train": ["a"], "val": ["a"]}, {"train": "a"}, {"train": []}],
+    "synthetic_seed": [0.5], "synthetic_image_size": [4], "synthetic_train_images": [0], "synthetic_val_images": [0],
+    "num_classes": [0, -3, 2.0], "backbone": ["resnet200"], "kernel_size": [8, 0, -3], "head": ["GCN", "dense"],
+    "boundary_refine": [1], "upsample": ["nearest"], "stack_channels": [0], "pretrained": [3],
+    "learning_rate": [-0.1, 0, "0.1"], "head_lr_multiplier": [0], "momentum": [1.0, -0.1], "weight_decay": [-1e-4],
+    "batch_size": [0, -2], "num_epochs": [0], "num_iterations": [-5, 0], "lr_power": [-1],
+    "warmup_iterations": [-1], "loss": ["dice", "cross entropy"], "class_weights": [["a"] * 5, [1, 2], [-1] * 5],
+    "dice_weight": [-1], "grad_clip_norm": [0, -5], "sync_bn": ["false"], "seed": [1.5], "val_every_epochs": [0],
+    "amp": [0], "channels_last": [None], "compile": ["true"], "save_summary_steps": [0],
+    "num_logged_images": [-1], "tta_scales": [[], [0], [1, -1]], "tta_flip": [2], "sliding_window": [[]],
+}
+
+
+def test_every_setting_has_bad_values_below():
+    assert set(BAD_VALUES) == set(utils.experiment_settings(EXPERIMENT))
+
+
+@pytest.mark.parametrize("key,value", [(k, v) for k, values in BAD_VALUES.items() for v in values])
+def test_every_setting_refuses_a_bad_value_in_one_line(tmp_path, key, value):
+    path = write_json(tmp_path / "params.json", {**MINIMAL, key: value})
+    with pytest.raises(ParamsError) as info:
+        Params.load(path, EXPERIMENT)
+    message = str(info.value)
+    assert message.startswith(f"{path}: {key!r} is {json.dumps(value)}; expected "), message
+    assert "\n" not in message
+
+
+def test_a_setting_declared_in_two_rooms_is_refused():
+    @dataclass
+    class Other:
+        crop_size: int = 3
+
+    with pytest.raises(TypeError, match="'crop_size' is declared twice"):
+        utils.experiment_settings((Demo, Other))
+
+
+def test_experiment_differences_ignore_execution_settings():
+    params = Params({**MINIMAL, "learning_rate": 0.02, "num_workers": 2, "amp": False}, EXPERIMENT)
+    saved = {**MINIMAL, "learning_rate": 0.01, "num_workers": 0, "data_dir": ""}
+    assert params.experiment_differences(saved) == ["learning_rate"]
+    assert params.experiment_differences({**saved, "learning_rate": 0.02}) == []
+
+
+# ---------------------------------------------------------------- command lines
+
+def test_dashed_spellings_are_aliases_and_overrides_parse_json():
+    parser = utils.ArgumentParser()
+    parser.add_argument("--model_dir")
+    parser.add_argument("--set", action="append", default=[])
+    args = parser.parse_args(["--model-dir", "x", "--set", "lr=1e-3", "--set", "name=abc", "--set", "r=[1, 2]",
+                              "--set", "flag=true", "--set", "none=null"])
+    assert args.model_dir == "x"
+    assert utils.parse_overrides(args.set) == {"lr": 1e-3, "name": "abc", "r": [1, 2], "flag": True, "none": None}
+    with pytest.raises(ParamsError, match="--set 'lr': expected key=value"):
+        utils.parse_overrides(["lr"])
+
+
+def test_run_cli_turns_user_errors_into_one_line_and_status_2(capsys):
+    class DataProblem(ValueError):
+        pass
+
+    def fail(exc):
+        def run():
+            raise exc
+        return run
+
+    assert utils.run_cli(fail(UserError("bad key 'x'"))) == 2
+    assert utils.run_cli(fail(DataProblem("bad file y")), (DataProblem,)) == 2
+    assert capsys.readouterr().err == "error: bad key 'x'\nerror: bad file y\n"
+    with pytest.raises(KeyError):  # bugs keep their tracebacks
+        utils.run_cli(fail(KeyError("bug")))
+    assert utils.run_cli(lambda: 0) == 0
+
+
+# ---------------------------------------------------------------- run folder: atomic writes and the lock
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_files_are_written_with_the_umask_permissions(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        utils.write_json(tmp_path / "metrics.json", {"miou": 0.5})
+        utils.save_checkpoint({"state_dict": {}, "model_config": {}}, tmp_path / "last.pth.tar")
+    finally:
+        os.umask(previous)
+    for name in ("metrics.json", "last.pth.tar"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    utils.save_checkpoint({"state_dict": {"w": torch.ones(2)}, "model_config": {}}, tmp_path / "last.pth.tar")
+    before = (tmp_path / "last.pth.tar").read_bytes()
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(utils.torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*last\.pth\.tar: No space left on device"):
+        utils.save_checkpoint({"state_dict": {}, "model_config": {}}, tmp_path / "last.pth.tar")
+    assert (tmp_path / "last.pth.tar").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["last.pth.tar"]
+
+
+def test_stale_temporary_files_are_removed(tmp_path):
+    (tmp_path / ".last.pth.tar.tmp").write_bytes(b"x" * 100)
+    (tmp_path / "keep.json").write_text("{}")
+    utils.remove_stale_temporary_files(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["keep.json"]
+
+
+HOLD_LOCK = "import sys, time, utils\nwith utils.RunLock(__import__('pathlib').Path(sys.argv[1])):\n" \
+            "    print('locked', flush=True)\n    time.sleep(60)\n"
+
+
+def test_the_folder_lock_refuses_a_second_writer_naming_it_and_dies_with_its_holder(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              cwd=os.path.dirname(utils.__file__))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=rf"{tmp_path} is in use by pid {holder.pid} on "):
+            with utils.RunLock(tmp_path):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with utils.RunLock(tmp_path):  # a killed holder cannot keep the folder
+        with pytest.raises(UserError, match=f"pid {os.getpid()}"):
+            with utils.RunLock(tmp_path):
+                pass
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def tiny_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
+
+
+CONFIG = {"num_classes": 21, "backbone": "resnet18", "kernel_size": 15}
+
+
+def save_tiny(path, seed=0, **extra):
+    utils.save_checkpoint({"state_dict": tiny_model(seed).state_dict(), "model_config": CONFIG,
+                           "class_names": ["a", "b"], "palette": [[0, 0, 0], [9, 9, 9]], **extra}, path)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    save_tiny(tmp_path / "last.pth.tar", progress={"epoch": 7})
+    checkpoint = utils.load_checkpoint(tmp_path / "last.pth.tar")
+    assert checkpoint["progress"] == {"epoch": 7} and checkpoint["model_config"] == CONFIG
+    for (name, expected), actual in zip(tiny_model(0).state_dict().items(), checkpoint["state_dict"].values()):
+        assert torch.equal(actual, expected), name
+
+
+def assert_checkpoint_error(path, *fragments):
+    with pytest.raises(CheckpointError) as info:
+        utils.load_checkpoint(path)
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message
+    for fragment in fragments:
+        assert fragment in message
+    return message
+
+
+class NotWeights:
+    """A custom class: unpickling it needs code execution, which weights_only loading must refuse."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_bad_checkpoints_are_one_line_errors(tmp_path):
+    assert_checkpoint_error(tmp_path / "missing.pth.tar", "does not exist")
+    save_tiny(tmp_path / "last.pth.tar")
+    data = (tmp_path / "last.pth.tar").read_bytes()
+    (tmp_path / "half.pth.tar").write_bytes(data[: len(data) // 2])
+    assert_checkpoint_error(tmp_path / "half.pth.tar", "corrupted")
+    (tmp_path / "random.pth.tar").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, np.uint8).tobytes())
+    assert_checkpoint_error(tmp_path / "random.pth.tar", "corrupted")
+    marker = tmp_path / "code_ran"
+    torch.save({"state_dict": {}, "model_config": {}, "class_names": [], "palette": [],
+                "extra": NotWeights(str(marker))}, tmp_path / "evil.pth.tar")
+    assert_checkpoint_error(tmp_path / "evil.pth.tar")
+    assert not marker.exists()
+    torch.save(tiny_model(0).state_dict(), tmp_path / "weights.pth")
+    assert_checkpoint_error(tmp_path / "weights.pth", "has no state_dict, model_config, class_names, palette")
+    torch.save({"state_dict": {}, "model_config": {}}, tmp_path / "old.pth.tar")
+    assert_checkpoint_error(tmp_path / "old.pth.tar", "has no class_names, palette: not written by this train.py")
+
+
+def test_a_checkpoint_of_another_architecture_is_refused_naming_the_keys(tmp_path):
+    with pytest.raises(CheckpointError, match=r"x\.pth\.tar was built for another model: num_classes=5 \(this model: "
+                                              r"21\), backbone='resnet50' \(this model: 'resnet18'\)$"):
+        utils.check_same_architecture(tmp_path / "x.pth.tar", {**CONFIG, "num_classes": 5, "backbone": "resnet50"},
+                                      CONFIG)
+    utils.check_same_architecture(tmp_path / "x.pth.tar", dict(CONFIG), CONFIG)
+
+
+# ---------------------------------------------------------------- logging, precision, seeding
 
 @pytest.fixture
 def clean_root_logger():
@@ -164,168 +345,52 @@ def clean_root_logger():
     root.setLevel(level)
 
 
-def file_handlers(root: logging.Logger, directory) -> list[logging.FileHandler]:
-    """The root logger's file handlers writing into directory (pytest adds its own elsewhere)."""
-    return [h for h in root.handlers
-            if isinstance(h, logging.FileHandler) and os.path.dirname(h.baseFilename) == str(directory)]
-
-
-def test_set_logger_writes_file_without_duplicate_handlers(tmp_path, clean_root_logger):
-    root = clean_root_logger
+def test_set_logger_appends_without_duplicates_and_creates_no_empty_file(tmp_path, clean_root_logger):
     log = tmp_path / "train.log"
     utils.set_logger(log)
+    utils.set_logger(log)
+    assert not log.exists()  # nothing logged yet: no empty file left behind by a run that stopped early
     logging.info("first message")
-    n_handlers = len(root.handlers)
     utils.set_logger(log)
     logging.info("second message")
-    assert len(root.handlers) == n_handlers
-    assert len(file_handlers(root, tmp_path)) == 1
+    for handler in clean_root_logger.handlers:
+        handler.flush()
     text = log.read_text()
     assert text.count("first message") == 1 and text.count("second message") == 1
-    assert text.index("first message") < text.index("second message")
-    other = tmp_path / "other.log"
-    utils.set_logger(other)
-    logging.info("third message")
-    for handler in root.handlers:
-        handler.flush()
-    assert [h.baseFilename for h in file_handlers(root, tmp_path)] == [str(other)]
-    assert "third message" not in log.read_text()
-    assert other.read_text().count("third message") == 1
 
 
-# ---------------------------------------------------------------- checkpoints
-
-def tiny_model(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
-
-
-CONFIG = {"num_classes": 21, "backbone": "resnet18", "kernel_size": 15}
-
-
-def checkpoint_state(model: nn.Module, epoch: int = 3, config: dict = CONFIG) -> dict:
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    return {"state_dict": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-            "model_config": dict(config)}
-
-
-def test_save_checkpoint_writes_best_only_when_best(tmp_path):
-    utils.save_checkpoint(checkpoint_state(tiny_model(0), epoch=1), is_best=False, checkpoint_dir=tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["last.pth.tar"]
-    utils.save_checkpoint(checkpoint_state(tiny_model(0), epoch=2), is_best=True, checkpoint_dir=tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["best.pth.tar", "last.pth.tar"]
-    assert utils.load_checkpoint(tmp_path / "best.pth.tar")["epoch"] == 2
-    utils.save_checkpoint(checkpoint_state(tiny_model(0), epoch=3), is_best=False, checkpoint_dir=tmp_path)
-    assert utils.load_checkpoint(tmp_path / "last.pth.tar")["epoch"] == 3
-    assert utils.load_checkpoint(tmp_path / "best.pth.tar")["epoch"] == 2
-
-
-def test_save_checkpoint_is_atomic_when_write_fails(tmp_path, monkeypatch):
-    utils.save_checkpoint(checkpoint_state(tiny_model(0), epoch=1), is_best=True, checkpoint_dir=tmp_path)
-    last_before = (tmp_path / "last.pth.tar").read_bytes()
-    best_before = (tmp_path / "best.pth.tar").read_bytes()
-
-    def crash_mid_write(obj, f, *args, **kwargs):
-        f.write(b"half a checkpoint")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(utils.torch, "save", crash_mid_write)
-    with pytest.raises(OSError, match="disk full"):
-        utils.save_checkpoint(checkpoint_state(tiny_model(1), epoch=2), is_best=True, checkpoint_dir=tmp_path)
-    assert (tmp_path / "last.pth.tar").read_bytes() == last_before
-    assert (tmp_path / "best.pth.tar").read_bytes() == best_before
-    assert sorted(os.listdir(tmp_path)) == ["best.pth.tar", "last.pth.tar"]
-
-
-def test_load_checkpoint_round_trip_restores_weights(tmp_path):
-    source = tiny_model(0)
-    with torch.no_grad():
-        source[1].running_mean.normal_()
-    utils.save_checkpoint(checkpoint_state(source, epoch=7), is_best=False, checkpoint_dir=tmp_path)
-    target = tiny_model(1)
-    assert not torch.equal(target[0].weight, source[0].weight)
-    checkpoint = utils.load_checkpoint(tmp_path / "last.pth.tar", target, CONFIG)
-    assert checkpoint["epoch"] == 7 and "optimizer" in checkpoint
-    for (name, expected), actual in zip(source.state_dict().items(), target.state_dict().values()):
-        assert torch.equal(actual, expected), name
-
-
-def assert_checkpoint_error(path, *fragments, model=None, config=None):
-    with pytest.raises(CheckpointError) as info:
-        utils.load_checkpoint(path, model, config)
-    message = str(info.value)
-    assert str(path) in message
-    for fragment in fragments:
-        assert fragment in message
-    assert "\n" not in message
-    return message
-
-
-def test_load_checkpoint_missing_file(tmp_path):
-    assert_checkpoint_error(tmp_path / "last.pth.tar")
-
-
-def test_load_checkpoint_truncated_file(tmp_path):
-    utils.save_checkpoint(checkpoint_state(tiny_model(0)), is_best=False, checkpoint_dir=tmp_path)
-    path = tmp_path / "last.pth.tar"
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    assert_checkpoint_error(path)
-
-
-def test_load_checkpoint_random_bytes(tmp_path):
-    path = tmp_path / "random.pth.tar"
-    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
-    assert_checkpoint_error(path)
-
-
-class NotWeights:
-    """A custom class: unpickling it needs code execution, which weights_only loading must refuse."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.mkdir, (self.marker,)
-
-
-def test_load_checkpoint_refuses_pickled_code(tmp_path):
-    marker = tmp_path / "code_ran"
-    path = tmp_path / "evil.pth.tar"
-    torch.save({"state_dict": tiny_model(0).state_dict(), "extra": NotWeights(str(marker))}, path)
-    assert_checkpoint_error(path)
-    assert not marker.exists()
-
-
-def test_load_checkpoint_without_state_dict(tmp_path):
-    path = tmp_path / "weights.pth"
-    torch.save(tiny_model(0).state_dict(), path)
-    assert_checkpoint_error(path, "state_dict")
-
-
-@pytest.mark.parametrize("key,saved_value", [("num_classes", 5), ("backbone", "resnet50")])
-def test_load_checkpoint_rejects_other_model_config(tmp_path, key, saved_value):
-    source = tiny_model(0)
-    utils.save_checkpoint(checkpoint_state(source, config={**CONFIG, key: saved_value}), is_best=False,
-                          checkpoint_dir=tmp_path)
-    target = tiny_model(1)
-    before = {k: v.clone() for k, v in target.state_dict().items()}
-    assert_checkpoint_error(tmp_path / "last.pth.tar", key, repr(saved_value), model=target, config=CONFIG)
-    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
-
-
-# ---------------------------------------------------------------- seeding
-
-def draw() -> tuple:
-    return random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist(), torch.randint(0, 10**6, (2,)).tolist()
+def test_mixed_precision_is_decided_in_one_place(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert utils.autocast_dtype(cpu, True) is None and utils.autocast_dtype(cuda, False) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert utils.autocast_dtype(cuda, True) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert utils.autocast_dtype(cuda, True) == torch.float16
+    with utils.autocast(cpu, None):
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32
 
 
 @pytest.mark.parametrize("seed", [0, 123, 2**40 + 7])
 def test_seed_everything_is_reproducible(seed):
     utils.seed_everything(seed)
-    first = draw()
+    first = torch.rand(3).tolist()
     utils.seed_everything(seed)
-    assert draw() == first
+    assert torch.rand(3).tolist() == first
     utils.seed_everything(seed + 1)
-    second = draw()
-    assert all(a != b for a, b in zip(first, second))
+    assert torch.rand(3).tolist() != first
+
+
+def test_run_record_names_versions_overrides_and_command(tmp_path):
+    params = Params(MINIMAL, EXPERIMENT)
+    record = utils.run_record(params, {"learning_rate": 0.5}, {"set": ["learning_rate=0.5"]}, torch.device("cpu"))
+    assert record["params"]["learning_rate"] == 0.01 and record["params"]["batch_size"] == 8  # defaults filled in
+    assert record["overrides"] == {"learning_rate": 0.5} and record["torch"] == torch.__version__
+    assert record["command"][0] == sys.executable and record["arguments"] == {"set": ["learning_rate=0.5"]}
+    assert record["git_commit"] is None or len(record["git_commit"]) == 40
+    assert time.strptime(record["date"], "%Y-%m-%d %H:%M:%S")
+
+
+def test_the_readme_documents_every_setting():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    undocumented = [key for key in utils.experiment_settings(EXPERIMENT) if f"`{key}`" not in readme]
+    assert not undocumented, f"README.md's settings tables lack {undocumented}"

@@ -11,7 +11,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-IGNORE_INDEX = 255
+from model import IGNORE_INDEX
+
 INVALID = -1  # marks raw label values that are neither a class nor void in a label lookup table
 
 Transform = Callable[[tv_tensors.Image, tv_tensors.Mask], tuple[Tensor, Tensor]]
@@ -32,10 +33,11 @@ def _strip_worker_traceback(message: str) -> str:
     return last.split("DatasetError: ", 1)[-1]
 
 
-def require_dir(path: Path, what: str) -> Path:
-    """Return `path` if it is a directory, else raise DatasetError naming it."""
+def require_dir(path: Path, what: str, get_it: str | None = None) -> Path:
+    """Return `path` if it is a directory, else raise DatasetError naming it (and the command `get_it` that
+    downloads it)."""
     if not path.is_dir():
-        raise DatasetError(f"{what} not found: {path}")
+        raise DatasetError(f"{what} not found: {path}" + (f"; download it with: {get_it}" if get_it else ""))
     return path
 
 
@@ -43,7 +45,7 @@ def read_list(path: Path) -> list[str]:
     """Non-empty, stripped lines of a split list file."""
     if not path.is_file():
         raise DatasetError(f"split list not found: {path}")
-    lines = [line.strip() for line in path.read_text().splitlines()]
+    lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]  # a BOM is not a name
     lines = [line for line in lines if line]
     if not lines:
         raise DatasetError(f"split list is empty: {path}")
@@ -75,7 +77,7 @@ def read_image(path: Path) -> Tensor:
     try:
         with Image.open(path) as img:
             return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
-    except (OSError, UnidentifiedImageError, ValueError) as err:
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
         raise DatasetError(f"unreadable image {path}: {err}") from None
 
 
@@ -85,7 +87,7 @@ def read_label(path: Path, lut: np.ndarray, num_classes: int) -> np.ndarray:
         with Image.open(path) as img:
             mode = img.mode
             raw = np.array(img.convert("L") if mode == "1" else img)
-    except (OSError, UnidentifiedImageError, ValueError) as err:
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
         raise DatasetError(f"unreadable label {path}: {err}") from None
     if mode not in ("P", "L", "1"):
         raise DatasetError(f"label {path} has mode {mode}; expected a palette (P) or grayscale (L) PNG")

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import IGNORE_INDEX, DatasetError, SegmentationDataset, Transform, labelled_paths, make_lut, require_dir
+from model import IGNORE_INDEX
+from .base import DatasetError, SegmentationDataset, Transform, labelled_paths, make_lut, require_dir
 
 CITYSCAPES_CLASSES = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
                       "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
@@ -26,7 +27,8 @@ class CityscapesSegmentation(SegmentationDataset):
     palette = CITYSCAPES_PALETTE
 
     def __init__(self, root: Path, split: str, transform: Transform) -> None:
-        image_dir = require_dir(root / "leftImg8bit" / split, "Cityscapes image folder")
+        image_dir = require_dir(root / "leftImg8bit" / split, "Cityscapes image folder",
+                                "python data/download.py cityscapes (it prints the manual steps)")
         images = sorted(image_dir.glob(f"*/*{IMAGE_SUFFIX}"))
         if not images:
             raise DatasetError(f"no *{IMAGE_SUFFIX} files in {image_dir}/<city>/")

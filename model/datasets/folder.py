@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import IGNORE_INDEX, DatasetError, SegmentationDataset, Transform, identity_lut, labelled_paths, \
-    make_lut, require_dir
+from model import IGNORE_INDEX
+from .base import DatasetError, SegmentationDataset, Transform, identity_lut, labelled_paths, make_lut, read_list, \
+    require_dir
 from .voc import voc_palette
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -66,7 +67,7 @@ class FolderSegmentation(SegmentationDataset):
         mask_dir = root / "masks"
         list_path = root / f"{split}.txt"
         if list_path.is_file():
-            names = [line.strip() for line in list_path.read_text().splitlines() if line.strip()]
+            names = read_list(list_path)
             missing = [n for n in names if n not in image_files]
             if missing:
                 raise DatasetError(f"'{missing[0]}' listed in {list_path} has no image in {root / 'images'}")

@@ -13,7 +13,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from .base import IGNORE_INDEX, Transform
+from model import IGNORE_INDEX
+from .base import Transform
 
 SYNTHETIC_CLASSES = ["background", "disc", "box", "triangle", "cross"]
 SYNTHETIC_PALETTE = [(0, 0, 0), (220, 50, 50), (50, 180, 60), (50, 80, 220), (220, 190, 40)]

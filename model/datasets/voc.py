@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import SegmentationDataset, Transform, identity_lut, labelled_paths, read_list, require_dir, require_files
+from .base import (DatasetError, SegmentationDataset, Transform, identity_lut, labelled_paths, read_list, require_dir,
+                   require_files)
 
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -35,7 +36,7 @@ class VOCSegmentation(SegmentationDataset):
 
     def __init__(self, root: Path, split: str, transform: Transform, label_dir: str = "SegmentationClass",
                  list_name: str | None = None) -> None:
-        require_dir(root, "VOC data_dir")
+        require_dir(root, "VOC data_dir", "python data/download.py voc")
         list_path = root / "ImageSets" / "Segmentation" / f"{list_name or split}.txt"
         names = read_list(list_path)
         images = [root / "JPEGImages" / f"{name}.jpg" for name in names]
@@ -50,6 +51,10 @@ class VOCAugSegmentation(VOCSegmentation):
 
     def __init__(self, root: Path, split: str, transform: Transform) -> None:
         if split in TRAIN_AUG_SPLITS:
+            aug_list = root / "ImageSets" / "Segmentation" / "train_aug.txt"
+            if root.is_dir() and not aug_list.is_file():
+                raise DatasetError(f"{aug_list} not found; build it with: python data/download.py sbd && "
+                                   f"python data/build_voc_aug.py")
             super().__init__(root, split, transform, label_dir="SegmentationClassAug", list_name="train_aug")
         else:
             super().__init__(root, split, transform)

@@ -1,0 +1,79 @@
+"""Logits of whole images at their own resolution: test-time augmentation (scales, flips) and sliding windows."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from model.transforms import normalize
+
+
+def sliding_window_logits(model: nn.Module, image: Tensor, window: int) -> Tensor:
+    """Logits of a large image from overlapping window×window tiles (stride 2/3 of the window), averaged."""
+    _, _, h, w = image.shape
+    padded = F.pad(image, (0, max(window - w, 0), 0, max(window - h, 0)))
+    ph, pw = padded.shape[-2:]
+    stride = max(window * 2 // 3, 1)
+    rows = sorted({*range(0, ph - window, stride), ph - window})
+    cols = sorted({*range(0, pw - window, stride), pw - window})
+    logits = counts = None
+    for top in rows:
+        for left in cols:
+            tile = model(padded[..., top:top + window, left:left + window]).float()
+            if logits is None:
+                logits = tile.new_zeros(tile.shape[0], tile.shape[1], ph, pw)
+                counts = tile.new_zeros(1, 1, ph, pw)
+            logits[..., top:top + window, left:left + window] += tile
+            counts[..., top:top + window, left:left + window] += 1
+    return (logits / counts)[..., :h, :w]
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, image: Tensor, scales: Sequence[float] = (1.0,), flip: bool = False,
+                   window: int | None = None) -> Tensor:
+    """Float logits N×C×H×W at the image's own resolution, averaged over scales (and horizontal flips) if asked;
+    images larger than `window` are scored in overlapping windows.
+
+    Each scale resizes to a whole number of pixels (antialiased when shrinking, as training's random scaling) and
+    maps the logits back from exactly that size, so pixel centres line up at any scale.
+    """
+    size = image.shape[-2:]
+    total = None
+    for scale in scales:
+        scaled_size = [max(1, round(side * scale)) for side in size]
+        scaled = image if scaled_size == list(size) else F.interpolate(
+            image, size=scaled_size, mode="bilinear", align_corners=False, antialias=scale < 1)
+        for flipped in (False, True) if flip else (False,):
+            x = scaled.flip(-1) if flipped else scaled
+            big = window is not None and max(x.shape[-2:]) > window
+            logits = sliding_window_logits(model, x, window) if big else model(x).float()
+            logits = logits.flip(-1) if flipped else logits
+            if logits.shape[-2:] != size:
+                logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+            total = logits if total is None else total + logits
+    return total / (len(scales) * (2 if flip else 1))
+
+
+@torch.no_grad()
+def segment(model: nn.Module, image: Image.Image | Tensor, scales: Sequence[float] = (1.0,), flip: bool = False,
+            window: int | None = None) -> Tensor:
+    """The label map (H×W int64, on the CPU) of one image: a PIL image (any mode; converted to RGB as the data
+    sets do), a uint8 RGB 3×H×W tensor, or a float one in [0, 1] (torchvision's to_tensor/to_image convention).
+
+    >>> labels = segment(model, Image.open("street.jpg"))
+    """
+    if isinstance(image, Image.Image):
+        image = pil_to_tensor(image.convert("RGB"))
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected an RGB image 3×H×W, got shape {tuple(image.shape)}")
+    if image.is_floating_point():
+        image = image * 255
+    elif image.dtype != torch.uint8:
+        raise ValueError(f"expected a uint8 (0..255) or float (0..1) image, got {image.dtype}")
+    device = next(model.parameters()).device
+    logits = predict_logits(model.eval(), normalize(image.to(device))[None], scales, flip, window)
+    return logits.argmax(1)[0].cpu()

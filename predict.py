@@ -1,0 +1,156 @@
+"""Segment one's own images: python predict.py --model_dir experiments/demo [--restore_file best] INPUT... --out DIR
+
+INPUT is an image file, a folder (searched recursively for .jpg/.jpeg/.png/.bmp/.tif/.tiff/.webp) or a quoted glob.
+For every image, DIR/labels/<name>.png is the label map (a palette PNG at the image's size: pixel value = class index,
+colours = the training set's) and DIR/overlays/<name>.png the image with the prediction blended in and a legend;
+<name> is the image's path relative to the folder holding all inputs. An unreadable file is reported on stderr and
+skipped; the exit status is then 1 (2 for bad arguments or checkpoints).
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import utils
+from model import visualize
+from model.datasets.base import DatasetError, read_image
+from model.datasets.folder import IMAGE_SUFFIXES
+from model.inference import predict_logits
+from model.net import GCN
+from model.transforms import normalize
+
+GLOB_CHARS = "*?["
+
+
+def find_images(inputs: Sequence[str], exclude: Path) -> dict[Path, Path]:
+    """Image files -> output names (relative paths ending in .png), in input order.
+
+    Files are taken as given, folders searched recursively (hidden files and anything under `exclude` left out),
+    globs expanded. Names are paths relative to the deepest folder holding every input, so a/x.jpg and b/x.jpg stay
+    apart; x.jpg and x.png in one folder become x.jpg.png and x.png.png.
+    """
+    files: list[Path] = []
+    roots: list[Path] = []
+    for text in inputs:
+        pattern = any(c in text for c in GLOB_CHARS) and not Path(text).exists()
+        matches = sorted(glob.glob(text, recursive=True)) if pattern else [text]
+        if not matches:
+            raise utils.UserError(f"{text}: the pattern matches nothing")
+        for path in (Path(m).absolute() for m in matches):
+            if not path.exists():
+                raise utils.UserError(f"{text}: no such file or folder")
+            roots.append(path if path.is_dir() else path.parent)
+            files += _folder_images(path, exclude.absolute()) if path.is_dir() else [path]
+    files = list(dict.fromkeys(files))
+    if not files:
+        raise utils.UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(inputs)}")
+    base = Path(os.path.commonpath(roots))
+    stems = [f.relative_to(base).with_suffix(".png") for f in files]
+    taken = Counter(stems)
+    return {f: stem if taken[stem] == 1 else stem.with_name(f.name + ".png") for f, stem in zip(files, stems)}
+
+
+def _folder_images(folder: Path, exclude: Path) -> list[Path]:
+    return sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+                  and not any(part.startswith(".") for part in f.relative_to(folder).parts)
+                  and exclude not in f.parents)
+
+
+def size_batches(files: Sequence[Path], batch_size: int) -> tuple[list[list[Path]], list[str]]:
+    """Batches of up to batch_size images of one size (read from the file headers), and one error line per file
+    that is not a readable image."""
+    by_size: dict[tuple[int, int], list[Path]] = {}
+    errors = []
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                by_size.setdefault(image.size, []).append(path)
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            errors.append(f"unreadable image {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+    return [group[i:i + batch_size] for group in by_size.values() for i in range(0, len(group), batch_size)], errors
+
+
+def read_images(files: Sequence[Path]) -> tuple[dict[Path, torch.Tensor], list[str]]:
+    """Decode files to uint8 RGB 3×H×W tensors (as the data sets do), and one error line per file that fails."""
+    images, errors = {}, []
+    for path in files:
+        try:
+            images[path] = read_image(path)
+        except DatasetError as err:
+            errors.append(str(err))
+    return images, errors
+
+
+def parse_args(argv: Sequence[str] | None):
+    parser = utils.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or quoted globs")
+    parser.add_argument("--out", required=True, metavar="DIR", help="where labels/ and overlays/ are written")
+    parser.add_argument("--model_dir", default="experiments/base_model", help="folder holding the checkpoint")
+    parser.add_argument("--restore_file", default="best",
+                        help="best | last | path to a checkpoint or an export.py weights file")
+    parser.add_argument("--tta", action="store_true", help="average over the checkpoint's tta_scales and flips")
+    parser.add_argument("--window", type=int, default=None, metavar="N",
+                        help="score images larger than N pixels in overlapping N×N windows")
+    parser.add_argument("--batch_size", type=int, default=4, help="images of one size scored together")
+    return parser.parse_intermixed_args(argv)  # inputs may come before and after options
+
+
+def main(args) -> int:
+    if args.batch_size < 1 or (args.window is not None and args.window < 1):
+        raise utils.UserError("--batch_size and --window must be positive integers")
+    path = utils.checkpoint_path(Path(args.model_dir), args.restore_file)
+    checkpoint = utils.load_checkpoint(path)
+    class_names, palette = checkpoint["class_names"], checkpoint["palette"]
+    params = {**dataclasses.asdict(utils.TrainConfig()), **dataclasses.asdict(utils.EvalConfig()),
+              **checkpoint.get("params", {})}
+    out = Path(args.out)
+    names = find_images(args.inputs, out)
+    batches, errors = size_batches(list(names), args.batch_size)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    memory_format = torch.channels_last if params["channels_last"] else torch.contiguous_format
+    model = GCN.from_checkpoint(checkpoint).to(device, memory_format=memory_format).eval()
+    amp_dtype = utils.autocast_dtype(device, params["amp"])
+    scales, flip = (params["tta_scales"], params["tta_flip"]) if args.tta else ((1.0,), False)
+    print(f"Segmenting {len(names)} files with {path} ({model.config.backbone}, {len(class_names)} classes) on "
+          f"{device}{' with TTA' if args.tta else ''}")
+    for line in errors:
+        print(line, file=sys.stderr)
+    written = 0
+    with tqdm(total=sum(map(len, batches)), unit="img", file=sys.stderr) as bar:
+        for batch in batches:
+            images, unreadable = read_images(batch)
+            for line in unreadable:
+                bar.write(line, file=sys.stderr)
+            errors += unreadable
+            if images:
+                x = normalize(torch.stack(list(images.values())).to(device)).contiguous(memory_format=memory_format)
+                with utils.autocast(device, amp_dtype):
+                    preds = predict_logits(model, x, scales, flip, args.window).argmax(1).cpu()
+                for (file, image), pred in zip(images.items(), preds):
+                    visualize.save_label_png(pred, palette, out / "labels" / names[file])
+                    visualize.save_picture(visualize.overlay_picture(image, pred, palette, class_names),
+                                           out / "overlays" / names[file])
+                written += len(images)
+            bar.update(len(batch))
+    print(f"Wrote {written} label maps and overlays to {out}" + (f"; skipped {len(errors)} unreadable file(s)"
+                                                                  if errors else ""))
+    return 1 if errors else 0
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    return utils.run_cli(lambda: main(args))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

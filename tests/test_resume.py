@@ -1,0 +1,152 @@
+"""Never lose a run, as users run it: a stop signal to the whole process group (with DataLoader workers) at any
+moment, SIGKILL in the middle of a save, a second writer, and a cluster job requeued. Each case resumes and must end
+with weights bitwise equal to an uninterrupted run's (CPU) and the same metrics."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import utils
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+# Runs train.py with one function wrapped so that its N-th call first does something drastic ("write:NAME" counts
+# only the atomic writes of the file NAME).
+STRIKE = """
+import os, signal, sys
+import evaluate, train, utils
+where, when, action = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+module, name = {"step": (train, "synchronise"), "validation": (evaluate, "predict_logits"),
+                "save": (utils, "save_checkpoint"), "write": (utils, "atomic_write")}[where.split(":")[0]]
+original, calls = getattr(module, name), []
+
+def strike(*args, **kwargs):
+    counted = ":" not in where or args[0].name == where.split(":")[1]
+    calls.append(counted)
+    if counted and sum(calls) == when:
+        if action == "kill":  # SIGKILL half-way through a write: the temporary file is written, never renamed
+            path, write = args
+            with open(path.with_name(f".{path.name}.tmp"), "wb") as f:
+                write(f)
+            os.kill(os.getpid(), signal.SIGKILL)
+        os.killpg(os.getpgrp(), getattr(signal, action))  # the whole process group, DataLoader workers included
+    return original(*args, **kwargs)
+
+setattr(module, name, strike)
+sys.exit(train.cli(sys.argv[4:]))
+"""
+
+
+def train_py(model_dir: Path, *extra: str, strike: tuple[str, int, str] | None = None) -> subprocess.CompletedProcess:
+    """train.py in its own process group (so that a signal to the group reaches only it and its workers)."""
+    command = [sys.executable, "-c", STRIKE, *map(str, strike)] if strike else [sys.executable, "train.py"]
+    return subprocess.run([*command, "--model_dir", str(model_dir), *extra], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=300, start_new_session=True)
+
+
+def final_state(model_dir: Path) -> tuple[dict, dict, dict]:
+    return (torch.load(model_dir / utils.LAST_CHECKPOINT, weights_only=True)["state_dict"],
+            json.loads((model_dir / utils.METRICS_LAST).read_text()),
+            json.loads((model_dir / utils.METRICS_BEST).read_text()))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[tuple[int, int], tuple[dict, dict, dict]]:
+    """The reference runs by (workers, epochs)."""
+    references = {}
+    for workers, epochs in ((0, 2), (2, 2), (0, 1)):
+        model_dir = tmp_path_factory.mktemp(f"reference{workers}_{epochs}")
+        (model_dir / "params.json").write_text(json.dumps({**TINY_PARAMS(), "num_workers": workers,
+                                                           "num_epochs": epochs}))
+        result = train_py(model_dir)
+        assert result.returncode == 0, result.stderr[-3000:]
+        references[workers, epochs] = final_state(model_dir)
+    return references
+
+
+def TINY_PARAMS() -> dict:  # noqa: N802 -- the conftest constant, read where fixtures cannot reach
+    from conftest import TINY
+    return TINY
+
+
+def assert_same_run(model_dir: Path, reference: tuple[dict, dict, dict]) -> None:
+    weights, last, best = final_state(model_dir)
+    assert weights.keys() == reference[0].keys()
+    different = [k for k in weights if not torch.equal(weights[k], reference[0][k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    assert (last, best) == reference[1:]
+    assert not list(model_dir.glob(".*.tmp")), "a temporary file outlived the resumed run"
+
+
+@pytest.mark.parametrize("where,when,sig,workers", [
+    ("step", 3, "SIGTERM", 2),        # mid-epoch, as Slurm/scancel/a pod stop signal the whole group
+    ("step", 4, "SIGINT", 0),         # Ctrl-C on the last step of epoch 1
+    ("validation", 2, "SIGTERM", 2),  # during validation (the epoch is already saved)
+    ("save", 1, "SIGINT", 0),         # while the end-of-epoch checkpoint is being written
+])
+def test_a_stop_signal_to_the_process_group_saves_and_the_resumed_run_is_identical(
+        experiment, uninterrupted, where, when, sig, workers):
+    model_dir = experiment(num_workers=workers)
+    stopped = train_py(model_dir, strike=(where, when, sig))
+    assert stopped.returncode == 128 + getattr(signal, sig), stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr and "resume with --restore_file last" in stopped.stderr
+    assert not (model_dir / utils.COMPLETE_MARKER).exists()
+    resumed = train_py(model_dir, "--restore_file", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(model_dir, uninterrupted[workers, 2])
+
+
+@pytest.mark.parametrize("name,when", [
+    (utils.LAST_CHECKPOINT, 1),  # the trained epoch, before validation
+    (utils.BEST_CHECKPOINT, 1),  # the new best, which the (validated) last.pth.tar must not know of yet
+    (utils.METRICS_BEST, 1),
+    (utils.METRICS_LAST, 1),
+    (utils.LAST_CHECKPOINT, 2),  # the validated epoch
+    (utils.COMPLETE_MARKER, 1),
+])
+def test_sigkill_in_the_middle_of_any_save_resumes_to_a_complete_run(experiment, uninterrupted, name, when):
+    model_dir = experiment(num_epochs=1)
+    killed = train_py(model_dir, strike=(f"write:{name}", when, "kill"))
+    assert killed.returncode == -signal.SIGKILL
+    assert list(model_dir.glob(".*.tmp"))  # the half-written file is there
+    resumed = train_py(model_dir, "--restore_file", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (model_dir / utils.BEST_CHECKPOINT).exists() and (model_dir / utils.COMPLETE_MARKER).exists()
+    assert_same_run(model_dir, uninterrupted[0, 1])
+
+
+def test_restore_auto_is_the_one_requeue_command(experiment):
+    """A cluster job requeued after pre-emption runs the same command every time: fresh, resumed or finished."""
+    model_dir = experiment(num_epochs=1)
+    stopped = train_py(model_dir, "--restore_file", "auto", strike=("step", 2, "SIGTERM"))
+    assert stopped.returncode == 128 + signal.SIGTERM
+    resumed = train_py(model_dir, "--restore_file", "auto")
+    assert resumed.returncode == 0 and "Resumed from last" in resumed.stderr
+    again = train_py(model_dir, "--restore_file", "auto")
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+
+
+def test_a_second_writer_is_refused_naming_the_holder(experiment):
+    model_dir = experiment()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, utils, pathlib\n"
+                               "with utils.RunLock(pathlib.Path(sys.argv[1])):\n"
+                               "    print('locked', flush=True); time.sleep(60)", str(model_dir)],
+                              cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        second = train_py(model_dir)
+        assert second.returncode == 2
+        assert f"{model_dir} is in use by pid {holder.pid}" in second.stderr
+        assert sorted(os.listdir(model_dir)) == [utils.LOCK_FILE, "params.json"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train_py(model_dir, "--set", "num_iterations=1").returncode == 0  # a dead holder frees the folder
