@@ -13,7 +13,6 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -23,7 +22,7 @@ from model.data_loader import DataConfig, DatasetError, build_dataset, eval_load
 from model.inference import predict_logits
 from model.metrics import SegmentationMetrics
 from model.net import GCN, GCNConfig, PretrainedWeightsError
-from model.transforms import denormalize
+from model.transforms import denormalise
 
 WORST_MARK = "  <- worst"  # flags the lowest-IoU classes of the per-class table
 WORST_COUNT = 3
@@ -101,7 +100,7 @@ def prediction_saver(out_dir: Path, dataset: Dataset, dataset_name: str, num_pic
         name = str(dataset.names[index])
         visualize.save_label_png(pred.cpu(), dataset.palette, prediction_path(out_dir, dataset_name, name))
         if num_pictures is None or index < num_pictures:
-            picture = visualize.prediction_picture(denormalize(image.cpu()), label.cpu() if dataset.has_labels else
+            picture = visualize.prediction_picture(denormalise(image.cpu()), label.cpu() if dataset.has_labels else
                                                    None, pred.cpu(), dataset.palette, dataset.classes)
             visualize.save_picture(picture, out_dir / "pictures" / f"{name}.png")
     return save

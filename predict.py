@@ -26,7 +26,7 @@ from model.datasets.base import DatasetError, read_image
 from model.datasets.folder import IMAGE_SUFFIXES
 from model.inference import predict_logits
 from model.net import GCN
-from model.transforms import normalize
+from model.transforms import normalise
 
 GLOB_CHARS = "*?["
 
@@ -133,7 +133,7 @@ def main(args) -> int:
                 bar.write(line, file=sys.stderr)
             errors += unreadable
             if images:
-                x = normalize(torch.stack(list(images.values())).to(device)).contiguous(memory_format=memory_format)
+                x = normalise(torch.stack(list(images.values())).to(device)).contiguous(memory_format=memory_format)
                 with utils.autocast(device, amp_dtype):
                     preds = predict_logits(model, x, scales, flip, args.window).argmax(1).cpu()
                 for (file, image), pred in zip(images.items(), preds):

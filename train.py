@@ -29,7 +29,7 @@ from evaluate import evaluate
 from model import visualize
 from model.data_loader import DataConfig, DatasetError, EpochSampler, build_dataloader, build_dataset, eval_loader
 from model.net import GCN, GCNConfig, PretrainedWeightsError, SegmentationLoss
-from model.transforms import denormalize
+from model.transforms import denormalise
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 OUTPUTS = (utils.LAST_CHECKPOINT, utils.BEST_CHECKPOINT, utils.METRICS_LAST, utils.METRICS_BEST,
@@ -50,6 +50,7 @@ class Progress:
     best_miou: float = -1.0
     best_epoch: int = 0
     validation_pending: bool = False  # the last epoch is saved but not validated yet
+    seconds: float = 0.0  # wall time spent training and validating, over every resumption
 
 
 class StopSignal:
@@ -211,7 +212,12 @@ def train(params: utils.Params, overrides: dict, model_dir: Path, args, device: 
     logging.info("Training %s on %s (%d images, %d batches/epoch) for %d iterations on %s × %d", model_dir,
                  params.dataset, len(train_set), batches_per_epoch, total_iterations, device, world_size)
 
+    clock = time.monotonic()
+
     def save(path: Path) -> None:
+        nonlocal clock
+        progress.seconds += time.monotonic() - clock
+        clock = time.monotonic()
         if main_process:
             utils.save_checkpoint({
                 "state_dict": model_without_ddp.state_dict(), "model_config": dataclasses.asdict(model_config),
@@ -226,7 +232,7 @@ def train(params: utils.Params, overrides: dict, model_dir: Path, args, device: 
         def keep_picture(index: int, image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor) -> None:
             if main_process and len(pictures) < params.num_logged_images:
                 pictures.append(visualize.prediction_picture(
-                    denormalize(image.cpu()), label.cpu() if val_set.has_labels else None, pred.cpu(),
+                    denormalise(image.cpu()), label.cpu() if val_set.has_labels else None, pred.cpu(),
                     val_set.palette, val_set.classes))
 
         if world_size > 1:  # score with rank 0's batch-norm statistics, those the checkpoint holds
@@ -250,7 +256,6 @@ def train(params: utils.Params, overrides: dict, model_dir: Path, args, device: 
         save(model_dir / utils.LAST_CHECKPOINT)
         return True
 
-    start = time.time()
     stop = exit_stack.enter_context(StopSignal())
     if progress.validation_pending and not validate():
         return stopped(stop, progress, model_dir)
@@ -273,7 +278,7 @@ def train(params: utils.Params, overrides: dict, model_dir: Path, args, device: 
     if main_process:
         utils.write_json(model_dir / utils.COMPLETE_MARKER, {
             "epochs": progress.epoch, "iterations": progress.iteration, "best_miou": progress.best_miou,
-            "best_epoch": progress.best_epoch, "wall_time_s": round(time.time() - start, 1)})
+            "best_epoch": progress.best_epoch, "wall_time_s": round(progress.seconds, 1)})
         writer.close()
     logging.info("Done: best val mIoU %.4f at epoch %d (%s)", progress.best_miou, progress.best_epoch,
                  model_dir / utils.BEST_CHECKPOINT)

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import difflib
 import fcntl
+import io
 import json
 import logging
 import os
@@ -289,7 +290,8 @@ def run_cli(main: Callable[[], int], user_errors: tuple[type[BaseException], ...
     try:
         return main()
     except (UserError, *user_errors) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        message = str(exc).encode("utf-8", "backslashreplace").decode("utf-8")  # file names that are not UTF-8
+        print(f"error: {message}", file=sys.stderr)
         return 2
 
 
@@ -323,9 +325,15 @@ def checkpoint_path(model_dir: Path, restore_file: str) -> Path:
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Atomically torch.save `state`; a full disk or a crash mid-write keeps the previous file."""
+    """Atomically torch.save `state`; a full disk or a crash mid-write keeps the previous file.
+
+    The checkpoint is serialised in memory first, so that a write error surfaces as itself (No space left on
+    device) rather than as torch's zip writer's "file write failed".
+    """
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     try:
-        atomic_write(path, lambda f: torch.save(state, f))
+        atomic_write(path, lambda f: f.write(buffer.getbuffer()))
     except OSError as exc:
         raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}; the previous one is "
                               f"kept") from exc

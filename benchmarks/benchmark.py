@@ -31,7 +31,7 @@ import utils  # noqa: E402
 from model.net import GCN, GCNConfig, loss_fn  # noqa: E402
 
 
-def synchronize(device: torch.device) -> None:
+def synchronise(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -42,10 +42,10 @@ def median_seconds(step: Callable[[], object], device: torch.device, warmup: int
         step()
     times = []
     for _ in range(repeats):
-        synchronize(device)
+        synchronise(device)
         start = time.perf_counter()
         step()
-        synchronize(device)
+        synchronise(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

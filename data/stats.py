@@ -26,7 +26,7 @@ from model import IGNORE_INDEX, visualize  # noqa: E402
 from model.data_loader import DataConfig, DatasetError, EpochSampler, SeededItems, build_dataset  # noqa: E402
 from model.datasets.base import SegmentationDataset, read_label  # noqa: E402
 from model.net import GCNConfig  # noqa: E402
-from model.transforms import denormalize  # noqa: E402
+from model.transforms import denormalise  # noqa: E402
 
 
 @dataclass
@@ -138,7 +138,7 @@ def browse(params: utils.Params, model_dir: Path, count: int) -> list[Path]:
     items, paths = SeededItems(dataset), []
     for number, key in zip(range(count), EpochSampler(len(dataset), 1, params.seed)):
         image, label = items[key]
-        picture = visualize.sample_picture(denormalize(image), label, dataset.palette, dataset.classes)
+        picture = visualize.sample_picture(denormalise(image), label, dataset.palette, dataset.classes)
         paths.append(model_dir / "browse" / f"{number:02d}_{dataset.names[key[0]]}.png")
         visualize.save_picture(picture, paths[-1])
     return paths

@@ -9,7 +9,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from model.transforms import normalize
+from model.transforms import normalise
 
 
 def sliding_window_logits(model: nn.Module, image: Tensor, window: int) -> Tensor:
@@ -75,5 +75,5 @@ def segment(model: nn.Module, image: Image.Image | Tensor, scales: Sequence[floa
     elif image.dtype != torch.uint8:
         raise ValueError(f"expected a uint8 (0..255) or float (0..1) image, got {image.dtype}")
     device = next(model.parameters()).device
-    logits = predict_logits(model.eval(), normalize(image.to(device))[None], scales, flip, window)
+    logits = predict_logits(model.eval(), normalise(image.to(device))[None], scales, flip, window)
     return logits.argmax(1)[0].cpu()

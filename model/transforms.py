@@ -63,12 +63,12 @@ def _normalise_into(out: Tensor, image: Tensor) -> Tensor:
     return out.sub_(_MEAN_255).div_(_STD_255)
 
 
-def normalize(image: Tensor) -> Tensor:
+def normalise(image: Tensor) -> Tensor:
     """uint8 RGB (3×H×W or N×3×H×W) -> float32 normalised with the ImageNet mean/std: what the network expects."""
     return _normalise_into(torch.empty(image.shape, dtype=torch.float32, device=image.device), image)
 
 
-class NormalizeAndPad(v2.Transform):
+class NormaliseAndPad(v2.Transform):
     """uint8 image -> float32 normalised and padded to size × size at a random offset (0 = the mean after
     normalisation); mask -> int64 padded with 255. Returns plain tensors. size None: no padding."""
 
@@ -111,16 +111,16 @@ def train_transform(crop_size: int, scale_range: Sequence[float], flip: bool,
     if color_jitter > 0:
         steps.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter,
                                     hue=min(0.5, color_jitter / 4)))
-    steps.append(NormalizeAndPad(crop_size))
+    steps.append(NormaliseAndPad(crop_size))
     return v2.Compose(steps)
 
 
 def eval_transform() -> v2.Compose:
     """The whole image at its original resolution, normalised; no augmentation."""
-    return v2.Compose([NormalizeAndPad()])
+    return v2.Compose([NormaliseAndPad()])
 
 
-def denormalize(image: Tensor) -> Tensor:
+def denormalise(image: Tensor) -> Tensor:
     """Undo the ImageNet normalisation of a 3×H×W image: uint8 3×H×W for pictures."""
     mean = torch.tensor(IMAGENET_MEAN, device=image.device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=image.device).view(3, 1, 1)

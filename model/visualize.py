@@ -34,34 +34,6 @@ def error_mask(label: Tensor, pred: Tensor) -> Tensor:
     return (label != IGNORE_INDEX) & (pred != label)
 
 
-class Layout(NamedTuple):
-    """Geometry of a prediction picture: panels of panel_height × panel_width in one row, titles above."""
-    scale: int          # nearest-neighbour enlargement of the image
-    font_size: int
-    gap: int            # margin around and between panels
-    title_height: int
-    panel_height: int
-    panel_width: int
-    num_panels: int
-
-    @property
-    def width(self) -> int:
-        return self.gap + self.num_panels * (self.panel_width + self.gap)
-
-    def panel_origin(self, index: int) -> tuple[int, int]:
-        """(top, left) of panel `index` in the picture."""
-        return self.gap + self.title_height, self.gap + index * (self.panel_width + self.gap)
-
-
-def picture_layout(height: int, width: int, num_panels: int) -> Layout:
-    """The layout `prediction_picture` uses for an H×W image and `num_panels` panels."""
-    scale = max(1, MIN_PANEL_SIDE // max(height, width))
-    panel_h, panel_w = height * scale, width * scale
-    font_size = min(22, max(15, round(max(panel_h, panel_w) / 24)))
-    gap = max(6, font_size // 2)
-    return Layout(scale, font_size, gap, font_size + gap, panel_h, panel_w, num_panels)
-
-
 def legend_entries(label: Tensor | None, pred: Tensor, palette: Sequence[Sequence[int]],
                    class_names: Sequence[str]) -> list[tuple[str, tuple[int, int, int]]]:
     """(name, colour) for every class present in the truth or the prediction, in class order; then "void" if
@@ -75,24 +47,6 @@ def legend_entries(label: Tensor | None, pred: Tensor, palette: Sequence[Sequenc
     if label is not None:
         entries.append(("wrong", WRONG_COLOR))
     return entries
-
-
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, ImportError, OSError):     # Pillow < 10.1 or no FreeType: small bitmap font
-        return ImageFont.load_default()
-
-
-def _errors_panel(image: Tensor, label: Tensor, pred: Tensor) -> Tensor:
-    """Wrong pixels WRONG_COLOR, void pixels VOID_COLOR, the rest the image as dimmed grey (0..127)."""
-    r, g, b = image.long()
-    grey = ((299 * r + 587 * g + 114 * b) // 2000).to(torch.uint8).expand(3, -1, -1).clone()
-    wrong = error_mask(label, pred)
-    grey[:, wrong] = torch.tensor(WRONG_COLOR, dtype=torch.uint8).view(3, 1)
-    void = label.long() == IGNORE_INDEX
-    grey[:, void] = torch.tensor(VOID_COLOR, dtype=torch.uint8).view(3, 1)
-    return grey
 
 
 def prediction_picture(image: Tensor, label: Tensor | None, pred: Tensor, palette: Sequence[Sequence[int]],
@@ -115,6 +69,20 @@ def prediction_picture(image: Tensor, label: Tensor | None, pred: Tensor, palett
     if label is not None:
         panels.append((errors_title, _errors_panel(image, label, pred)))
     return _titled_panels(panels, legend_entries(label, pred, palette, class_names))
+
+
+def sample_picture(image: Tensor, label: Tensor, palette: Sequence[Sequence[int]],
+                   class_names: Sequence[str]) -> Tensor:
+    """uint8 3×H'×W' picture of one (augmented) sample: panels "image | label | overlay" (void in VOID_COLOR; the
+    overlay blends the label's colours half into the image, void left clear, so a misaligned edge shows), titled,
+    with a legend of the classes present below; the layout is `picture_layout(H, W, 3)`'s."""
+    if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
+        raise ValueError(f"image must be uint8 3×H×W, got {image.dtype} {tuple(image.shape)}")
+    image, label = image.cpu(), label.cpu()
+    colors = colorize(label, palette, VOID_COLOR)
+    overlay = torch.where(label.long() == IGNORE_INDEX, image, ((image.int() + colors.int()) // 2).to(torch.uint8))
+    panels = [("image", image), ("label", colors), ("overlay", overlay)]
+    return _titled_panels(panels, legend_entries(None, label, palette, class_names))
 
 
 def overlay_picture(image: Tensor, pred: Tensor, palette: Sequence[Sequence[int]], class_names: Sequence[str],
@@ -141,68 +109,6 @@ def overlay_picture(image: Tensor, pred: Tensor, palette: Sequence[Sequence[int]
     canvas.paste(Image.fromarray(big.permute(1, 2, 0).numpy()), (lay.gap, lay.gap))
     _draw_legend(ImageDraw.Draw(canvas), legend_rows, legend_top, font, lay)
     return _to_tensor(canvas)
-
-
-def _draw_legend(draw: ImageDraw.ImageDraw, rows: list[list[tuple]], top: int, font, lay: Layout) -> None:
-    """A colour swatch and a name per entry, rows from `_legend_rows` starting at `top`."""
-    row_height = lay.font_size + lay.gap // 2
-    for row, entries in enumerate(rows):
-        y = top + row * row_height
-        for x, name, color in entries:
-            side = lay.font_size
-            draw.rectangle([x, y, x + side - 1, y + side - 1], fill=color, outline=(160, 160, 160))
-            draw.text((x + side + 4, y + side / 2), name, fill=TEXT_COLOR, font=font, anchor="lm")
-
-
-def _to_tensor(canvas: Image.Image) -> Tensor:
-    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).contiguous()
-
-
-def sample_picture(image: Tensor, label: Tensor, palette: Sequence[Sequence[int]],
-                   class_names: Sequence[str]) -> Tensor:
-    """uint8 3×H'×W' picture of one (augmented) sample: panels "image | label | overlay" (void in VOID_COLOR; the
-    overlay blends the label's colours half into the image, void left clear, so a misaligned edge shows), titled,
-    with a legend of the classes present below; the layout is `picture_layout(H, W, 3)`'s."""
-    if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
-        raise ValueError(f"image must be uint8 3×H×W, got {image.dtype} {tuple(image.shape)}")
-    image, label = image.cpu(), label.cpu()
-    colors = colorize(label, palette, VOID_COLOR)
-    overlay = torch.where(label.long() == IGNORE_INDEX, image, ((image.int() + colors.int()) // 2).to(torch.uint8))
-    panels = [("image", image), ("label", colors), ("overlay", overlay)]
-    return _titled_panels(panels, legend_entries(None, label, palette, class_names))
-
-
-def _titled_panels(panels: list[tuple[str, Tensor]], legend: list[tuple[str, tuple[int, int, int]]]) -> Tensor:
-    """Equal-size uint8 3×H×W panels side by side, each titled above, with the legend's rows below."""
-    height, width = panels[0][1].shape[1:]
-    lay = picture_layout(height, width, len(panels))
-    font = _font(lay.font_size)
-    legend_rows = _legend_rows(legend, font, lay)
-    legend_top = lay.gap + lay.title_height + lay.panel_height + lay.gap
-    row_height = lay.font_size + lay.gap // 2
-    canvas = Image.new("RGB", (lay.width, legend_top + len(legend_rows) * row_height + lay.gap), BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
-    for index, (title, panel) in enumerate(panels):
-        top, left = lay.panel_origin(index)
-        big = panel.repeat_interleave(lay.scale, 1).repeat_interleave(lay.scale, 2)
-        canvas.paste(Image.fromarray(big.permute(1, 2, 0).numpy()), (left, top))
-        draw.text((left + lay.panel_width / 2, top - lay.gap // 2), title, fill=TEXT_COLOR, font=font, anchor="md")
-    _draw_legend(draw, legend_rows, legend_top, font, lay)
-    return _to_tensor(canvas)
-
-
-def _legend_rows(entries: list[tuple[str, tuple[int, int, int]]], font, lay: Layout) -> list[list[tuple]]:
-    """The legend's entries as rows of (x, name, colour) that fit the picture's width."""
-    rows: list[list[tuple]] = [[]]
-    x = lay.gap
-    for name, color in entries:
-        width = lay.font_size + 4 + int(font.getlength(name)) + 2 * lay.gap
-        if rows[-1] and x + width > lay.width:
-            rows.append([])
-            x = lay.gap
-        rows[-1].append((x, name, color))
-        x += width
-    return rows if rows[0] else []
 
 
 def save_picture(picture: Tensor, path: str | Path) -> None:
@@ -265,3 +171,97 @@ def confusion_matrix_figure(matrix: Tensor | np.ndarray, class_names: Sequence[s
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
+
+
+class Layout(NamedTuple):
+    """Geometry of a prediction picture: panels of panel_height × panel_width in one row, titles above."""
+    scale: int          # nearest-neighbour enlargement of the image
+    font_size: int
+    gap: int            # margin around and between panels
+    title_height: int
+    panel_height: int
+    panel_width: int
+    num_panels: int
+
+    @property
+    def width(self) -> int:
+        return self.gap + self.num_panels * (self.panel_width + self.gap)
+
+    def panel_origin(self, index: int) -> tuple[int, int]:
+        """(top, left) of panel `index` in the picture."""
+        return self.gap + self.title_height, self.gap + index * (self.panel_width + self.gap)
+
+
+def picture_layout(height: int, width: int, num_panels: int) -> Layout:
+    """The layout `prediction_picture` uses for an H×W image and `num_panels` panels."""
+    scale = max(1, MIN_PANEL_SIDE // max(height, width))
+    panel_h, panel_w = height * scale, width * scale
+    font_size = min(22, max(15, round(max(panel_h, panel_w) / 24)))
+    gap = max(6, font_size // 2)
+    return Layout(scale, font_size, gap, font_size + gap, panel_h, panel_w, num_panels)
+
+
+def _titled_panels(panels: list[tuple[str, Tensor]], legend: list[tuple[str, tuple[int, int, int]]]) -> Tensor:
+    """Equal-size uint8 3×H×W panels side by side, each titled above, with the legend's rows below."""
+    height, width = panels[0][1].shape[1:]
+    lay = picture_layout(height, width, len(panels))
+    font = _font(lay.font_size)
+    legend_rows = _legend_rows(legend, font, lay)
+    legend_top = lay.gap + lay.title_height + lay.panel_height + lay.gap
+    row_height = lay.font_size + lay.gap // 2
+    canvas = Image.new("RGB", (lay.width, legend_top + len(legend_rows) * row_height + lay.gap), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    for index, (title, panel) in enumerate(panels):
+        top, left = lay.panel_origin(index)
+        big = panel.repeat_interleave(lay.scale, 1).repeat_interleave(lay.scale, 2)
+        canvas.paste(Image.fromarray(big.permute(1, 2, 0).numpy()), (left, top))
+        draw.text((left + lay.panel_width / 2, top - lay.gap // 2), title, fill=TEXT_COLOR, font=font, anchor="md")
+    _draw_legend(draw, legend_rows, legend_top, font, lay)
+    return _to_tensor(canvas)
+
+
+def _errors_panel(image: Tensor, label: Tensor, pred: Tensor) -> Tensor:
+    """Wrong pixels WRONG_COLOR, void pixels VOID_COLOR, the rest the image as dimmed grey (0..127)."""
+    r, g, b = image.long()
+    grey = ((299 * r + 587 * g + 114 * b) // 2000).to(torch.uint8).expand(3, -1, -1).clone()
+    wrong = error_mask(label, pred)
+    grey[:, wrong] = torch.tensor(WRONG_COLOR, dtype=torch.uint8).view(3, 1)
+    void = label.long() == IGNORE_INDEX
+    grey[:, void] = torch.tensor(VOID_COLOR, dtype=torch.uint8).view(3, 1)
+    return grey
+
+
+def _legend_rows(entries: list[tuple[str, tuple[int, int, int]]], font, lay: Layout) -> list[list[tuple]]:
+    """The legend's entries as rows of (x, name, colour) that fit the picture's width."""
+    rows: list[list[tuple]] = [[]]
+    x = lay.gap
+    for name, color in entries:
+        width = lay.font_size + 4 + int(font.getlength(name)) + 2 * lay.gap
+        if rows[-1] and x + width > lay.width:
+            rows.append([])
+            x = lay.gap
+        rows[-1].append((x, name, color))
+        x += width
+    return rows if rows[0] else []
+
+
+def _draw_legend(draw: ImageDraw.ImageDraw, rows: list[list[tuple]], top: int, font, lay: Layout) -> None:
+    """A colour swatch and a name per entry, rows from `_legend_rows` starting at `top`."""
+    row_height = lay.font_size + lay.gap // 2
+    for row, entries in enumerate(rows):
+        y = top + row * row_height
+        for x, name, color in entries:
+            side = lay.font_size
+            draw.rectangle([x, y, x + side - 1, y + side - 1], fill=color, outline=(160, 160, 160))
+            draw.text((x + side + 4, y + side / 2), name, fill=TEXT_COLOR, font=font, anchor="lm")
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):     # Pillow < 10.1 or no FreeType: small bitmap font
+        return ImageFont.load_default()
+
+
+def _to_tensor(canvas: Image.Image) -> Tensor:
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).contiguous()

@@ -14,11 +14,10 @@ from PIL import Image
 from torchvision import tv_tensors
 from torch.utils.data import RandomSampler, SequentialSampler
 
-from model.data_loader import (DataConfig, DatasetError, EpochSampler, build_dataloader, build_dataset,
-                               eval_loader)
+from model.data_loader import DataConfig, DatasetError, EpochSampler, build_dataloader, build_dataset
 from model.datasets.synthetic import void_borders
 from model.datasets.voc import voc_palette
-from model.transforms import IMAGENET_MEAN, IMAGENET_STD, colorize, denormalize, train_transform
+from model.transforms import IMAGENET_MEAN, IMAGENET_STD, colorize, denormalise, train_transform
 
 REPO = Path(__file__).resolve().parents[1]
 PALETTE = [c for rgb in voc_palette(256) for c in rgb]
@@ -104,7 +103,7 @@ def test_voc_val_yields_whole_images_and_exact_labels(voc):
         check_item(image, label, (30, 40))
         assert torch.equal(label, torch.from_numpy(arrays[name]).long())
         jpeg = np.array(Image.open(root / "JPEGImages" / f"{name}.jpg"))
-        assert torch.equal(denormalize(image), torch.from_numpy(jpeg).permute(2, 0, 1))
+        assert torch.equal(denormalise(image), torch.from_numpy(jpeg).permute(2, 0, 1))
 
 
 def test_voc_train_yields_fixed_size_crops(voc):
@@ -215,6 +214,20 @@ def test_camvid_resolves_segnet_paths_and_voids_class_11(tmp_path):
     assert 11 not in label.unique().tolist()
 
 
+def test_camvid_split_sequences_take_whole_drives_from_every_list(tmp_path):
+    make_camvid(tmp_path, "train", ["0001TP_000010", "0006R0_000020", "0016E5_000030"])
+    make_camvid(tmp_path, "val", ["0016E5_000040"], seed=1)
+    make_camvid(tmp_path, "test", ["Seq05VD_f00000"], seed=2)
+    p = params(dataset="camvid", data_dir=str(tmp_path), num_classes=11,
+               split_sequences={"train": ["0001TP", "0016E5"], "val": ["0006R0"]})
+    assert build(p, "train", False).names == ["0001TP_000010", "0016E5_000030", "0016E5_000040"]
+    assert build(p, "val", False).names == ["0006R0_000020"]
+    assert build(p, "test", False).names == ["Seq05VD_f00000"]  # a split it does not name keeps its list
+    expect_error(r"sequence 'Seq06' of split 'val' has no labelled frames in train\.txt, val\.txt, test\.txt .*"
+                 r"\(sequences there: 0001TP, 0006R0, 0016E5, Seq05VD\)", build,
+                 replace(p, split_sequences={"val": ["Seq06"]}), "val", False)
+
+
 def make_folder(root: Path, names: list[str], seed=0) -> dict[str, np.ndarray]:
     """Grayscale images (like chest X-rays) with 0/255 binary masks."""
     rng = np.random.default_rng(seed)
@@ -239,7 +252,7 @@ def test_folder_with_mask_values_and_seeded_split(tmp_path):
     image, label = val[0]
     check_item(image, label, (10, 14))
     assert torch.equal(label, torch.from_numpy(masks[val.names[0]] // 255).long())
-    pixels = denormalize(image)
+    pixels = denormalise(image)
     assert torch.equal(pixels[0], pixels[1]) and torch.equal(pixels[0], pixels[2])  # grayscale -> RGB
 
 
@@ -320,7 +333,7 @@ def test_augmentation_keeps_image_and_label_aligned(flip):
         assert out_image.shape == (3, 64, 64) and out_label.shape == (64, 64) and out_label.dtype == torch.int64
         padded = out_label == 255
         assert (out_image[:, padded] == 0).all() and (out_image[:, ~padded] != 0).any(0).all()
-        red, green, _ = denormalize(out_image).long()
+        red, green, _ = denormalise(out_image).long()
         x, y = red // 2, green // 2
         exact = (red % 2 == 0) & (green % 2 == 0) & ~padded
         exact &= (x >= 3) & (x < width - 3) & (y >= 3) & (y < height - 3)  # away from the edges' clamped filter
@@ -339,7 +352,7 @@ def test_augmentation_with_colour_jitter_keeps_alignment():
         image = np.repeat(label[..., None] * 255, 3, axis=2).astype(np.uint8)
         out_image, out_label = transform(tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1)),
                                          tv_tensors.Mask(torch.from_numpy(label.astype(np.uint8))))
-        brightness = denormalize(out_image).float().mean(0)
+        brightness = denormalise(out_image).float().mean(0)
         valid = out_label != 255
         threshold = (brightness[valid].min() + brightness[valid].max()) / 2
         assert torch.equal((brightness[valid] > threshold).long(), out_label[valid])
@@ -422,6 +435,17 @@ def test_load_time_errors_name_the_file(voc):
     expect_error(r"label .*2008_000003\.png has mode RGB", dataset.__getitem__, 2)
 
 
+def test_decompression_bombs_and_byte_order_marks(voc, monkeypatch):
+    root, arrays = voc
+    list_path = root / "ImageSets" / "Segmentation" / "val.txt"
+    list_path.write_text("\ufeff" + list_path.read_text(), encoding="utf-8")  # as Windows Notepad saves it
+    dataset = build(params(dataset="voc", data_dir=str(root), num_classes=21), "val", False)
+    assert dataset.names == ["2008_000010", "2008_000011"]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 30×40 images are then over twice PIL's limit
+    expect_error(r"unreadable image .*2008_000010\.jpg: Image size \(1200 pixels\) exceeds limit", dataset.__getitem__,
+                 0)
+
+
 def test_worker_errors_reach_the_main_process_as_one_line_naming_the_file(voc):
     root, _ = voc
     dataset = build(params(dataset="voc", data_dir=str(root), num_classes=21), "train", True)
@@ -446,11 +470,47 @@ def test_dataloader_batches_fixed_size_crops(voc):
     assert batches[0][0].dtype == torch.float32 and batches[0][1].dtype == torch.int64
 
 
-def test_denormalize_inverts_normalisation_and_colorize_uses_the_palette():
+def test_epoch_sampler_shards_every_image_and_skips_what_a_resumed_run_trained():
+    shards = [[i for i, _ in EpochSampler(10, 2, seed=1, rank=r, world_size=3)] for r in range(3)]
+    assert all(len(s) == 4 for s in shards) and set(sum(shards, [])) == set(range(10))
+    sampler = EpochSampler(10, 2, seed=1)
+    sampler.set_epoch(5)
+    full = list(sampler)
+    sampler.set_epoch(5, skip_batches=2)
+    assert list(sampler) == full[4:] and len(sampler) == 6
+    sampler.set_epoch(6)
+    assert [i for i, _ in sampler] != [i for i, _ in full]
+    other_seed = EpochSampler(10, 2, seed=2)
+    other_seed.set_epoch(4)  # seed + epoch is no shortcut: seed 2's epoch 4 is not seed 1's epoch 5
+    assert list(other_seed) != full
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_samples_augmentation_depends_only_on_seed_epoch_and_index(workers):
+    """Through any number of workers, and when a resumed run skips batches, sample i of an epoch is the same."""
+    config = DataConfig(dataset="synthetic", data_dir="", synthetic_image_size=48, synthetic_train_images=12,
+                        crop_size=32, scale_range=[0.6, 1.4], color_jitter=0.3)
+    dataset = build_dataset(config, 5, "train", train=True)
+
+    def epoch_items(num_workers: int, skip: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        sampler = EpochSampler(len(dataset), 3, seed=7)
+        sampler.set_epoch(2, skip_batches=skip)
+        loader = build_dataloader(dataset, 3, sampler, num_workers, drop_last=True, pin_memory=False)
+        order = [i for i, _ in sampler]
+        items = [(image, label) for images, labels in loader for image, label in zip(images, labels)]
+        return dict(zip(order, items))
+
+    reference = epoch_items(0, skip=0)
+    assert len({image.sum().item() for image, _ in reference.values()}) == 12  # the augmentation does vary
+    for index, (image, label) in epoch_items(workers, skip=2).items():
+        assert torch.equal(image, reference[index][0]) and torch.equal(label, reference[index][1])
+
+
+def test_denormalise_inverts_normalisation_and_colorize_uses_the_palette():
     pixels = torch.arange(256, dtype=torch.uint8).repeat(3, 4, 1)  # 3×4×256: every value in every channel
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    assert torch.equal(denormalize((pixels / 255 - mean) / std), pixels)
+    assert torch.equal(denormalise((pixels / 255 - mean) / std), pixels)
     label = torch.tensor([[0, 1], [255, 2]])
     picture = colorize(label, [(1, 2, 3), (4, 5, 6), (7, 8, 9)])
     assert picture.dtype == torch.uint8 and picture.shape == (3, 2, 2)

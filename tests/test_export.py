@@ -18,7 +18,7 @@ import export
 import predict
 import utils
 from model.net import GCN
-from model.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+from model.transforms import IMAGENET_MEAN, IMAGENET_STD, normalise
 from test_predict import CLASS_NAMES, PALETTE, REPO, assert_labels_match_logits, smooth_image, write_checkpoint
 
 
@@ -105,6 +105,6 @@ def test_onnx_input_is_the_image_as_predict_py_normalises_it(onnx_file, model_di
     session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     scaled = rgb.astype(np.float32) / 255
     x = ((scaled - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)).transpose(2, 0, 1)[None]
-    np.testing.assert_allclose(x, normalize(torch.from_numpy(rgb).permute(2, 0, 1))[None].numpy(), atol=1e-5)
+    np.testing.assert_allclose(x, normalise(torch.from_numpy(rgb).permute(2, 0, 1))[None].numpy(), atol=1e-5)
     logits = torch.from_numpy(session.run(None, {"image": x})[0])
     assert_labels_match_logits(np.array(Image.open(tmp_path / "out/labels/a.png")), logits)

@@ -19,7 +19,7 @@ import utils
 from model.datasets.voc import voc_palette
 from model.inference import predict_logits, segment
 from model.net import GCN, GCNConfig
-from model.transforms import normalize
+from model.transforms import normalise
 from model.visualize import OVERLAY_ALPHA, overlay_picture, picture_layout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def assert_labels_match_logits(labels: np.ndarray, logits: torch.Tensor) -> None
 
 def reference_logits(model: GCN, path: Path, **options) -> torch.Tensor:
     rgb = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
-    return predict_logits(model, normalize(rgb)[None], **options)
+    return predict_logits(model, normalise(rgb)[None], **options)
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +199,7 @@ def test_bad_arguments_and_checkpoints_are_one_line_and_status_2(checkpoint, tmp
 def test_segment_takes_pil_images_and_uint8_or_float_tensors(checkpoint):
     _, model = checkpoint
     rgb = smooth_image(50, 70, 7)
-    expected = predict_logits(model, normalize(torch.from_numpy(rgb).permute(2, 0, 1))[None]).argmax(1)[0]
+    expected = predict_logits(model, normalise(torch.from_numpy(rgb).permute(2, 0, 1))[None]).argmax(1)[0]
     rgba = Image.fromarray(np.concatenate([rgb, np.zeros((50, 70, 1), np.uint8)], axis=2), "RGBA")
     tensor = torch.from_numpy(rgb).permute(2, 0, 1)
     for image in (Image.fromarray(rgb), rgba, tensor, tensor / 255):
@@ -214,7 +214,7 @@ def test_torch_hub_loads_the_model_with_its_class_names_and_palette(checkpoint):
     hub_model = torch.hub.load(str(REPO), "gcn", checkpoint=str(path), source="local")
     assert not hub_model.training and hub_model.class_names == CLASS_NAMES
     assert hub_model.palette == [tuple(c) for c in PALETTE]
-    x = normalize(torch.from_numpy(smooth_image(33, 47, 8)).permute(2, 0, 1))[None]
+    x = normalise(torch.from_numpy(smooth_image(33, 47, 8)).permute(2, 0, 1))[None]
     with torch.no_grad():
         assert torch.equal(hub_model(x), model(x))
 

@@ -255,3 +255,12 @@ def test_the_demo_settings_train_an_epoch_of_real_voc_because_gradients_are_clip
             assert status == 2 and "loss is nan" in capsys.readouterr().err
         else:
             assert status == 0 and read_json(model_dir / utils.COMPLETE_MARKER)["iterations"] == 77
+
+
+def test_a_folder_name_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    model_dir = tmp_path / "exp\udcff"  # the byte 0xff, as a Latin-1 file name reaches Python
+    model_dir.mkdir()
+    (model_dir / "params.json").write_text(json.dumps({"dataset": "synthetic", "data_dir": "", "num_classes": 5}))
+    assert run_train(model_dir) == 2
+    assert "the folder name is not valid UTF-8" in capsys.readouterr().err
+    assert sorted(os.listdir(model_dir)) == ["params.json"]

@@ -218,19 +218,15 @@ def test_files_are_written_with_the_umask_permissions(tmp_path, umask, mode):
         assert (tmp_path / name).stat().st_mode & 0o777 == mode
 
 
-def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+def test_a_full_disk_is_one_line_and_keeps_the_old_checkpoint(tmp_path):
     utils.save_checkpoint({"state_dict": {"w": torch.ones(2)}, "model_config": {}}, tmp_path / "last.pth.tar")
     before = (tmp_path / "last.pth.tar").read_bytes()
-
-    def disk_full(obj, f, *args, **kwargs):
-        f.write(b"half a checkpoint")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(utils.torch, "save", disk_full)
-    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*last\.pth\.tar: No space left on device"):
-        utils.save_checkpoint({"state_dict": {}, "model_config": {}}, tmp_path / "last.pth.tar")
+    (tmp_path / ".last.pth.tar.tmp").symlink_to("/dev/full")  # every write there fails with ENOSPC
+    with pytest.raises(CheckpointError, match=r"^cannot write checkpoint .*last\.pth\.tar: No space left on device; "
+                                              r"the previous one is kept$"):
+        utils.save_checkpoint({"state_dict": {"w": torch.zeros(2)}, "model_config": {}}, tmp_path / "last.pth.tar")
     assert (tmp_path / "last.pth.tar").read_bytes() == before
-    assert sorted(os.listdir(tmp_path)) == ["last.pth.tar"]
+    assert sorted(os.listdir(tmp_path)) == ["last.pth.tar"]  # the temporary is gone
 
 
 def test_stale_temporary_files_are_removed(tmp_path):
