@@ -1,7 +1,8 @@
 """Score a checkpoint: python evaluate.py --model_dir experiments/demo [--restore_file best] [--split val] [--tta]
 
-Writes metrics_<split>_<checkpoint>.json (metrics, per-class table, confusion matrix), confusion_<split>_<checkpoint>.png
-and, with --save_predictions DIR, prediction PNGs and titled pictures (image | truth | prediction | errors).
+Writes metrics_<split>_<checkpoint>.json (metrics, per-class table, confusion matrix) and
+confusion_<split>_<checkpoint>.png; with --save_predictions DIR, prediction PNGs and titled pictures
+(image | truth | prediction | errors).
 """
 from __future__ import annotations
 
@@ -24,8 +25,7 @@ from model.metrics import SegmentationMetrics
 from model.net import GCN, GCNConfig, PretrainedWeightsError
 from model.transforms import denormalise
 
-WORST_MARK = "  <- worst"  # flags the lowest-IoU classes of the per-class table
-WORST_COUNT = 3
+WORST_MARK = "  <- worst"  # flags the lowest-IoU classes of the per-class table: 1 in 4, at most 3
 
 
 @torch.no_grad()
@@ -69,10 +69,12 @@ def evaluate(model: nn.Module, loader: DataLoader, params: utils.Params, device:
 
 
 def per_class_table(metrics: dict[str, Any]) -> str:
-    """Class | IoU | accuracy | share of the labelled pixels, in the data set's class order, worst IoUs marked."""
+    """Class | IoU | accuracy | share of the labelled pixels, in the data set's class order, the worst IoUs marked
+    (one class in four, at most three)."""
     names = list(metrics["per_class_iou"])
     ious = metrics["per_class_iou"]
-    worst = sorted((n for n in names if ious[n] is not None), key=lambda n: ious[n])[:WORST_COUNT]
+    ranked = sorted((n for n in names if ious[n] is not None), key=lambda n: ious[n])
+    worst = ranked[:max(1, min(3, len(names) // 4))]
     width = max(len("class"), *map(len, names))
 
     def percent(value: float | None) -> str:

@@ -27,7 +27,8 @@ import utils
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 SEARCH_FILE = "search.json"
 CHILD_OUTPUT = "stdout.log"
-CHILD_GITIGNORE = "# A sweep child, generated from the parent's params.json and search.json: git ignores all of it.\n*\n"
+CHILD_GITIGNORE = ("# A sweep child, generated from the parent's params.json and search.json: git ignores all of it.\n"
+                   "*\n")
 DEFAULT_LR_FACTORS = (0.1, 0.3, 1.0, 3.0)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 TAIL_LINES = 12

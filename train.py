@@ -200,7 +200,8 @@ def train(params: utils.Params, overrides: dict, model_dir: Path, args, device: 
         if not restore_file:
             for name in (*OUTPUTS, *(p.name for p in model_dir.glob("events.out.tfevents.*"))):
                 (model_dir / name).unlink(missing_ok=True)
-        utils.write_json(model_dir / utils.RESOLVED_PARAMS_FILE, utils.run_record(params, overrides, vars(args), device))
+        record = utils.run_record(params, overrides, vars(args), device)
+        utils.write_json(model_dir / utils.RESOLVED_PARAMS_FILE, record)
         utils.set_logger(model_dir / utils.TRAIN_LOG)
         writer = SummaryWriter(model_dir)
     if restore_file:

@@ -132,7 +132,8 @@ class Setting:
             if rules.get("length") in values:
                 text += f" (one per class: {rules['length']} = {self._length(values)})"
         else:
-            words = [_TYPE_WORDS[t] for t in self.types if t is not type(None) and not (t is int and float in self.types)]
+            words = [_TYPE_WORDS[t] for t in self.types
+                     if t is not type(None) and not (t is int and float in self.types)]
             text = " or ".join(words) + self._bounds()
             if rules.get("odd"):
                 text = text.replace("an integer", "an odd integer")
@@ -215,7 +216,9 @@ class Params:
         self.__dict__.update({k: copy.deepcopy(s.default) for k, s in self._settings.items() if k not in values})
         self.__dict__.update(copy.deepcopy(values))
         values = self.dict
-        for key, setting in self._settings.items():
+        cross_checked = [k for k, s in self._settings.items() if isinstance(s.rules.get("length"), str)]
+        for key in sorted(self._settings, key=cross_checked.__contains__):  # e.g. num_classes before class_weights
+            setting = self._settings[key]
             if not setting.allows(values[key], values):
                 raise ParamsError(f"{self._sources.get(key, 'defaults')}: {key!r} is {json.dumps(values[key])}; "
                                   f"expected {setting.describe(values)}")

@@ -208,10 +208,12 @@ def main(argv=None) -> dict:
         row["matmul_fraction"] = row["train_tflops"] * 1e12 / rate
         if gcn:
             row["step_time_vs_gcn"] = row["train_step_s"] / gcn["train_step_s"]
-    summary = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+    cpu = f"cpu ({torch.get_num_threads()} threads)"
+    summary = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
                "torch": torch.__version__, "dtype": str(dtype), "matmul_tflops": rate / 1e12,
                "matmul_tflops_by_kernel": {kernel: r / 1e12 for kernel, r in rates.items()},
-               "batch_size": args.batch_size, "crop": args.crop, "eval_size": args.eval_size, "channels_last": args.channels_last,
+               "batch_size": args.batch_size, "crop": args.crop, "eval_size": args.eval_size,
+               "channels_last": args.channels_last,
                "compile": args.compile, "models": rows}
     if gcn:
         summary["gcn_backbone_matmul_fraction"] = gcn["backbone_flops_per_step"] / gcn["train_step_s"] / rate

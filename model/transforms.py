@@ -93,7 +93,8 @@ class NormaliseAndPad(v2.Transform):
 
 
 def _fill_margins(out: Tensor, window: tuple[slice, slice], value: float) -> Tensor:
-    """Fill everything of `out` (…×H×W) outside the rows/columns `window` with `value` (each element written once)."""
+    """Fill everything of `out` (…×H×W) outside the rows/columns `window` with `value` (each element written
+    once)."""
     rows, cols = window
     out[..., :rows.start, :] = value
     out[..., rows.stop:, :] = value

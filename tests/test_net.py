@@ -16,8 +16,8 @@ import torchvision
 from torch import nn
 
 from model import net
-from model.net import (GCN, BoundaryRefine, GCNConfig, GlobalConvBlock, SegmentationLoss, Upsample2x, dice_loss, loss_fn,
-                       make_head)
+from model.net import (GCN, BoundaryRefine, GCNConfig, GlobalConvBlock, SegmentationLoss, Upsample2x, dice_loss,
+                       loss_fn, make_head)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ODD_SIZES = [(97, 131), (33, 47), (65, 64)]

@@ -157,6 +157,11 @@ def test_every_setting_refuses_a_bad_value_in_one_line(tmp_path, key, value):
     assert "\n" not in message
 
 
+def test_a_bad_key_that_another_refers_to_is_named_first():
+    with pytest.raises(ParamsError, match=r"^p\.json: 'num_classes' is \"five\"; expected an integer >= 1$"):
+        Params({**MINIMAL, "num_classes": "five", "class_weights": [1.0]}, EXPERIMENT, "p.json")
+
+
 def test_a_setting_declared_in_two_rooms_is_refused():
     @dataclass
     class Other:
