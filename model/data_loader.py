@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -166,9 +168,17 @@ class ShardSampler(Sampler[int]):
 
 def _leave_stop_signals_to_the_main_process(_worker_id: int) -> None:
     """SIGINT/SIGTERM sent to the whole process group (Ctrl-C, Slurm, a pod stop) must not kill a worker: the main
-    process finishes its step, saves a checkpoint and then shuts the workers down itself."""
+    process finishes its step, saves a checkpoint and then shuts the workers down itself. A SIGTERM from the main
+    process (DataLoader shutdown, multiprocessing's exit handler) still ends the worker at once."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # every thread of the worker leaves it pending ...
+    threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), daemon=True).start()  # ... for this one
+
+
+def _exit_on_sigterm_from(parent: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass
+    os._exit(0)
 
 
 def build_dataloader(dataset: Dataset, batch_size: int, sampler: Sampler, num_workers: int,

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -545,3 +548,24 @@ def test_real_camvid_loads(shared_data):
         check_item(image, label, (360, 480))
         assert set(label.unique().tolist()) <= set(range(11)) | {255}
         check_item(*train[i], (64, 64))
+
+
+LOADER_ALIVE_AT_EXIT = """
+import torch
+from torch.utils.data import SequentialSampler, TensorDataset
+from model.data_loader import build_dataloader
+items = TensorDataset(torch.arange(8.0))
+loader = build_dataloader(items, 2, SequentialSampler(items), num_workers=2)
+first = next(iter(loader))
+KEPT = [loader, first]
+KEPT.append(KEPT)  # a reference cycle: no garbage collection before the exit handlers run
+print("exiting", flush=True)
+"""
+
+
+def test_a_process_exits_while_its_loader_workers_are_alive():
+    """The workers ignore stop signals sent to the group, but not multiprocessing's exit handler, which stops them
+    with SIGTERM from the main process and waits for them (ignoring it hung the test process at exit)."""
+    exited = subprocess.run([sys.executable, "-c", LOADER_ALIVE_AT_EXIT], cwd=REPO, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert (exited.returncode, exited.stdout) == (0, "exiting\n"), exited.stderr[-2000:]

@@ -21,7 +21,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 # Runs train.py with one function wrapped so that its N-th call first does something drastic ("write:NAME" counts
 # only the atomic writes of the file NAME).
 STRIKE = """
-import os, signal, sys
+import os, signal, subprocess, sys
 import evaluate, train, utils
 where, when, action = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 module, name = {"step": (train, "synchronise"), "validation": (evaluate, "predict_logits"),
@@ -37,7 +37,8 @@ def strike(*args, **kwargs):
             with open(path.with_name(f".{path.name}.tmp"), "wb") as f:
                 write(f)
             os.kill(os.getpid(), signal.SIGKILL)
-        os.killpg(os.getpgrp(), getattr(signal, action))  # the whole process group, DataLoader workers included
+        # From another process, as a terminal, Slurm or a pod stop signals the whole group, workers included
+        subprocess.run(["kill", "-s", action.removeprefix("SIG"), "--", f"-{os.getpgrp()}"], start_new_session=True)
     return original(*args, **kwargs)
 
 setattr(module, name, strike)
