@@ -63,6 +63,9 @@ def evaluate(model: nn.Module, loader: DataLoader, params: utils.Params, device:
     metrics.all_reduce()
     if dist.is_initialized():
         dist.all_reduce(loss_sum)
+    if loss_sum[1] == 0:
+        raise DatasetError(f"the {len(dataset)} labels of this split mark every pixel void ({IGNORE_INDEX}): nothing "
+                           f"to score (placeholder labels, e.g. Cityscapes' test split?)")
     results = metrics.compute()
     results["loss"] = (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
     return results

@@ -30,7 +30,6 @@ CHILD_OUTPUT = "stdout.log"
 CHILD_GITIGNORE = ("# A sweep child, generated from the parent's params.json and search.json: git ignores all of it.\n"
                    "*\n")
 DEFAULT_LR_FACTORS = (0.1, 0.3, 1.0, 3.0)
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 TAIL_LINES = 12
 MAX_NAME_LENGTH = 120
 KEY_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -181,7 +180,7 @@ class Sweep:
         """Every child's outcome, in sweep order, forwarding stop signals meanwhile (call from the main thread)."""
         slots = iter(self.slots)
         pool = ThreadPoolExecutor(len(self.slots), initializer=lambda: setattr(self.worker, "slot", next(slots)))
-        previous = {signum: signal.signal(signum, self.forward) for signum in STOP_SIGNALS
+        previous = {signum: signal.signal(signum, self.forward) for signum in utils.STOP_SIGNALS
                     if signal.getsignal(signum) is not signal.SIG_IGN}  # under nohup, SIGHUP stays ignored
         try:
             with pool:

@@ -31,9 +31,9 @@ from model.data_loader import DataConfig, DatasetError, EpochSampler, build_data
 from model.net import GCN, GCNConfig, PretrainedWeightsError, SegmentationLoss
 from model.transforms import denormalise
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 OUTPUTS = (utils.LAST_CHECKPOINT, utils.BEST_CHECKPOINT, utils.METRICS_LAST, utils.METRICS_BEST,
-           utils.COMPLETE_MARKER)  # what --force clears, with the TensorBoard events
+           utils.COMPLETE_MARKER)  # a previous run's files
+STALE_WITH_A_NEW_RUN = ("events.out.tfevents.*", "metrics_*.json", "confusion_*.png")  # --force clears them too
 
 
 class TrainingDiverged(utils.UserError):
@@ -54,7 +54,7 @@ class Progress:
 
 
 class StopSignal:
-    """While active, SIGTERM/SIGINT only raise a flag, which the loops check; a second signal stops at once.
+    """While active, SIGINT/SIGTERM/SIGHUP only raise a flag, which the loops check; a second signal stops at once.
 
     The previous handlers come back on exit, so an in-process run leaves Ctrl-C working.
     """
@@ -64,7 +64,8 @@ class StopSignal:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignal:
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in utils.STOP_SIGNALS
+                          if signal.getsignal(sig) is not signal.SIG_IGN}  # under nohup, SIGHUP stays ignored
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -135,11 +136,15 @@ def train(params: utils.Params, overrides: dict, model_dir: Path, args, device: 
     main_process = rank == 0
     last = model_dir / utils.LAST_CHECKPOINT
     restore_file = args.restore_file
+    if restore_file and args.force:
+        raise utils.UserError(f"--force starts afresh, --restore_file {restore_file} resumes: pass one of them")
     if restore_file == "auto":
         restore_file = "last" if last.exists() else None
-    elif not restore_file and last.exists() and not args.force:
-        raise utils.UserError(f"{last} exists: resume with --restore_file last, or pass --force to start afresh "
-                              f"and delete that run")
+    previous_run = [name for name in OUTPUTS if (model_dir / name).exists()]
+    if not restore_file and previous_run and not args.force:
+        resume = "resume with --restore_file last, or " if last.exists() else ""
+        raise utils.UserError(f"{model_dir} holds a previous run ({', '.join(previous_run)}): {resume}pass --force "
+                              f"to delete it and start afresh")
 
     # Data
     data_config = params.config(DataConfig)
@@ -196,10 +201,13 @@ def train(params: utils.Params, overrides: dict, model_dir: Path, args, device: 
     writer = None
     if main_process:
         exit_stack.enter_context(utils.RunLock(model_dir))
-        utils.remove_stale_temporary_files(model_dir)
+        utils.remove_stale_temporary_files(model_dir, (*OUTPUTS, utils.RESOLVED_PARAMS_FILE))
         if not restore_file:
-            for name in (*OUTPUTS, *(p.name for p in model_dir.glob("events.out.tfevents.*"))):
-                (model_dir / name).unlink(missing_ok=True)
+            stale = [model_dir / name for name in OUTPUTS]
+            for pattern in STALE_WITH_A_NEW_RUN:
+                stale += model_dir.glob(pattern)
+            for path in stale:
+                path.unlink(missing_ok=True)
         record = utils.run_record(params, overrides, vars(args), device)
         utils.write_json(model_dir / utils.RESOLVED_PARAMS_FILE, record)
         utils.set_logger(model_dir / utils.TRAIN_LOG)
@@ -274,7 +282,7 @@ def train(params: utils.Params, overrides: dict, model_dir: Path, args, device: 
         save(model_dir / utils.LAST_CHECKPOINT)  # the epoch is safe before validation runs
         if progress.validation_pending and not validate():
             return stopped(stop, progress, model_dir)
-        if stop.signum:
+        if any_rank(bool(stop.signum), world_size, device):  # rank 0 may have been saving while others went on
             return stopped(stop, progress, model_dir)
     if main_process:
         utils.write_json(model_dir / utils.COMPLETE_MARKER, {
@@ -289,11 +297,14 @@ def train(params: utils.Params, overrides: dict, model_dir: Path, args, device: 
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, loss_fn: nn.Module, params: utils.Params,
                     device: torch.device, amp_dtype, progress: Progress, total_iterations: int, stop: StopSignal,
                     writer: SummaryWriter | None, world_size: int, description: str) -> bool:
-    """One pass over this epoch's remaining batches; False if a stop signal arrived (after a whole step)."""
+    """One pass over this epoch's remaining batches; False if a stop signal arrived before its last step."""
     model.train()
     loss_sum = loss_count = 0.0
     tick = time.time()
+    stop_now = False
     for images, labels in tqdm(loader, desc=description, disable=writer is None, dynamic_ncols=True, leave=False):
+        if stop_now:  # checked here, not after the step: a stop during an epoch's last step lets it finish
+            return False
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if params.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -321,8 +332,6 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, loss
             for name, value in (("loss", loss_value), ("lr", optimizer.param_groups[0]["lr"]),
                                 ("images_per_s", rate)):
                 writer.add_scalar(f"train/{name}", value, progress.iteration)
-        if stop_now:
-            return False
         if progress.iteration >= total_iterations:
             break
     logging.info("Epoch %d: train loss %.4f", progress.epoch + 1, loss_sum / max(loss_count, 1))
@@ -336,6 +345,15 @@ def synchronise(loss: torch.Tensor, stop: bool, world_size: int) -> tuple[float,
     flags = torch.stack([loss.float(), torch.tensor(float(stop), device=loss.device)])
     dist.all_reduce(flags)
     return flags[0].item() / world_size, flags[1].item() > 0
+
+
+def any_rank(flag: bool, world_size: int, device: torch.device) -> bool:
+    """Whether the flag is set on any rank."""
+    if world_size == 1:
+        return flag
+    flags = torch.tensor(float(flag), device=device)
+    dist.all_reduce(flags)
+    return flags.item() > 0
 
 
 def log_validation(writer: SummaryWriter, metrics: dict, pictures: list[torch.Tensor], progress: Progress) -> None:

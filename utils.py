@@ -10,8 +10,10 @@ import fcntl
 import io
 import json
 import logging
+import math
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +37,7 @@ EVALUATE_LOG = "evaluate.log"
 METRICS_LAST = "metrics_val_last_weights.json"
 METRICS_BEST = "metrics_val_best_weights.json"
 LOCK_FILE = ".train.lock"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # a run saves and stops on these (Ctrl-C, Slurm, hang-up)
 CHECKPOINT_NAMES = {"last": LAST_CHECKPOINT, "best": BEST_CHECKPOINT}
 CHECKPOINT_KEYS = ("state_dict", "model_config", "class_names", "palette")  # what every checkpoint holds
 
@@ -148,6 +151,8 @@ class Setting:
     def _in_range(self, value: Any) -> bool:
         if not isinstance(value, (int, float)):
             return True
+        if not math.isfinite(value):  # JSON's NaN and Infinity: no setting takes them
+            return False
         r = self.rules
         return not (("at_least" in r and value < r["at_least"]) or ("above" in r and value <= r["above"])
                     or ("below" in r and value >= r["below"]) or (r.get("odd") and value % 2 == 0))
@@ -319,7 +324,11 @@ def atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
 
 
 def write_json(path: Path, values: dict[str, Any]) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(values, indent=4) + "\n").encode()))
+    """Atomically write `values` as indented JSON; a write error (full disk, read-only folder) is one line."""
+    try:
+        atomic_write(path, lambda f: f.write((json.dumps(values, indent=4) + "\n").encode()))
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def checkpoint_path(model_dir: Path, restore_file: str) -> Path:
@@ -368,10 +377,11 @@ def check_same_architecture(path: Path, saved: dict[str, Any], current: dict[str
         raise CheckpointError(f"checkpoint {path} was built for another model: {', '.join(diffs)}")
 
 
-def remove_stale_temporary_files(folder: Path) -> None:
-    """The `.<name>.tmp` files a killed process left behind (call with the folder's lock held)."""
-    for tmp in folder.glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+def remove_stale_temporary_files(folder: Path, names: Iterable[str]) -> None:
+    """The `.<name>.tmp` files of these names that a killed writer left behind (call with the folder's lock held;
+    other writers' temporaries, e.g. export.py's, may be in flight)."""
+    for name in names:
+        (folder / f".{name}.tmp").unlink(missing_ok=True)
 
 
 class RunLock:
@@ -386,8 +396,11 @@ class RunLock:
         self.file = None
 
     def __enter__(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a+")
+        except OSError as exc:
+            raise UserError(f"cannot lock {self.path.parent}: {exc.strerror or exc}") from exc
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.datasets.voc import voc_palette  # noqa: E402
 
 NUM_CLASSES = 21
-VOID = 255
 
 
 class BuildError(Exception):

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -83,7 +84,12 @@ def _open(config: DataConfig, num_classes: int, split: str, transform: Transform
     if config.dataset == "cityscapes":
         return CityscapesSegmentation(root, split, transform)
     if config.dataset == "camvid":
-        return CamVidSegmentation(root, split, transform, (config.split_sequences or {}).get(split))
+        if config.split_sequences is None:
+            return CamVidSegmentation(root, split, transform)
+        if split not in config.split_sequences:  # the SegNet list would share drives with the named splits
+            raise DatasetError(f"split {split!r} is not in split_sequences (which names "
+                               f"{', '.join(config.split_sequences)}); add its sequences there")
+        return CamVidSegmentation(root, split, transform, config.split_sequences[split])
     if config.dataset == "folder":
         return FolderSegmentation(root, split, transform, num_classes, config.mask_values, config.val_fraction,
                                   config.class_names)
@@ -166,17 +172,19 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def _leave_stop_signals_to_the_main_process(_worker_id: int) -> None:
-    """SIGINT/SIGTERM sent to the whole process group (Ctrl-C, Slurm, a pod stop) must not kill a worker: the main
-    process finishes its step, saves a checkpoint and then shuts the workers down itself. A SIGTERM from the main
-    process (DataLoader shutdown, multiprocessing's exit handler) still ends the worker at once."""
+def _leave_stop_signals_to_the_main_process(main_process: int, _worker_id: int) -> None:
+    """SIGINT/SIGTERM/SIGHUP sent to the whole process group (Ctrl-C, Slurm, a pod stop) must not kill a worker: the
+    main process finishes its step, saves a checkpoint and then shuts the workers down itself. A SIGTERM from the
+    main process (DataLoader shutdown, multiprocessing's exit handler) still ends the worker at once."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # every thread of the worker leaves it pending ...
-    threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), daemon=True).start()  # ... for this one
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):  # not on macOS: there a group SIGTERM still ends the workers
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # every thread leaves it pending for this one:
+        threading.Thread(target=_exit_on_sigterm_from, args=(main_process,), daemon=True).start()
 
 
-def _exit_on_sigterm_from(parent: int) -> None:
-    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+def _exit_on_sigterm_from(main_process: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != main_process:
         pass
     os._exit(0)
 
@@ -189,7 +197,8 @@ def build_dataloader(dataset: Dataset, batch_size: int, sampler: Sampler, num_wo
         dataset = SeededItems(dataset)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers,
                       pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-                      persistent_workers=num_workers > 0, worker_init_fn=_leave_stop_signals_to_the_main_process)
+                      persistent_workers=num_workers > 0,
+                      worker_init_fn=functools.partial(_leave_stop_signals_to_the_main_process, os.getpid()))
 
 
 def eval_loader(dataset: Dataset, num_workers: int, rank: int = 0, world_size: int = 1) -> DataLoader:

@@ -225,7 +225,11 @@ def test_camvid_split_sequences_take_whole_drives_from_every_list(tmp_path):
                split_sequences={"train": ["0001TP", "0016E5"], "val": ["0006R0"]})
     assert build(p, "train", False).names == ["0001TP_000010", "0016E5_000030", "0016E5_000040"]
     assert build(p, "val", False).names == ["0006R0_000020"]
-    assert build(p, "test", False).names == ["Seq05VD_f00000"]  # a split it does not name keeps its list
+    # A split it does not name is refused: SegNet's test list shares drive 0001TP with train.
+    expect_error(r"split 'test' is not in split_sequences \(which names train, val\); add its sequences there",
+                 build, p, "test", False)
+    with_test = replace(p, split_sequences={**p[0].split_sequences, "test": ["Seq05VD"]})
+    assert build(with_test, "test", False).names == ["Seq05VD_f00000"]
     expect_error(r"sequence 'Seq06' of split 'val' has no labelled frames in train\.txt, val\.txt, test\.txt .*"
                  r"\(sequences there: 0001TP, 0006R0, 0016E5, Seq05VD\)", build,
                  replace(p, split_sequences={"val": ["Seq06"]}), "val", False)

@@ -104,7 +104,7 @@ def make_tiny_voc(root: Path) -> list[str]:
     return names[4:]
 
 
-def test_a_split_without_ground_truth_gives_predictions_in_the_voc_server_layout(experiment, tmp_path):
+def test_a_split_without_ground_truth_gives_predictions_in_the_voc_server_layout(experiment, tmp_path, capsys):
     voc = tmp_path / "VOC2012"
     test_ids = make_tiny_voc(voc)
     model_dir = experiment(dataset="voc", data_dir=str(voc), num_classes=21, crop_size=32, batch_size=2,
@@ -116,3 +116,10 @@ def test_a_split_without_ground_truth_gives_predictions_in_the_voc_server_layout
     assert sorted(p.stem for p in server.glob("*.png")) == test_ids
     assert Image.open(server / f"{test_ids[0]}.png").size == (40, 30)
     assert not list(model_dir.glob("metrics_test_*.json"))  # no ground truth: predictions only
+
+    for name in test_ids:  # placeholder ground truth, all void (as Cityscapes' test split ships)
+        mask = Image.fromarray(np.full((30, 40), 255, np.uint8))
+        mask.putpalette([0] * 768)
+        mask.save(voc / "SegmentationClass" / f"{name}.png")
+    assert evaluate.cli(["--model_dir", str(model_dir), "--split", "test"]) == 2
+    assert "the 2 labels of this split mark every pixel void (255): nothing to score" in capsys.readouterr().err

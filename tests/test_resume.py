@@ -87,11 +87,14 @@ def assert_same_run(model_dir: Path, reference: tuple[dict, dict, dict]) -> None
     assert not list(model_dir.glob(".*.tmp")), "a temporary file outlived the resumed run"
 
 
+# A signal during step N's synchronise() is seen after step N + 1 (4 steps per epoch, 8 in all).
 @pytest.mark.parametrize("where,when,sig,workers", [
-    ("step", 3, "SIGTERM", 2),        # mid-epoch, as Slurm/scancel/a pod stop signal the whole group
-    ("step", 4, "SIGINT", 0),         # Ctrl-C on the last step of epoch 1
+    ("step", 3, "SIGTERM", 2),        # seen on the last step of epoch 1, as Slurm/scancel/a pod stop signal the group
+    ("step", 4, "SIGINT", 0),         # Ctrl-C, seen on the first step of epoch 2
     ("validation", 2, "SIGTERM", 2),  # during validation (the epoch is already saved)
     ("save", 1, "SIGINT", 0),         # while the end-of-epoch checkpoint is being written
+    ("step", 7, "SIGTERM", 0),        # seen on the very last step: the final epoch must still be validated
+    ("step", 2, "SIGHUP", 0),         # the terminal closed (or a sweep forwarding its hang-up), mid-epoch
 ])
 def test_a_stop_signal_to_the_process_group_saves_and_the_resumed_run_is_identical(
         experiment, uninterrupted, where, when, sig, workers):

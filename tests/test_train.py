@@ -116,7 +116,13 @@ def test_refusals_touch_nothing(experiment, tmp_path, capsys):
     before = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()}
 
     assert run_train(model_dir) == 2  # a fresh run over existing checkpoints refuses
-    assert "last.pth.tar exists" in capsys.readouterr().err
+    assert "holds a previous run (last.pth.tar, best.pth.tar, " in capsys.readouterr().err
+    assert run_train(model_dir, "--force", "--restore_file", "auto") == 2
+    assert "pass one of them" in capsys.readouterr().err
+    (model_dir / utils.LAST_CHECKPOINT).rename(tmp_path / "last")
+    assert run_train(model_dir, "--restore_file", "auto") == 2  # nothing to resume, but a best to keep
+    assert "holds a previous run (best.pth.tar, " in capsys.readouterr().err
+    (tmp_path / "last").rename(model_dir / utils.LAST_CHECKPOINT)
     assert run_train(model_dir, "--force", "--data_dir", str(tmp_path / "typo"), "--set", "dataset=\"voc\"") == 2
     assert "VOC data_dir not found" in capsys.readouterr().err  # --force checks its input before deleting
     assert run_train(model_dir, "--restore_file", "last") == 0  # resuming a finished run changes nothing
@@ -139,10 +145,14 @@ def test_force_starts_afresh_and_clears_the_previous_run(experiment):
     assert run_train(model_dir) == 0
     (model_dir / utils.BEST_CHECKPOINT).write_bytes(b"an old best")
     (model_dir / ".last.pth.tar.tmp").write_bytes(b"left by a killed save")
+    evaluated = [model_dir / "metrics_test_best_weights.json", model_dir / "confusion_test_best.png"]
+    for path in evaluated:
+        path.write_bytes(b"an evaluation of the old run")
     assert run_train(model_dir, "--force", "--set", "num_iterations=1") == 0
     assert read_json(model_dir / utils.COMPLETE_MARKER)["iterations"] == 1
     assert torch.load(model_dir / utils.BEST_CHECKPOINT, weights_only=True)["progress"]["iteration"] == 1
     assert len(list(model_dir.glob("events.out.tfevents.*"))) == 1 and not list(model_dir.glob(".*.tmp"))
+    assert not any(path.exists() for path in evaluated)
 
 
 def test_a_failing_validation_keeps_the_trained_epoch(experiment, capsys):

@@ -134,12 +134,12 @@ BAD_VALUES = {
     "synthetic_seed": [0.5], "synthetic_image_size": [4], "synthetic_train_images": [0], "synthetic_val_images": [0],
     "num_classes": [0, -3, 2.0], "backbone": ["resnet200"], "kernel_size": [8, 0, -3], "head": ["GCN", "dense"],
     "boundary_refine": [1], "upsample": ["nearest"], "stack_channels": [0], "pretrained": [3],
-    "learning_rate": [-0.1, 0, "0.1"], "head_lr_multiplier": [0], "momentum": [1.0, -0.1], "weight_decay": [-1e-4],
+    "learning_rate": [-0.1, 0, "0.1", float("nan"), float("inf")], "head_lr_multiplier": [0], "momentum": [1.0, -0.1], "weight_decay": [-1e-4],
     "batch_size": [0, -2], "num_epochs": [0], "num_iterations": [-5, 0], "lr_power": [-1],
     "warmup_iterations": [-1], "loss": ["dice", "cross entropy"], "class_weights": [["a"] * 5, [1, 2], [-1] * 5],
     "dice_weight": [-1], "grad_clip_norm": [0, -5], "sync_bn": ["false"], "seed": [1.5], "val_every_epochs": [0],
     "amp": [0], "channels_last": [None], "compile": ["true"], "save_summary_steps": [0],
-    "num_logged_images": [-1], "tta_scales": [[], [0], [1, -1]], "tta_flip": [2], "sliding_window": [[]],
+    "num_logged_images": [-1], "tta_scales": [[], [0], [1, -1], [float("nan")]], "tta_flip": [2], "sliding_window": [[]],
 }
 
 
@@ -234,11 +234,23 @@ def test_a_full_disk_is_one_line_and_keeps_the_old_checkpoint(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["last.pth.tar"]  # the temporary is gone
 
 
+def test_a_metrics_file_on_a_full_disk_or_in_a_read_only_folder_is_one_line(tmp_path):
+    (tmp_path / ".metrics.json.tmp").symlink_to("/dev/full")
+    with pytest.raises(UserError, match=r"^cannot write .*metrics\.json: No space left on device$"):
+        utils.write_json(tmp_path / "metrics.json", {"miou": 0.5})
+    assert sorted(os.listdir(tmp_path)) == []
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match=r"^cannot lock .*file/run: Not a directory$"):
+        with utils.RunLock(tmp_path / "file" / "run"):
+            pass
+
+
 def test_stale_temporary_files_are_removed(tmp_path):
     (tmp_path / ".last.pth.tar.tmp").write_bytes(b"x" * 100)
+    (tmp_path / ".best.onnx.tmp").write_bytes(b"export.py, writing")
     (tmp_path / "keep.json").write_text("{}")
-    utils.remove_stale_temporary_files(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["keep.json"]
+    utils.remove_stale_temporary_files(tmp_path, ["last.pth.tar", "best.pth.tar"])
+    assert sorted(os.listdir(tmp_path)) == [".best.onnx.tmp", "keep.json"]
 
 
 HOLD_LOCK = "import sys, time, utils\nwith utils.RunLock(__import__('pathlib').Path(sys.argv[1])):\n" \
