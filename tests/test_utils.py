@@ -134,12 +134,14 @@ BAD_VALUES = {
     "synthetic_seed": [0.5], "synthetic_image_size": [4], "synthetic_train_images": [0], "synthetic_val_images": [0],
     "num_classes": [0, -3, 2.0], "backbone": ["resnet200"], "kernel_size": [8, 0, -3], "head": ["GCN", "dense"],
     "boundary_refine": [1], "upsample": ["nearest"], "stack_channels": [0], "pretrained": [3],
-    "learning_rate": [-0.1, 0, "0.1", float("nan"), float("inf")], "head_lr_multiplier": [0], "momentum": [1.0, -0.1], "weight_decay": [-1e-4],
+    "learning_rate": [-0.1, 0, "0.1", float("nan"), float("inf")], "head_lr_multiplier": [0],
+    "momentum": [1.0, -0.1], "weight_decay": [-1e-4],
     "batch_size": [0, -2], "num_epochs": [0], "num_iterations": [-5, 0], "lr_power": [-1],
     "warmup_iterations": [-1], "loss": ["dice", "cross entropy"], "class_weights": [["a"] * 5, [1, 2], [-1] * 5],
     "dice_weight": [-1], "grad_clip_norm": [0, -5], "sync_bn": ["false"], "seed": [1.5], "val_every_epochs": [0],
     "amp": [0], "channels_last": [None], "compile": ["true"], "save_summary_steps": [0],
-    "num_logged_images": [-1], "tta_scales": [[], [0], [1, -1], [float("nan")]], "tta_flip": [2], "sliding_window": [[]],
+    "num_logged_images": [-1], "tta_scales": [[], [0], [1, -1], [float("nan")]], "tta_flip": [2],
+    "sliding_window": [[]],
 }
 
 
