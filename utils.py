@@ -485,6 +485,10 @@ def init_distributed(device_type: str) -> tuple[int, int]:
         return 0, 1
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        local_rank, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise UserError(f"local rank {local_rank} has no GPU: this machine shows {gpus} GPU(s); start at most "
+                            f"{gpus} processes per node (torchrun --nproc_per_node {gpus})")
+        torch.cuda.set_device(local_rank)
     dist.init_process_group(backend)
     return dist.get_rank(), dist.get_world_size()

@@ -132,7 +132,10 @@ def benchmark_model(name: str, model: nn.Module, args: argparse.Namespace, devic
     runner = torch.compile(model) if args.compile else model
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    step_s = median_seconds(train_step_fn(runner, images, labels, amp_dtype), device, args.warmup, args.repeats)
+    step = train_step_fn(runner, images, labels, amp_dtype)
+    step_s = median_seconds(step, device, args.warmup, args.repeats)
+    if args.profile:
+        print(f"{name}: the ops that take most of a training step's time\n{profile_table(step, device)}")
     result = {"model": name, "train_step_s": step_s, "train_images_per_s": args.batch_size / step_s,
               "train_tflops": flops / step_s / 1e12, "flops_per_step": flops, "backbone_flops_per_step": backbone_flops,
               "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
@@ -140,6 +143,19 @@ def benchmark_model(name: str, model: nn.Module, args: argparse.Namespace, devic
         result.update(benchmark_inference(runner, args, device, amp_dtype))
     model.to("cpu")
     return result
+
+
+def profile_table(step: Callable[[], object], device: torch.device, steps: int = 5, rows: int = 25) -> str:
+    """torch.profiler's table of the ops with the most self time (device time on CUDA) over `steps` steps."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(steps):
+            step()
+        synchronise(device)
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort_by, row_limit=rows)
 
 
 @torch.no_grad()
@@ -181,6 +197,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no_channels_last", dest="channels_last", action="store_false")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models")
     parser.add_argument("--models", nargs="+", default=None, help="subset of models to time (default: all)")
+    parser.add_argument("--profile", action="store_true", help="print each model's costliest ops (torch.profiler)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--matmul_size", type=int, default=None, help="default 8192 on CUDA, 2048 on CPU")

@@ -169,7 +169,7 @@ class Upsample2x(nn.Module):
                               align_corners=True)
         else:
             y = self.deconv(x)
-        return y[..., : size[0], : size[1]]
+        return y.narrow(-2, 0, size[0]).narrow(-1, 0, size[1])  # narrow, not slicing: older torch.export needs it
 
 
 def build_backbone(name: str, pretrained: bool | str | os.PathLike) -> torchvision.models.ResNet:

@@ -34,9 +34,16 @@ class RandomScale(v2.Transform):
         return {"size": [max(1, round(height * factor)), max(1, round(width * factor))]}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        # NEAREST_EXACT samples at pixel centres like bilinear does (plain NEAREST is shifted by up to half a pixel).
-        mode = InterpolationMode.NEAREST_EXACT if isinstance(inpt, tv_tensors.Mask) else InterpolationMode.BILINEAR
-        return self._call_kernel(TF.resize, inpt, size=params["size"], interpolation=mode, antialias=True)
+        if isinstance(inpt, tv_tensors.Mask):
+            # NEAREST_EXACT samples at pixel centres like bilinear does (plain NEAREST is shifted by up to half a
+            # pixel). Resized as a plain tensor: until pytorch/vision#9188 was fixed (0.26 has the bug) torchvision
+            # resized a Mask with NEAREST whatever one asked, which shifted labels against the image.
+            mask = inpt.as_subclass(Tensor)
+            resized = TF.resize(mask.unsqueeze(0) if mask.dim() == 2 else mask, size=params["size"],
+                                interpolation=InterpolationMode.NEAREST_EXACT)
+            return tv_tensors.wrap(resized.view(*mask.shape[:-2], *resized.shape[-2:]), like=inpt)
+        return self._call_kernel(TF.resize, inpt, size=params["size"], interpolation=InterpolationMode.BILINEAR,
+                                 antialias=True)
 
 
 class RandomCropAtMost(v2.Transform):
@@ -60,7 +67,7 @@ class RandomCropAtMost(v2.Transform):
 def _normalise_into(out: Tensor, image: Tensor) -> Tensor:
     """Write uint8 `image` into float `out` (same shape) normalised with the ImageNet mean/std, in place."""
     out.copy_(image)
-    return out.sub_(_MEAN_255).div_(_STD_255)
+    return out.sub_(_MEAN_255.to(out.device)).div_(_STD_255.to(out.device))
 
 
 def normalise(image: Tensor) -> Tensor:

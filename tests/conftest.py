@@ -1,4 +1,5 @@
-"""Shared fixtures: the real data sets beside the clone."""
+"""Shared fixtures: the real data sets beside the clone, tiny experiments, and CPU-only programs outside
+tests/test_cuda.py."""
 from __future__ import annotations
 
 import json
@@ -6,8 +7,24 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+if torch.cuda.is_available():
+    torch.cuda.init()  # this process keeps its GPU (tests/test_metrics.py uses it) when the fixture below hides it
+
+
+@pytest.fixture(autouse=True)
+def programs_run_on_the_cpu(request, monkeypatch):
+    """On a GPU box train.py, evaluate.py and predict.py would pick CUDA, where results are not bitwise
+    reproducible (cuDNN autotuning, atomic adds, TF32) and torchrun's ranks outnumber one GPU. The suite checks
+    exact results, so outside tests/test_cuda.py (the CUDA paths' own tests) they see no GPU, in this process
+    and in the ones it starts."""
+    if request.module.__name__.rpartition(".")[2] != "test_cuda":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 
 
 @pytest.fixture

@@ -2,13 +2,17 @@
 where a GPU is present and are skipped, saying why, elsewhere (CI has none)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
+import predict
 import train
 import utils
 from model.net import GCN, GCNConfig, loss_fn
+from test_predict import reference_logits, smooth_image, write_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -69,3 +73,22 @@ def test_sync_batch_norm_conversion_keeps_the_model_equal():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(converted(x), model(x))
+
+
+def test_predict_on_the_gpu_agrees_with_the_float32_cpu_logits(tmp_path):
+    """predict.py moves the images, their normalisation and the model to the GPU (bf16 autocast): its labels are
+    the CPU's float32 argmax wherever the two best logits differ by more than bf16's error could bridge."""
+    path = tmp_path / "best.pth.tar"
+    model = write_checkpoint(path)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, (height, width) in enumerate([(37, 53), (64, 48)]):
+        Image.fromarray(smooth_image(height, width, i)).save(photos / f"img{i}.png")
+    assert predict.cli(["--restore_file", str(path), str(photos), "--out", str(tmp_path / "out")]) == 0
+    for i in range(2):
+        labels = np.array(Image.open(tmp_path / "out" / "labels" / f"img{i}.png"))
+        logits = reference_logits(model, photos / f"img{i}.png")[0]
+        top2 = logits.topk(2, dim=0).values
+        decided = (top2[0] - top2[1] > 0.05 * logits.abs().max()).numpy()
+        assert decided.mean() > 0.5
+        assert (labels == logits.argmax(0).numpy())[decided].all()

@@ -385,6 +385,16 @@ def test_mixed_precision_is_decided_in_one_place(monkeypatch):
         assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32
 
 
+def test_more_torchrun_ranks_than_gpus_is_one_line_naming_the_cause(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match=r"local rank 1 has no GPU: this machine shows 1 GPU\(s\); start at most 1 "
+                                        r"processes per node"):
+        utils.init_distributed("cuda")
+
+
 @pytest.mark.parametrize("seed", [0, 123, 2**40 + 7])
 def test_seed_everything_is_reproducible(seed):
     utils.seed_everything(seed)
