@@ -13,7 +13,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -22,39 +21,40 @@ from model import IGNORE_INDEX, visualize
 from model.data_loader import DataConfig, DatasetError, build_dataset, eval_loader
 from model.inference import predict_logits
 from model.metrics import SegmentationMetrics
-from model.net import GCN, GCNConfig, PretrainedWeightsError
+from model.net import GCNConfig, PretrainedWeightsError, SegmentationLoss
 from model.transforms import denormalise
+from trained_model import load_trained_model
 
 WORST_MARK = "  <- worst"  # flags the lowest-IoU classes of the per-class table: 1 in 4, at most 3
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, params: utils.Params, device: torch.device, tta: bool = False,
+def evaluate(model: nn.Module, loader: DataLoader, criterion: SegmentationLoss, config: utils.EvalConfig,
+             placement: utils.Placement, tta: bool = False, window: int | None = None,
              on_image: Callable[[int, Tensor, Tensor, Tensor], None] | None = None,
              should_stop: Callable[[], bool] | None = None) -> dict[str, Any] | None:
-    """Dataset-level metrics at original resolution (all-reduced across ranks) and the mean pixel cross entropy;
-    {} for a split without labels, None if `should_stop` said so before the end.
+    """Dataset-level metrics at original resolution (all-reduced across ranks) and `loss`, the training objective
+    `criterion` over the whole split; {} for a split without labels, None if `should_stop` said so before the end.
 
-    `on_image(index, image, label, pred)` is called for every image (e.g. to save predictions).
+    With `tta`, logits are averaged over config's scales and flips; images larger than `window` are scored in
+    overlapping windows. `on_image(index, image, label, pred)` is called for every image (e.g. to save predictions).
     """
     model.eval()
     dataset = loader.dataset
-    metrics = SegmentationMetrics(params.num_classes, dataset.classes, device=device)
-    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # sum of pixel losses, labelled pixels
-    amp_dtype = utils.autocast_dtype(device, params.amp)
+    metrics = SegmentationMetrics(len(dataset.classes), dataset.classes, device=placement.device)
+    loss_sums = criterion.zero_sums(len(dataset.classes), placement.device)  # over batches, as one batch
+    labelled = torch.zeros((), dtype=torch.int64, device=placement.device)
     for index, (image, label) in zip(loader.sampler, loader):
         if should_stop is not None and should_stop():
             return None
-        image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
-        if params.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
-        with utils.autocast(device, amp_dtype):
-            logits = predict_logits(model, image, params.tta_scales if tta else (1.0,), flip=tta and params.tta_flip,
-                                    window=params.crop_size if params.sliding_window else None)
+        image, label = placement.batch(image, label)
+        with placement.autocast():
+            logits = predict_logits(model, image, config.tta_scales if tta else (1.0,), flip=tta and config.tta_flip,
+                                    window=window)
         pred = logits.argmax(1)
         if dataset.has_labels:
-            pixel_loss = F.cross_entropy(logits, label, ignore_index=IGNORE_INDEX, reduction="sum")
-            loss_sum += torch.stack([pixel_loss.double(), (label != IGNORE_INDEX).sum().double()])
+            loss_sums += criterion.sums(logits, label)
+            labelled += (label != IGNORE_INDEX).sum()
             metrics.update(pred, label)
         if on_image is not None:
             on_image(index, image[0], label[0], pred[0])
@@ -62,12 +62,13 @@ def evaluate(model: nn.Module, loader: DataLoader, params: utils.Params, device:
         return {}
     metrics.all_reduce()
     if dist.is_initialized():
-        dist.all_reduce(loss_sum)
-    if loss_sum[1] == 0:
+        dist.all_reduce(loss_sums)
+        dist.all_reduce(labelled)
+    if labelled == 0:
         raise DatasetError(f"the {len(dataset)} labels of this split mark every pixel void ({IGNORE_INDEX}): nothing "
                            f"to score (placeholder labels, e.g. Cityscapes' test split?)")
     results = metrics.compute()
-    results["loss"] = (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
+    results["loss"] = criterion.from_sums(loss_sums).item()
     return results
 
 
@@ -127,42 +128,48 @@ def parse_args(argv: Sequence[str] | None):
 
 
 def main(args) -> dict[str, Any]:
+    """Score a checkpoint on a split with the experiment's params.json settings; writes the metrics and pictures."""
     model_dir = Path(args.model_dir)
     overrides = utils.parse_overrides(args.set) | ({"data_dir": args.data_dir} if args.data_dir is not None else {})
     params = utils.load_params(model_dir, (DataConfig, GCNConfig), overrides)
+    data_config, config = params.config(DataConfig), params.config(utils.TrainConfig)
+    eval_config = params.config(utils.EvalConfig)
     if args.num_pictures not in (None, "all") and not args.num_pictures.isdigit():
         raise utils.UserError(f"--num_pictures {args.num_pictures!r}: expected a number or 'all'")
-    num_pictures = None if args.num_pictures == "all" else int(args.num_pictures or params.num_logged_images)
+    num_pictures = None if args.num_pictures == "all" else int(args.num_pictures or eval_config.num_logged_images)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dataset = build_dataset(params.config(DataConfig), params.num_classes, args.split, train=False)
-    path = utils.checkpoint_path(model_dir, args.restore_file)
-    checkpoint = utils.load_checkpoint(path)
-    utils.check_same_architecture(path, checkpoint["model_config"], params.config(GCNConfig).architecture())
-    model = GCN.from_checkpoint(checkpoint).to(device)
-    if params.channels_last:
-        model.to(memory_format=torch.channels_last)
+    placement = utils.Placement(device, config.channels_last, utils.autocast_dtype(device, config.amp))
+    dataset = build_dataset(data_config, params.num_classes, args.split, train=False)
+    trained = load_trained_model(utils.checkpoint_path(model_dir, args.restore_file),
+                                 params.config(GCNConfig).architecture())
     on_image = None
     if args.save_predictions:
-        on_image = prediction_saver(Path(args.save_predictions), dataset, params.dataset, num_pictures)
+        on_image = prediction_saver(Path(args.save_predictions), dataset, data_config.dataset, num_pictures)
     utils.set_logger(model_dir / utils.EVALUATE_LOG)
-    epoch = checkpoint.get("progress", {}).get("epoch")
-    logging.info("Evaluating %s (epoch %s) on %d %s images%s", path, epoch, len(dataset), args.split,
+    logging.info("Evaluating %s (epoch %s) on %d %s images%s", trained.path, trained.epoch, len(dataset), args.split,
                  " with TTA" if args.tta else "")
-    metrics = evaluate(model, eval_loader(dataset, params.num_workers), params, device, tta=args.tta,
-                       on_image=on_image)
+    criterion = SegmentationLoss(config.class_weights, config.dice_term_weight).to(device)
+    metrics = evaluate(placement.module(trained.net), eval_loader(dataset, data_config.num_workers), criterion,
+                       eval_config, placement, tta=args.tta,
+                       window=data_config.crop_size if eval_config.sliding_window else None, on_image=on_image)
     if not metrics:
         logging.info("Split %s has no ground truth: wrote predictions only", args.split)
         return metrics
-    tag = f"{args.split}_{path.name.split('.')[0]}{'_tta' if args.tta else ''}"
-    utils.write_json(model_dir / f"metrics_{tag}.json", {**metrics, "epoch": epoch})
-    visualize.confusion_matrix_figure(metrics["confusion_matrix"]["counts"], dataset.classes,
+    tag = f"{args.split}_{trained.path.name.split('.')[0]}{'_tta' if args.tta else ''}"
+    utils.write_json(model_dir / f"metrics_{tag}.json", {**metrics, "epoch": trained.epoch})
+    report(metrics, tag, dataset.classes, model_dir)
+    return metrics
+
+
+def report(metrics: dict[str, Any], tag: str, class_names: Sequence[str], model_dir: Path) -> None:
+    """The confusion matrix picture and the per-class table and summary line in evaluate.log."""
+    visualize.confusion_matrix_figure(metrics["confusion_matrix"]["counts"], class_names,
                                       model_dir / f"confusion_{tag}.png", title=f"{model_dir.name}: {tag}")
     logging.info("Per class (%s):\n%s", tag, per_class_table(metrics))
     logging.info("mIoU %.4f, pixel accuracy %.4f, mean accuracy %.4f, boundary / interior accuracy %s / %s",
                  metrics["miou"], metrics["pixel_accuracy"], metrics["mean_accuracy"],
                  *(f"{metrics[k]:.4f}" if metrics[k] is not None else "-"
                    for k in ("boundary_accuracy", "interior_accuracy")))
-    return metrics
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

@@ -23,6 +23,7 @@ import torch
 import utils
 from model.net import GCN
 from model.transforms import IMAGENET_MEAN, IMAGENET_STD
+from trained_model import load_trained_model
 
 WEIGHTS_KEYS = ("state_dict", "model_config", "class_names", "palette", "params")
 CHECK_SHAPE = (2, 3, 97, 131)  # odd sizes: every decoder crop is exercised
@@ -89,8 +90,8 @@ def parse_args(argv: Sequence[str] | None):
 
 
 def main(args) -> Path:
-    path = utils.checkpoint_path(Path(args.model_dir), args.restore_file)
-    checkpoint = utils.load_checkpoint(path)
+    trained = load_trained_model(utils.checkpoint_path(Path(args.model_dir), args.restore_file))
+    path, checkpoint = trained.path, trained.checkpoint
     out = Path(args.out) if args.out else None
     stem = path.with_name(path.name.split(".")[0])
     if args.format == "weights":
@@ -98,9 +99,9 @@ def main(args) -> Path:
         print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB; sha256 {digest})")
         return out
     out = out or stem.with_suffix(".onnx")
-    metadata = {"class_names": json.dumps(checkpoint["class_names"]), "palette": json.dumps(checkpoint["palette"]),
+    metadata = {"class_names": json.dumps(trained.class_names), "palette": json.dumps(trained.palette),
                 "mean": json.dumps(IMAGENET_MEAN), "std": json.dumps(IMAGENET_STD)}
-    diff = export_onnx(GCN.from_checkpoint(checkpoint), out, metadata)
+    diff = export_onnx(trained.net, out, metadata)
     print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB; ONNX Runtime vs PyTorch max abs diff {diff:.1e} "
           f"at {CHECK_SHAPE})")
     return out

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import utils
 from model.net import GCN
+from trained_model import load_trained_model
 
 dependencies = ["torch", "torchvision", "PIL", "numpy"]
 
@@ -17,8 +17,7 @@ dependencies = ["torch", "torchvision", "PIL", "numpy"]
 def gcn(checkpoint: str) -> GCN:
     """The GCN a checkpoint describes (train.py's, or export.py's weights-only file), on the CPU in eval mode, with
     its class names and palette as `model.class_names` and `model.palette` (one RGB triple per class)."""
-    path = Path(checkpoint)
-    state = utils.load_checkpoint(path)
-    model = GCN.from_checkpoint(state).eval()
-    model.class_names, model.palette = list(state["class_names"]), [tuple(c) for c in state["palette"]]
+    trained = load_trained_model(Path(checkpoint))
+    model = trained.net
+    model.class_names, model.palette = trained.class_names, trained.palette  # torch.hub's users get one object
     return model

@@ -8,7 +8,6 @@ skipped; the exit status is then 1 (2 for bad arguments or checkpoints).
 """
 from __future__ import annotations
 
-import dataclasses
 import glob
 import os
 import sys
@@ -25,8 +24,8 @@ from model import visualize
 from model.datasets.base import DatasetError, read_image
 from model.datasets.folder import IMAGE_SUFFIXES
 from model.inference import predict_logits
-from model.net import GCN
 from model.transforms import normalise
+from trained_model import load_trained_model
 
 GLOB_CHARS = "*?["
 
@@ -107,22 +106,18 @@ def parse_args(argv: Sequence[str] | None):
 def main(args) -> int:
     if args.batch_size < 1 or (args.window is not None and args.window < 1):
         raise utils.UserError("--batch_size and --window must be positive integers")
-    path = utils.checkpoint_path(Path(args.model_dir), args.restore_file)
-    checkpoint = utils.load_checkpoint(path)
-    class_names, palette = checkpoint["class_names"], checkpoint["palette"]
-    params = {**dataclasses.asdict(utils.TrainConfig()), **dataclasses.asdict(utils.EvalConfig()),
-              **checkpoint.get("params", {})}
+    trained = load_trained_model(utils.checkpoint_path(Path(args.model_dir), args.restore_file))
     out = Path(args.out)
     names = find_images(args.inputs, out)
     batches, errors = size_batches(list(names), args.batch_size)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    memory_format = torch.channels_last if params["channels_last"] else torch.contiguous_format
-    model = GCN.from_checkpoint(checkpoint).to(device, memory_format=memory_format).eval()
-    amp_dtype = utils.autocast_dtype(device, params["amp"])
-    scales, flip = (params["tta_scales"], params["tta_flip"]) if args.tta else ((1.0,), False)
-    print(f"Segmenting {len(names)} files with {path} ({model.config.backbone}, {len(class_names)} classes) on "
-          f"{device}{' with TTA' if args.tta else ''}")
+    config, eval_config = trained.train_config, trained.eval_config
+    placement = utils.Placement(device, config.channels_last, utils.autocast_dtype(device, config.amp))
+    model = placement.module(trained.net)
+    scales, flip = (eval_config.tta_scales, eval_config.tta_flip) if args.tta else ((1.0,), False)
+    print(f"Segmenting {len(names)} files with {trained.path} ({model.config.backbone}, {len(trained.class_names)} "
+          f"classes) on {device}{' with TTA' if args.tta else ''}")
     for line in errors:
         print(line, file=sys.stderr)
     written = 0
@@ -133,12 +128,13 @@ def main(args) -> int:
                 bar.write(line, file=sys.stderr)
             errors += unreadable
             if images:
-                x = normalise(torch.stack(list(images.values())).to(device)).contiguous(memory_format=memory_format)
-                with utils.autocast(device, amp_dtype):
+                x = placement.images(normalise(torch.stack(list(images.values())).to(device)))
+                with placement.autocast():
                     preds = predict_logits(model, x, scales, flip, args.window).argmax(1).cpu()
                 for (file, image), pred in zip(images.items(), preds):
-                    visualize.save_label_png(pred, palette, out / "labels" / names[file])
-                    visualize.save_picture(visualize.overlay_picture(image, pred, palette, class_names),
+                    visualize.save_label_png(pred, trained.palette, out / "labels" / names[file])
+                    visualize.save_picture(visualize.overlay_picture(image, pred, trained.palette,
+                                                                     trained.class_names),
                                            out / "overlays" / names[file])
                 written += len(images)
             bar.update(len(batch))

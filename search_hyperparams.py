@@ -180,14 +180,8 @@ class Sweep:
         """Every child's outcome, in sweep order, forwarding stop signals meanwhile (call from the main thread)."""
         slots = iter(self.slots)
         pool = ThreadPoolExecutor(len(self.slots), initializer=lambda: setattr(self.worker, "slot", next(slots)))
-        previous = {signum: signal.signal(signum, self.forward) for signum in utils.STOP_SIGNALS
-                    if signal.getsignal(signum) is not signal.SIG_IGN}  # under nohup, SIGHUP stays ignored
-        try:
-            with pool:
-                return list(pool.map(self.run_child, children))
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+        with utils.stop_signals_to(self.forward), pool:
+            return list(pool.map(self.run_child, children))
 
     def forward(self, signum: int, _frame: Any) -> None:
         """Signal handler: pass the signal on to the running children, and from now on start no more."""
@@ -264,24 +258,25 @@ def main(argv: list[str] | None = None, train_script: Path = TRAIN_SCRIPT) -> in
                         help="sweep KEY over these values (JSON where they parse, else strings); repeatable")
     parser.add_argument("--gpus", help="run one child per GPU at once, e.g. 0,1,2,3 (default: one at a time)")
     args = parser.parse_args(argv)
+    return utils.run_cli(lambda: sweep(args, train_script), (SweepError,))
+
+
+def sweep(args: argparse.Namespace, train_script: Path) -> int:
+    """Plan the children of --parent_dir, train them and report; the exit status (128+N if stopped by signal N)."""
     parent_dir = Path(args.parent_dir)
     gpus = None if args.gpus is None else [gpu.strip() for gpu in args.gpus.split(",")]
-    try:
-        if gpus is not None and (not all(gpu.isdigit() for gpu in gpus) or len(set(gpus)) != len(gpus)):
-            raise SweepError(f"--gpus {args.gpus!r}: expected distinct GPU indices separated by commas, e.g. 0,1,2,3")
-        parent_params = load_json(parent_dir / utils.PARAMS_FILE)
-        if not isinstance(parent_params, dict):
-            raise SweepError(f"{parent_dir / utils.PARAMS_FILE} must hold a JSON object")
-        children = plan_children(parent_dir, parent_params, load_grids(parent_dir, args.param, parent_params))
-    except SweepError as exc:
-        say(f"error: {exc}", err=True)
-        return 2
+    if gpus is not None and (not all(gpu.isdigit() for gpu in gpus) or len(set(gpus)) != len(gpus)):
+        raise SweepError(f"--gpus {args.gpus!r}: expected distinct GPU indices separated by commas, e.g. 0,1,2,3")
+    parent_params = load_json(parent_dir / utils.PARAMS_FILE)
+    if not isinstance(parent_params, dict):
+        raise SweepError(f"{parent_dir / utils.PARAMS_FILE} must hold a JSON object")
+    children = plan_children(parent_dir, parent_params, load_grids(parent_dir, args.param, parent_params))
     say(f"sweep of {len(children)} children in {parent_dir}")
-    sweep = Sweep(Path(train_script), args.data_dir, gpus)
-    outcomes = sweep.run(children)
+    runner = Sweep(Path(train_script), args.data_dir, gpus)
+    outcomes = runner.run(children)
     report(outcomes)
-    if sweep.stop_signal is not None:
-        return 128 + sweep.stop_signal
+    if runner.stop_signal is not None:
+        return 128 + runner.stop_signal
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 

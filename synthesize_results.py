@@ -39,8 +39,8 @@ import utils  # noqa: E402
 RESULTS_TABLE = "results.md"
 RESULTS_PLOT = "results.png"
 HPARAMS_DIR = "hparams"
-RATE_METRICS = ("miou", "pixel_accuracy", "mean_accuracy", "fw_iou", "boundary_accuracy", "interior_accuracy")
-MAIN_METRICS = (*RATE_METRICS, "loss", "epoch")
+RATE_METRICS = tuple(name for name in utils.SCALAR_METRICS if name != "loss")  # shown as percentages
+MAIN_METRICS = (*utils.SCALAR_METRICS, "epoch")
 LOWER_IS_BETTER = {"loss"}
 LOG_SCALE_DECADES = 2.0
 MISSING = "—"
@@ -382,14 +382,14 @@ def collect(parent_dir: Path, metric: str, metrics_file: str) -> list[Run]:
 def main(argv: list[str] | None = None) -> int:
     """Print and write results.md, results.png and the HParams event files; 0 on success, 2 on bad input."""
     args = build_parser().parse_args(argv)
+    return utils.run_cli(lambda: synthesize(args), (ResultsError,))
+
+
+def synthesize(args: argparse.Namespace) -> int:
     parent_dir = Path(args.parent_dir)
-    try:
-        runs = collect(parent_dir, args.metric, args.metrics_file)
-        text, rows, keys = render_report(parent_dir, runs, args.metric, args.metrics_file, args.average_over)
-        hparams = hparams_dir(parent_dir, runs)
-    except ResultsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    runs = collect(parent_dir, args.metric, args.metrics_file)
+    text, rows, keys = render_report(parent_dir, runs, args.metric, args.metrics_file, args.average_over)
+    hparams = hparams_dir(parent_dir, runs)
     print(text)
     (parent_dir / RESULTS_TABLE).write_text(text)
     if not rows:

@@ -10,10 +10,9 @@ import contextlib
 import dataclasses
 import logging
 import math
-import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -53,47 +53,44 @@ class Progress:
     seconds: float = 0.0  # wall time spent training and validating, over every resumption
 
 
-class StopSignal:
-    """While active, SIGINT/SIGTERM/SIGHUP only raise a flag, which the loops check; a second signal stops at once.
+@dataclass
+class Run:
+    """One training run's parts, built by main(); the loop below takes everything from here."""
 
-    The previous handlers come back on exit, so an in-process run leaves Ctrl-C working.
-    """
+    model_dir: Path
+    config: utils.TrainConfig
+    eval_config: utils.EvalConfig
+    net: GCN  # the network itself: checkpoints hold its weights
+    model: nn.Module  # `net` as the step calls it: compiled if asked, in DistributedDataParallel over processes
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    criterion: SegmentationLoss  # the training objective, which validation scores too
+    sampler: EpochSampler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    placement: utils.Placement  # device, memory layout and autocast of every forward pass
+    total_iterations: int
+    record: dict[str, Any]  # what every checkpoint holds beside the states: class names, palette, params
+    rank: int = 0
+    world_size: int = 1
+    window: int | None = None  # validation's sliding window (None: whole images)
+    progress: Progress = field(default_factory=Progress)
+    stop: utils.StopSignal = field(default_factory=utils.StopSignal)
+    writer: SummaryWriter | None = None  # the main process's TensorBoard writer
+    clock: float = field(default_factory=time.monotonic)  # when progress.seconds was last brought up to date
 
-    def __init__(self) -> None:
-        self.signum = 0
-        self._previous: dict[int, Any] = {}
+    @property
+    def main_process(self) -> bool:
+        return self.rank == 0
 
-    def __enter__(self) -> StopSignal:
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in utils.STOP_SIGNALS
-                          if signal.getsignal(sig) is not signal.SIG_IGN}  # under nohup, SIGHUP stays ignored
-        return self
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.sampler.per_rank // self.config.batch_size
 
-    def __exit__(self, *exc_info: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        if self.signum:
-            signal.signal(signum, self._previous[signum])
-            signal.raise_signal(signum)
-        self.signum = signum
-
-
-def poly_lr_lambda(total_iterations: int, power: float, warmup: int):
-    """Per-iteration factor: linear warm-up, then (1 - it / total) ** power."""
-    def factor(iteration: int) -> float:
-        ramp = min(1.0, (iteration + 1) / warmup) if warmup else 1.0
-        return ramp * max(0.0, 1 - iteration / total_iterations) ** power
-    return factor
-
-
-def build_optimizer(model: GCN, params: utils.Params) -> torch.optim.SGD:
-    """SGD; the new layers (heads, BR, decoder) learn head_lr_multiplier× faster than the backbone."""
-    groups = model.parameter_groups()
-    return torch.optim.SGD(
-        [{"params": groups["backbone"], "lr": params.learning_rate},
-         {"params": groups["heads"] + groups["decoder"], "lr": params.learning_rate * params.head_lr_multiplier}],
-        lr=params.learning_rate, momentum=params.momentum, weight_decay=params.weight_decay)
+    @property
+    def num_epochs(self) -> int:
+        return math.ceil(self.total_iterations / self.batches_per_epoch)
 
 
 def parse_args(argv: Sequence[str] | None):
@@ -109,234 +106,294 @@ def parse_args(argv: Sequence[str] | None):
 
 
 def main(args) -> int:
+    """Check every input, build the run (data, model, optimiser, schedule, loss, resumed state), train it."""
     model_dir = Path(args.model_dir)
     overrides = utils.parse_overrides(args.set) | ({"data_dir": args.data_dir} if args.data_dir is not None else {})
     params = utils.load_params(model_dir, (DataConfig, GCNConfig), overrides)
+    check_folder_name(model_dir)
+    restore_file = choose_restore_file(model_dir, args.restore_file, args.force)
+    data_config, model_config = params.config(DataConfig), params.config(GCNConfig)
+    config, eval_config = params.config(utils.TrainConfig), params.config(utils.EvalConfig)
+    device, rank, world_size = start_processes()
+    placement = utils.Placement(device, config.channels_last, utils.autocast_dtype(device, config.amp))
+
+    train_set = build_dataset(data_config, model_config.num_classes, data_config.train_split, train=True)
+    val_set = build_dataset(data_config, model_config.num_classes, data_config.val_split, train=False)
+    if len(train_set) < config.batch_size * world_size:
+        raise utils.ParamsError(f"batch_size {config.batch_size} × {world_size} process(es) exceeds the "
+                                f"{len(train_set)} training images")
+    sampler = EpochSampler(len(train_set), config.batch_size, config.seed, rank, world_size)
+    train_loader = build_dataloader(train_set, config.batch_size, sampler, data_config.num_workers, drop_last=True)
+    val_loader = eval_loader(val_set, data_config.num_workers, rank, world_size)
+    total_iterations = config.num_iterations or config.num_epochs * (sampler.per_rank // config.batch_size)
+
+    torch.manual_seed(config.seed)  # the model's initialisation; the data pipeline seeds every sample itself
+    net = placement.module(build_net(model_config, config.sync_bn and world_size > 1))
+    optimizer = build_optimizer(net, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, poly_lr_lambda(total_iterations, config.lr_power, config.warmup_iterations))
+    scaler = torch.amp.GradScaler(device.type, enabled=placement.dtype == torch.float16)
+    criterion = SegmentationLoss(config.class_weights, config.dice_term_weight).to(device)
+    model = torch.compile(net) if config.compile else net
+    if world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    run = Run(model_dir, config, eval_config, net, model, optimizer, scheduler, scaler, criterion, sampler,
+              train_loader, val_loader, placement, total_iterations, checkpoint_record(val_set, params),
+              rank, world_size, data_config.crop_size if eval_config.sliding_window else None)
+    if restore_file:
+        restore(run, utils.checkpoint_path(model_dir, restore_file), params)
+    if run_is_complete(run):
+        print(f"{model_dir}: nothing to do, this run already trained its {total_iterations} iterations")
+        return 0
+
+    # Every input is checked: from here on, the run writes into its folder, which it holds alone.
+    with contextlib.ExitStack() as exit_stack:
+        if run.main_process:
+            exit_stack.enter_context(claim_run_folder(model_dir, fresh=not restore_file))
+            utils.write_json(model_dir / utils.RESOLVED_PARAMS_FILE, utils.run_record(params, overrides, vars(args),
+                                                                                      device))
+            utils.set_logger(model_dir / utils.TRAIN_LOG)
+            run.writer = exit_stack.enter_context(contextlib.closing(SummaryWriter(model_dir)))
+        if restore_file:
+            logging.info("Resumed from %s: epoch %d, iteration %d, best mIoU %.4f", restore_file,
+                         run.progress.epoch, run.progress.iteration, run.progress.best_miou)
+        logging.info("Training %s on %s (%d images, %d batches/epoch) for %d iterations on %s × %d", model_dir,
+                     data_config.dataset, len(train_set), run.batches_per_epoch, total_iterations, device, world_size)
+        exit_stack.enter_context(run.stop)
+        return train(run)
+
+
+def train(run: Run) -> int:
+    """Train to the end of the budget, validating as params.json asks; 128+N if signal N stopped it (saved)."""
+    progress = run.progress
+    run.clock = time.monotonic()
+    if progress.validation_pending and not validate(run):
+        return stopped(run)
+    while progress.iteration < run.total_iterations:
+        run.sampler.set_epoch(progress.epoch, progress.batch_in_epoch)
+        if not train_one_epoch(run):
+            save(run, utils.LAST_CHECKPOINT)
+            return stopped(run)
+        progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+        last_epoch = progress.iteration >= run.total_iterations
+        progress.validation_pending = last_epoch or progress.epoch % run.config.val_every_epochs == 0
+        save(run, utils.LAST_CHECKPOINT)  # the epoch is safe before validation runs
+        if progress.validation_pending and not validate(run):
+            return stopped(run)
+        if any_rank(bool(run.stop.signum), run.world_size, run.placement.device):  # rank 0 may have been saving
+            return stopped(run)
+    if run.main_process:
+        utils.write_json(run.model_dir / utils.COMPLETE_MARKER, {
+            "epochs": progress.epoch, "iterations": progress.iteration, "best_miou": progress.best_miou,
+            "best_epoch": progress.best_epoch, "wall_time_s": round(progress.seconds, 1)})
+    logging.info("Done: best val mIoU %.4f at epoch %d (%s)", progress.best_miou, progress.best_epoch,
+                 run.model_dir / utils.BEST_CHECKPOINT)
+    return 0
+
+
+def train_one_epoch(run: Run) -> bool:
+    """One pass over this epoch's remaining batches; False if a stop signal arrived before its last step."""
+    config, progress, optimizer = run.config, run.progress, run.optimizer
+    run.model.train()
+    loss_sum = loss_count = 0.0
+    tick = time.time()
+    stop_now = False
+    for images, labels in tqdm(run.train_loader, desc=f"epoch {progress.epoch + 1}/{run.num_epochs}",
+                               disable=run.writer is None, dynamic_ncols=True, leave=False):
+        if stop_now:  # checked here, not after the step: a stop during an epoch's last step lets it finish
+            return False
+        images, labels = run.placement.batch(images, labels)
+        with run.placement.autocast():
+            loss = run.criterion(run.model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        if config.grad_clip_norm:
+            run.scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip_norm)
+        run.scaler.step(optimizer)
+        run.scaler.update()
+        run.scheduler.step()
+        progress.iteration += 1
+        progress.batch_in_epoch += 1
+        loss_value, stop_now = synchronise(loss.detach(), bool(run.stop.signum), run.world_size)
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(f"loss is {loss_value} at iteration {progress.iteration} (epoch "
+                                   f"{progress.epoch + 1}); kept the last good checkpoint; try a lower learning_rate "
+                                   f"or set grad_clip_norm (README: Training from scratch)")
+        loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
+        if run.writer is not None and progress.iteration % config.save_summary_steps == 0:
+            rate = config.batch_size * run.world_size * config.save_summary_steps / (time.time() - tick)
+            tick = time.time()
+            for name, value in (("loss", loss_value), ("lr", optimizer.param_groups[0]["lr"]),
+                                ("images_per_s", rate)):
+                run.writer.add_scalar(f"train/{name}", value, progress.iteration)
+        if progress.iteration >= run.total_iterations:
+            break
+    logging.info("Epoch %d: train loss %.4f", progress.epoch + 1, loss_sum / max(loss_count, 1))
+    return True
+
+
+def validate(run: Run) -> bool:
+    """Score the model on the val split and record it (best first, then last); False if stopped midway."""
+    progress = run.progress
+    dataset = run.val_loader.dataset
+    pictures = PictureKeeper(dataset, run.eval_config.num_logged_images if run.main_process else 0)
+    if run.world_size > 1:  # score with rank 0's batch-norm statistics, those the checkpoint holds
+        for buffer in run.net.buffers():
+            dist.broadcast(buffer, 0)
+    # Not through DDP: its forward synchronises buffers, which would deadlock ranks with fewer images.
+    model = run.model.module if isinstance(run.model, DistributedDataParallel) else run.model
+    metrics = evaluate(model, run.val_loader, run.criterion, run.eval_config, run.placement, window=run.window,
+                       on_image=pictures, should_stop=run.stop.requested if run.world_size == 1 else None)
+    if metrics is None:
+        return False
+    metrics["epoch"] = progress.epoch
+    progress.validation_pending = False
+    if metrics["miou"] > progress.best_miou:
+        progress.best_miou, progress.best_epoch = metrics["miou"], progress.epoch
+        save(run, utils.BEST_CHECKPOINT)  # best before last: last.pth.tar is what a resume trusts
+        if run.main_process:
+            utils.write_json(run.model_dir / utils.METRICS_BEST, metrics)
+    if run.main_process:
+        utils.write_json(run.model_dir / utils.METRICS_LAST, metrics)
+        log_validation(run.writer, metrics, pictures, progress)
+    save(run, utils.LAST_CHECKPOINT)
+    return True
+
+
+class PictureKeeper(list):
+    """An evaluate() on_image callback keeping the first `limit` prediction pictures (image | truth | prediction)."""
+
+    def __init__(self, dataset: Dataset, limit: int) -> None:
+        super().__init__()
+        self.dataset, self.limit = dataset, limit
+
+    def __call__(self, _index: int, image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor) -> None:
+        if len(self) < self.limit:
+            self.append(visualize.prediction_picture(
+                denormalise(image.cpu()), label.cpu() if self.dataset.has_labels else None, pred.cpu(),
+                self.dataset.palette, self.dataset.classes))
+
+
+def save(run: Run, name: str) -> None:
+    """Bring progress.seconds up to date and (main process) write the run's whole state to model_dir/name."""
+    now = time.monotonic()
+    run.progress.seconds += now - run.clock
+    run.clock = now
+    if run.main_process:
+        utils.save_checkpoint({
+            "state_dict": run.net.state_dict(), "model_config": dataclasses.asdict(run.net.config), **run.record,
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(), "progress": dataclasses.asdict(run.progress)}, run.model_dir / name)
+
+
+def restore(run: Run, path: Path, params: utils.Params) -> None:
+    """Load a checkpoint's weights and training state into `run`, refusing one trained with other settings."""
+    checkpoint = utils.load_checkpoint(path)
+    utils.check_same_architecture(path, checkpoint["model_config"], run.net.config.architecture())
+    if not {"optimizer", "scheduler", "scaler", "progress"} <= checkpoint.keys():
+        raise utils.CheckpointError(f"cannot resume from {path}: it holds no training state (an export.py "
+                                    f"weights file?)")
+    changed = params.experiment_differences(checkpoint["params"])
+    if changed:
+        raise utils.UserError(f"{path} was trained with other settings: {', '.join(changed)} differ (params.json "
+                              f"or --set); resume with the same ones, or start afresh with --force")
+    run.net.load_state_dict(checkpoint["state_dict"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    run.scaler.load_state_dict(checkpoint["scaler"])
+    run.progress = Progress(**checkpoint["progress"])
+
+
+# ----------------------------------------------------------------------------------------------- building the run
+
+def check_folder_name(model_dir: Path) -> None:
+    """Refuse a folder TensorBoard cannot write to (a name that is not valid UTF-8)."""
     try:
         str(model_dir.resolve()).encode("utf-8")
     except UnicodeEncodeError:
         raise utils.UserError(f"{model_dir!s}: the folder name is not valid UTF-8 (TensorBoard cannot write "
                               f"there); rename it") from None
+
+
+def start_processes() -> tuple[torch.device, int, int]:
+    """This process's device, rank and the number of processes (several under torchrun); CUDA tuned for speed."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, world_size = utils.init_distributed(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
-    with contextlib.ExitStack() as exit_stack:
-        return train(params, overrides, model_dir, args, device, rank, world_size, exit_stack)
+    return device, rank, world_size
 
 
-def train(params: utils.Params, overrides: dict, model_dir: Path, args, device: torch.device, rank: int,
-          world_size: int, exit_stack: contextlib.ExitStack) -> int:
-    """Check every input, then train to the end of the budget (or a stop signal); returns the exit status.
+def build_net(config: GCNConfig, sync_bn: bool) -> GCN:
+    """The GCN of `config`, its batch norms synchronised across processes if asked."""
+    net = GCN(config)
+    return nn.SyncBatchNorm.convert_sync_batchnorm(net) if sync_bn else net
 
-    The folder lock and the stop-signal handlers live on `exit_stack` until the caller closes it.
-    """
-    main_process = rank == 0
+
+def build_optimizer(net: GCN, config: utils.TrainConfig) -> torch.optim.SGD:
+    """SGD; the new layers (heads, BR, decoder) learn head_lr_multiplier× faster than the backbone."""
+    groups = net.parameter_groups()
+    return torch.optim.SGD(
+        [{"params": groups["backbone"], "lr": config.learning_rate},
+         {"params": groups["heads"] + groups["decoder"], "lr": config.learning_rate * config.head_lr_multiplier}],
+        lr=config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def poly_lr_lambda(total_iterations: int, power: float, warmup: int):
+    """Per-iteration factor: linear warm-up, then (1 - it / total) ** power."""
+    def factor(iteration: int) -> float:
+        ramp = min(1.0, (iteration + 1) / warmup) if warmup else 1.0
+        return ramp * max(0.0, 1 - iteration / total_iterations) ** power
+    return factor
+
+
+def checkpoint_record(dataset: Dataset, params: utils.Params) -> dict[str, Any]:
+    """What a checkpoint holds beside weights and training state: class names, palette and the run's settings."""
+    return {"class_names": list(dataset.classes), "palette": [list(c) for c in dataset.palette],
+            "params": params.dict}
+
+
+# ----------------------------------------------------------------------------------------------- the run folder
+
+def choose_restore_file(model_dir: Path, restore_file: str | None, force: bool) -> str | None:
+    """The checkpoint to resume from (None: start afresh); a previous run is never overwritten unless --force."""
     last = model_dir / utils.LAST_CHECKPOINT
-    restore_file = args.restore_file
-    if restore_file and args.force:
+    if restore_file and force:
         raise utils.UserError(f"--force starts afresh, --restore_file {restore_file} resumes: pass one of them")
     if restore_file == "auto":
         restore_file = "last" if last.exists() else None
     previous_run = [name for name in OUTPUTS if (model_dir / name).exists()]
-    if not restore_file and previous_run and not args.force:
+    if not restore_file and previous_run and not force:
         resume = "resume with --restore_file last, or " if last.exists() else ""
         raise utils.UserError(f"{model_dir} holds a previous run ({', '.join(previous_run)}): {resume}pass --force "
                               f"to delete it and start afresh")
+    return restore_file
 
-    # Data
-    data_config = params.config(DataConfig)
-    train_set = build_dataset(data_config, params.num_classes, params.train_split, train=True)
-    val_set = build_dataset(data_config, params.num_classes, params.val_split, train=False)
-    if len(train_set) < params.batch_size * world_size:
-        raise utils.ParamsError(f"batch_size {params.batch_size} × {world_size} process(es) exceeds the "
-                                f"{len(train_set)} training images")
-    sampler = EpochSampler(len(train_set), params.batch_size, params.seed, rank, world_size)
-    train_loader = build_dataloader(train_set, params.batch_size, sampler, params.num_workers, drop_last=True)
-    val_loader = eval_loader(val_set, params.num_workers, rank, world_size)
-    batches_per_epoch = sampler.per_rank // params.batch_size
-    total_iterations = params.num_iterations or params.num_epochs * batches_per_epoch
-    num_epochs = math.ceil(total_iterations / batches_per_epoch)
 
-    # Model, optimiser, schedule, loss
-    utils.seed_everything(params.seed)
-    model_config = params.config(GCNConfig)
-    model_without_ddp = GCN(model_config).to(device)
-    if params.sync_bn and world_size > 1:
-        model_without_ddp = nn.SyncBatchNorm.convert_sync_batchnorm(model_without_ddp)
-    if params.channels_last:
-        model_without_ddp.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model_without_ddp, params)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, poly_lr_lambda(total_iterations, params.lr_power, params.warmup_iterations))
-    amp_dtype = utils.autocast_dtype(device, params.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    loss_fn = SegmentationLoss(params.class_weights,
-                               params.dice_weight if params.loss == "cross_entropy+dice" else 0.0).to(device)
-    progress = Progress()
-    if restore_file:
-        path = utils.checkpoint_path(model_dir, restore_file)
-        checkpoint = utils.load_checkpoint(path)
-        utils.check_same_architecture(path, checkpoint["model_config"], model_config.architecture())
-        if not {"optimizer", "scheduler", "scaler", "progress"} <= checkpoint.keys():
-            raise utils.CheckpointError(f"cannot resume from {path}: it holds no training state (an export.py "
-                                        f"weights file?)")
-        changed = params.experiment_differences(checkpoint["params"])
-        if changed:
-            raise utils.UserError(f"{path} was trained with other settings: {', '.join(changed)} differ (params.json "
-                                  f"or --set); resume with the same ones, or start afresh with --force")
-        model_without_ddp.load_state_dict(checkpoint["state_dict"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        progress = Progress(**checkpoint["progress"])
-    done = progress.iteration >= total_iterations and not progress.validation_pending
-    if done and (model_dir / utils.COMPLETE_MARKER).exists():
-        print(f"{model_dir}: nothing to do, this run already trained its {total_iterations} iterations")
-        return 0
+def run_is_complete(run: Run) -> bool:
+    """Whether the run has trained and validated its whole budget and said so (train_complete.json)."""
+    done = run.progress.iteration >= run.total_iterations and not run.progress.validation_pending
+    return done and (run.model_dir / utils.COMPLETE_MARKER).exists()
 
-    # Every input is checked: from here on, the run writes into its folder, which it holds alone.
-    writer = None
-    if main_process:
-        exit_stack.enter_context(utils.RunLock(model_dir))
+
+@contextlib.contextmanager
+def claim_run_folder(model_dir: Path, fresh: bool):
+    """Hold the folder's lock; clear what killed writers left and, for a fresh run, the previous run's outputs."""
+    with utils.RunLock(model_dir):
         utils.remove_stale_temporary_files(model_dir, (*OUTPUTS, utils.RESOLVED_PARAMS_FILE))
-        if not restore_file:
+        if fresh:
             stale = [model_dir / name for name in OUTPUTS]
             for pattern in STALE_WITH_A_NEW_RUN:
                 stale += model_dir.glob(pattern)
             for path in stale:
                 path.unlink(missing_ok=True)
-        record = utils.run_record(params, overrides, vars(args), device)
-        utils.write_json(model_dir / utils.RESOLVED_PARAMS_FILE, record)
-        utils.set_logger(model_dir / utils.TRAIN_LOG)
-        writer = SummaryWriter(model_dir)
-    if restore_file:
-        logging.info("Resumed from %s: epoch %d, iteration %d, best mIoU %.4f", restore_file, progress.epoch,
-                     progress.iteration, progress.best_miou)
-    model = scoring_model = torch.compile(model_without_ddp) if params.compile else model_without_ddp
-    if world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    logging.info("Training %s on %s (%d images, %d batches/epoch) for %d iterations on %s × %d", model_dir,
-                 params.dataset, len(train_set), batches_per_epoch, total_iterations, device, world_size)
-
-    clock = time.monotonic()
-
-    def save(path: Path) -> None:
-        nonlocal clock
-        progress.seconds += time.monotonic() - clock
-        clock = time.monotonic()
-        if main_process:
-            utils.save_checkpoint({
-                "state_dict": model_without_ddp.state_dict(), "model_config": dataclasses.asdict(model_config),
-                "class_names": list(val_set.classes), "palette": [list(c) for c in val_set.palette],
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "progress": dataclasses.asdict(progress), "params": params.dict}, path)
-
-    def validate() -> bool:
-        """Score the model on the val split and record it (best first, then last); False if stopped midway."""
-        pictures: list[torch.Tensor] = []
-
-        def keep_picture(index: int, image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor) -> None:
-            if main_process and len(pictures) < params.num_logged_images:
-                pictures.append(visualize.prediction_picture(
-                    denormalise(image.cpu()), label.cpu() if val_set.has_labels else None, pred.cpu(),
-                    val_set.palette, val_set.classes))
-
-        if world_size > 1:  # score with rank 0's batch-norm statistics, those the checkpoint holds
-            for buffer in model_without_ddp.buffers():
-                dist.broadcast(buffer, 0)
-        # Not through DDP: its forward synchronises buffers, which would deadlock ranks with fewer images.
-        metrics = evaluate(scoring_model, val_loader, params, device, on_image=keep_picture,
-                           should_stop=(lambda: bool(stop.signum)) if world_size == 1 else None)
-        if metrics is None:
-            return False
-        metrics["epoch"] = progress.epoch
-        progress.validation_pending = False
-        if metrics["miou"] > progress.best_miou:
-            progress.best_miou, progress.best_epoch = metrics["miou"], progress.epoch
-            save(model_dir / utils.BEST_CHECKPOINT)  # best before last: last.pth.tar is what a resume trusts
-            if main_process:
-                utils.write_json(model_dir / utils.METRICS_BEST, metrics)
-        if main_process:
-            utils.write_json(model_dir / utils.METRICS_LAST, metrics)
-            log_validation(writer, metrics, pictures, progress)
-        save(model_dir / utils.LAST_CHECKPOINT)
-        return True
-
-    stop = exit_stack.enter_context(StopSignal())
-    if progress.validation_pending and not validate():
-        return stopped(stop, progress, model_dir)
-    while progress.iteration < total_iterations:
-        sampler.set_epoch(progress.epoch, progress.batch_in_epoch)
-        finished = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, loss_fn, params, device,
-                                   amp_dtype, progress, total_iterations, stop, writer, world_size,
-                                   f"epoch {progress.epoch + 1}/{num_epochs}")
-        if not finished:
-            save(model_dir / utils.LAST_CHECKPOINT)
-            return stopped(stop, progress, model_dir)
-        progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
-        last_epoch = progress.iteration >= total_iterations
-        progress.validation_pending = last_epoch or progress.epoch % params.val_every_epochs == 0
-        save(model_dir / utils.LAST_CHECKPOINT)  # the epoch is safe before validation runs
-        if progress.validation_pending and not validate():
-            return stopped(stop, progress, model_dir)
-        if any_rank(bool(stop.signum), world_size, device):  # rank 0 may have been saving while others went on
-            return stopped(stop, progress, model_dir)
-    if main_process:
-        utils.write_json(model_dir / utils.COMPLETE_MARKER, {
-            "epochs": progress.epoch, "iterations": progress.iteration, "best_miou": progress.best_miou,
-            "best_epoch": progress.best_epoch, "wall_time_s": round(progress.seconds, 1)})
-        writer.close()
-    logging.info("Done: best val mIoU %.4f at epoch %d (%s)", progress.best_miou, progress.best_epoch,
-                 model_dir / utils.BEST_CHECKPOINT)
-    return 0
+        yield
 
 
-def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, loss_fn: nn.Module, params: utils.Params,
-                    device: torch.device, amp_dtype, progress: Progress, total_iterations: int, stop: StopSignal,
-                    writer: SummaryWriter | None, world_size: int, description: str) -> bool:
-    """One pass over this epoch's remaining batches; False if a stop signal arrived before its last step."""
-    model.train()
-    loss_sum = loss_count = 0.0
-    tick = time.time()
-    stop_now = False
-    for images, labels in tqdm(loader, desc=description, disable=writer is None, dynamic_ncols=True, leave=False):
-        if stop_now:  # checked here, not after the step: a stop during an epoch's last step lets it finish
-            return False
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if params.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with utils.autocast(device, amp_dtype):
-            loss = loss_fn(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if params.grad_clip_norm:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        progress.iteration += 1
-        progress.batch_in_epoch += 1
-        loss_value, stop_now = synchronise(loss.detach(), bool(stop.signum), world_size)
-        if not math.isfinite(loss_value):
-            raise TrainingDiverged(f"loss is {loss_value} at iteration {progress.iteration} (epoch "
-                                   f"{progress.epoch + 1}); kept the last good checkpoint; try a lower learning_rate "
-                                   f"or set grad_clip_norm (README: Training from scratch)")
-        loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
-        if writer is not None and progress.iteration % params.save_summary_steps == 0:
-            rate = params.batch_size * world_size * params.save_summary_steps / (time.time() - tick)
-            tick = time.time()
-            for name, value in (("loss", loss_value), ("lr", optimizer.param_groups[0]["lr"]),
-                                ("images_per_s", rate)):
-                writer.add_scalar(f"train/{name}", value, progress.iteration)
-        if progress.iteration >= total_iterations:
-            break
-    logging.info("Epoch %d: train loss %.4f", progress.epoch + 1, loss_sum / max(loss_count, 1))
-    return True
-
+# ----------------------------------------------------------------------------------------------- across processes
 
 def synchronise(loss: torch.Tensor, stop: bool, world_size: int) -> tuple[float, bool]:
     """The loss averaged over ranks and whether any rank was asked to stop (so that every rank decides alike)."""
@@ -356,12 +413,13 @@ def any_rank(flag: bool, world_size: int, device: torch.device) -> bool:
     return flags.item() > 0
 
 
+# ----------------------------------------------------------------------------------------------- reporting
+
 def log_validation(writer: SummaryWriter, metrics: dict, pictures: list[torch.Tensor], progress: Progress) -> None:
     """The validation's line in train.log and its TensorBoard scalars, per-class IoU and pictures."""
     logging.info("Epoch %d: val mIoU %.4f (best %.4f at epoch %d), pixel acc %.4f, loss %.4f", progress.epoch,
                  metrics["miou"], progress.best_miou, progress.best_epoch, metrics["pixel_accuracy"], metrics["loss"])
-    for key in ("miou", "pixel_accuracy", "mean_accuracy", "fw_iou", "loss", "boundary_accuracy",
-                "interior_accuracy"):
+    for key in utils.SCALAR_METRICS:
         if metrics.get(key) is not None:
             writer.add_scalar(f"val/{key}", metrics[key], progress.iteration)
     for name, iou in metrics["per_class_iou"].items():
@@ -372,10 +430,10 @@ def log_validation(writer: SummaryWriter, metrics: dict, pictures: list[torch.Te
     writer.flush()
 
 
-def stopped(stop: StopSignal, progress: Progress, model_dir: Path) -> int:
-    logging.info("Stopped by signal %d at iteration %d: saved %s; resume with --restore_file last", stop.signum,
-                 progress.iteration, model_dir / utils.LAST_CHECKPOINT)
-    return 128 + stop.signum
+def stopped(run: Run) -> int:
+    logging.info("Stopped by signal %d at iteration %d: saved %s; resume with --restore_file last", run.stop.signum,
+                 run.progress.iteration, run.model_dir / utils.LAST_CHECKPOINT)
+    return 128 + run.stop.signum
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

@@ -1,8 +1,9 @@
-"""Settings (Params), the run folder (file names, lock, atomic writes, checkpoints), logging, seeding, mixed
+"""Settings (Params), the run folder (file names, lock, atomic writes, checkpoints), logging, mixed
 precision, distributed helpers and what every entry point shares on its command line. Imports nothing of model/."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -40,6 +41,10 @@ LOCK_FILE = ".train.lock"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # a run saves and stops on these (Ctrl-C, Slurm, hang-up)
 CHECKPOINT_NAMES = {"last": LAST_CHECKPOINT, "best": BEST_CHECKPOINT}
 CHECKPOINT_KEYS = ("state_dict", "model_config", "class_names", "palette")  # what every checkpoint holds
+# The scalar metrics of a validation (metrics JSON, TensorBoard's val/..., the sweep tables); `loss` is the training
+# objective (class-weighted cross entropy, + Dice if asked), so that val/loss and train/loss compare.
+SCALAR_METRICS = ("miou", "pixel_accuracy", "mean_accuracy", "fw_iou", "boundary_accuracy", "interior_accuracy",
+                  "loss")
 
 
 class UserError(ValueError):
@@ -60,7 +65,7 @@ class CheckpointError(UserError):
 class TrainConfig:
     """The training settings (params.json's training keys); metadata says which values are allowed.
 
-    `execution` marks settings that say how to run, not what: a resumed run may change them.
+    `may_change_on_resume` marks settings that say how to run, not what: a resumed run may change them.
     """
 
     learning_rate: float = field(default=0.01, metadata={"above": 0})  # backbone lr, per process batch
@@ -80,17 +85,22 @@ class TrainConfig:
     sync_bn: bool = False
     seed: int = 230  # model init, data order and every sample's augmentation
     val_every_epochs: int = field(default=1, metadata={"at_least": 1})
-    amp: bool = field(default=True, metadata={"execution": True})  # CUDA mixed precision
-    channels_last: bool = field(default=True, metadata={"execution": True})
-    compile: bool = field(default=False, metadata={"execution": True})
-    save_summary_steps: int = field(default=20, metadata={"at_least": 1, "execution": True})
+    amp: bool = field(default=True, metadata={"may_change_on_resume": True})  # CUDA mixed precision
+    channels_last: bool = field(default=True, metadata={"may_change_on_resume": True})
+    compile: bool = field(default=False, metadata={"may_change_on_resume": True})
+    save_summary_steps: int = field(default=20, metadata={"at_least": 1, "may_change_on_resume": True})
+
+    @property
+    def dice_term_weight(self) -> float:
+        """The Dice term's weight in the loss: dice_weight if `loss` includes Dice, else 0."""
+        return self.dice_weight if self.loss == "cross_entropy+dice" else 0.0
 
 
 @dataclass
 class EvalConfig:
     """The evaluation settings (params.json's evaluation keys)."""
 
-    num_logged_images: int = field(default=4, metadata={"at_least": 0, "execution": True})
+    num_logged_images: int = field(default=4, metadata={"at_least": 0, "may_change_on_resume": True})
     tta_scales: list = field(default_factory=lambda: [0.75, 1.0, 1.25], metadata={"items": (float, int), "above": 0})
     tta_flip: bool = True
     sliding_window: bool = False
@@ -111,8 +121,8 @@ class Setting:
     rules: dict[str, Any]
 
     @property
-    def execution(self) -> bool:
-        return bool(self.rules.get("execution"))
+    def may_change_on_resume(self) -> bool:
+        return bool(self.rules.get("may_change_on_resume"))
 
     def allows(self, value: Any, values: dict[str, Any]) -> bool:
         """Whether `value` is allowed, given the other settings' `values` (a list's length may name one)."""
@@ -190,7 +200,7 @@ def settings_of(config_class: type) -> dict[str, Setting]:
 
 
 def experiment_settings(config_classes: Sequence[type]) -> dict[str, Setting]:
-    """Every setting of an experiment, each declared by exactly one room's config dataclass."""
+    """Every setting of an experiment, each declared by exactly one config dataclass."""
     settings: dict[str, Setting] = {}
     for config_class in config_classes:
         for name, setting in settings_of(config_class).items():
@@ -201,8 +211,8 @@ def experiment_settings(config_classes: Sequence[type]) -> dict[str, Setting]:
 
 
 class Params:
-    """The settings of one experiment, validated once against the rooms' config dataclasses: every key is an
-    attribute (params.learning_rate) and params.config(GCNConfig) builds one room's config.
+    """The settings of one experiment, validated once against the config dataclasses: every key is an
+    attribute (params.learning_rate) and params.config(GCNConfig) builds one module's config.
 
     >>> params = Params.load("experiments/demo/params.json", (DataConfig, GCNConfig, TrainConfig, EvalConfig))
     """
@@ -251,12 +261,14 @@ class Params:
                 raise ParamsError(f"{source}: unknown key {key!r}{hint}")
 
     def config(self, config_class: type) -> Any:
-        """One room's config dataclass, filled from these settings."""
+        """One config dataclass (DataConfig, GCNConfig, TrainConfig, EvalConfig), filled from these settings."""
         return config_class(**{f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(config_class)})
 
     def experiment_differences(self, other: dict[str, Any]) -> list[str]:
-        """The keys (execution settings aside) whose values differ from `other`, e.g. a checkpoint's params."""
-        return [k for k, s in self._settings.items() if not s.execution and other.get(k, s.default) != getattr(self, k)]
+        """The keys (those that may change on resume aside) whose values differ from `other`, e.g. a checkpoint's
+        params."""
+        return [k for k, s in self._settings.items()
+                if not s.may_change_on_resume and other.get(k, s.default) != getattr(self, k)]
 
     @property
     def dict(self) -> dict[str, Any]:
@@ -264,9 +276,10 @@ class Params:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
 
-def load_params(model_dir: Path, room_configs: Sequence[type], overrides: dict[str, Any] | None = None) -> Params:
-    """An experiment's params.json with its overrides, validated against the rooms' configs and the run's own."""
-    return Params.load(model_dir / PARAMS_FILE, (*room_configs, TrainConfig, EvalConfig), overrides)
+def load_params(model_dir: Path, configs: Sequence[type], overrides: dict[str, Any] | None = None) -> Params:
+    """An experiment's params.json with its overrides, validated against `configs` (e.g. DataConfig, GCNConfig)
+    and the training and evaluation configs."""
+    return Params.load(model_dir / PARAMS_FILE, (*configs, TrainConfig, EvalConfig), overrides)
 
 
 # ----------------------------------------------------------------------------------------------- command lines
@@ -474,9 +487,29 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
-def seed_everything(seed: int) -> None:
-    """Seed torch (all devices); the data pipeline seeds every sample itself (model/data_loader.py)."""
-    torch.manual_seed(seed)
+@dataclass(frozen=True)
+class Placement:
+    """How the network runs: on `device`, in channels-last memory if asked, under autocast to `dtype` (from
+    autocast_dtype; None: float32). Training, evaluation and prediction feed it alike."""
+
+    device: torch.device
+    channels_last: bool = False
+    dtype: torch.dtype | None = None
+
+    def module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """`module` moved to the device and memory layout (in place, as nn.Module.to)."""
+        return module.to(self.device, memory_format=torch.channels_last if self.channels_last else
+                         torch.contiguous_format)
+
+    def images(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    def batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images(images), labels.to(self.device, non_blocking=True)
+
+    def autocast(self) -> torch.autocast:
+        return autocast(self.device, self.dtype)
 
 
 def init_distributed(device_type: str) -> tuple[int, int]:
@@ -492,3 +525,47 @@ def init_distributed(device_type: str) -> tuple[int, int]:
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend)
     return dist.get_rank(), dist.get_world_size()
+
+
+# ----------------------------------------------------------------------------------------------- stop signals
+
+@contextlib.contextmanager
+def stop_signals_to(handler: Callable[[int, Any], None]):
+    """While active, the stop signals (STOP_SIGNALS) call `handler(signum, frame)`; yields the previous handlers,
+    which come back on exit. A signal already ignored (SIGHUP under nohup) stays ignored."""
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS
+                if signal.getsignal(signum) is not signal.SIG_IGN}
+    try:
+        yield previous
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+class StopSignal:
+    """While active, SIGINT/SIGTERM/SIGHUP only raise a flag, which the loops check; a second signal stops at once.
+
+    The previous handlers come back on exit, so an in-process run leaves Ctrl-C working.
+    """
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._stack = contextlib.ExitStack()
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        self._previous = self._stack.enter_context(stop_signals_to(self._handle))
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._stack.close()
+
+    def requested(self) -> bool:
+        """Whether a stop signal has arrived."""
+        return bool(self.signum)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signum:
+            signal.signal(signum, self._previous[signum])
+            signal.raise_signal(signum)
+        self.signum = signum

@@ -1,7 +1,7 @@
 """Training-pipeline throughput (decode + augmentation + collate) in images/s, per DataLoader worker.
 
-    python benchmarks/bench_data.py                                  # generated 500×375 VOC-like JPEGs
-    python benchmarks/bench_data.py --voc_dir ../shared/data/voc2012_2007subset/VOCdevkit/VOC2012
+    python -m benchmarks.bench_data                                  # generated 500×375 VOC-like JPEGs
+    python -m benchmarks.bench_data --voc_dir ../shared/data/voc2012_2007subset/VOCdevkit/VOC2012
 
 Prints, for each worker count, the median over --repeats epochs of images/s in total and per worker
 (0 workers: the main process does the work, on one thread like a worker, and counts as one).
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,9 +19,8 @@ import torch
 from torch.utils.data import RandomSampler
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model.data_loader import DataConfig, build_dataloader, build_dataset  # noqa: E402
-from model.datasets.voc import voc_palette  # noqa: E402
+from model.data_loader import DataConfig, build_dataloader, build_dataset
+from model.datasets.voc import voc_palette
 
 
 def make_voc_tree(root: Path, count: int, seed: int = 0) -> Path:

@@ -1,7 +1,7 @@
 """CPU latency of an exported ONNX model (onnxruntime) next to the PyTorch model it came from, at batch 1.
 
     python export.py --model_dir experiments/demo --format onnx
-    python benchmarks/bench_export.py --checkpoint experiments/demo/best.pth.tar --onnx experiments/demo/best.onnx \
+    python -m benchmarks.bench_export --checkpoint experiments/demo/best.pth.tar --onnx experiments/demo/best.onnx \
         [--height 375 --width 500 --threads 1 --repeats 15]
 
 Both run float32 on the same random normalised input with the same number of threads; the timings are interleaved
@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import onnxruntime
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import utils  # noqa: E402
-from model.net import GCN  # noqa: E402
+import utils
+from model.net import GCN
 
 
 def main() -> None:

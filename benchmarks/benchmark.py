@@ -1,6 +1,6 @@
 """Training/inference speed of the GCN next to torchvision's FCN and DeepLabV3, on CPU or CUDA.
 
-    python benchmarks/benchmark.py --backbone resnet50 --crop 512 --batch_size 8 [--json out.json]
+    python -m benchmarks.benchmark --backbone resnet50 --crop 512 --batch_size 8 [--json out.json]
 
 Reports, all measured in this one run: training-step images/s and peak memory for GCN, fcn_resnet50 and
 deeplabv3_resnet50 (and their time ratios), inference latency and throughput at --eval_size, the achieved
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,11 +23,9 @@ import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_data import images_per_second, make_voc_tree  # noqa: E402
-import utils  # noqa: E402
-from model.net import GCN, GCNConfig, loss_fn  # noqa: E402
+import utils
+from benchmarks.bench_data import images_per_second, make_voc_tree
+from model.net import GCN, GCNConfig, cross_entropy_loss
 
 
 def synchronise(device: torch.device) -> None:
@@ -100,7 +97,7 @@ def train_step_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
 
     def step() -> None:
         with utils.autocast(device, amp_dtype):
-            loss = loss_fn(model(images), labels)
+            loss = cross_entropy_loss(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -111,7 +108,7 @@ def count_train_flops(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     """(whole-model, backbone-only) FLOPs of one forward + backward pass."""
     counter = FlopCounterMode(display=False)
     with counter:
-        loss_fn(model(images), labels).backward()
+        cross_entropy_loss(model(images), labels).backward()
     model.zero_grad(set_to_none=True)
     prefix = f"{type(model).__name__}.backbone."  # GCN.backbone is a ModuleDict: sum its direct children
     backbone = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()

@@ -13,7 +13,7 @@ python=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 "$python" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" \
     | tee -a "$out/gpu.txt"
-bench=(benchmarks/benchmark.py --backbone resnet50 --crop 512 --eval_size 512 --batch_size 8 --warmup 5 --repeats 20)
+bench=(-m benchmarks.benchmark --backbone resnet50 --crop 512 --eval_size 512 --batch_size 8 --warmup 5 --repeats 20)
 timeout 240 "$python" "${bench[@]}" --profile --json "$out/benchmark_eager.json" > "$out/benchmark_eager.log" 2>&1
 tail -8 "$out/benchmark_eager.log"
 timeout -s INT "${SUITE_SECONDS:-600}" "$python" -m pytest -q -rs -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 \

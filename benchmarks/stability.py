@@ -1,6 +1,6 @@
 """From-scratch stability probe: does a setting diverge, and which part's gradients grow first?
 
-    python benchmarks/stability.py --data_dir ../shared/data/voc2012_2007subset/VOCdevkit/VOC2012 [--seeds 230 1 2]
+    python -m benchmarks.stability --data_dir ../shared/data/voc2012_2007subset/VOCdevkit/VOC2012 [--seeds 230 1 2]
         [--head 1x1 --kernel_size 1] [--no_br] [--upsample bilinear] [--only_res5] [--clip 5] [--model fcn_resnet50]
 
 Trains the demo's settings (ResNet-18, k = 7, lr 0.02, momentum 0.9, batch 4, 96² crops, random scale 0.75-1.25)
@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
-from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model.data_loader import DataConfig, EpochSampler, build_dataloader, build_dataset  # noqa: E402
-from model.net import GCN, GCNConfig, loss_fn  # noqa: E402
+from model.data_loader import DataConfig, EpochSampler, build_dataloader, build_dataset
+from model.net import GCN, GCNConfig, cross_entropy_loss
 
 
 class LogitsOnly(nn.Module):
@@ -67,7 +64,7 @@ def probe(args: argparse.Namespace, seed: int) -> bool:
         sampler.set_epoch(step)
         for images, labels in loader:
             logits = model(images.contiguous(memory_format=torch.channels_last))
-            loss = loss_fn(logits, labels)
+            loss = cross_entropy_loss(logits, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             norms = {part: torch.norm(torch.stack(grads)).item() for part, params in parts.items()

@@ -1,6 +1,6 @@
 """Build VOC2012/SegmentationClassAug/ and ImageSets/Segmentation/train_aug.txt from SBD (the `voc_aug` data set).
 
-    python data/build_voc_aug.py --voc data/VOCdevkit/VOC2012 --sbd data/benchmark_RELEASE/dataset
+    python -m data.build_voc_aug --voc data/VOCdevkit/VOC2012 --sbd data/benchmark_RELEASE/dataset
 
 train_aug = (SBD train ∪ SBD val ∪ VOC train) − VOC val: 10,582 images with the full data sets. A label is
 the official VOC mask where VOC has one (it keeps the 255 void borders), else SBD's cls/<id>.mat
@@ -19,8 +19,7 @@ import scipy.io
 from PIL import Image
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model.datasets.voc import voc_palette  # noqa: E402
+from model.datasets.voc import voc_palette
 
 NUM_CLASSES = 21
 

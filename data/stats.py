@@ -1,8 +1,8 @@
 """Data-set statistics of an experiment: images per split, image sizes, class pixel shares, absent classes and
 median-frequency class weights ready for params.json's `class_weights`.
 
-    python data/stats.py --model_dir experiments/camvid [--data_dir D] [--split train val] [--json stats.json]
-    python data/stats.py --model_dir experiments/camvid --browse 8   # also 8 augmented training samples as PNGs
+    python -m data.stats --model_dir experiments/camvid [--data_dir D] [--split train val] [--json stats.json]
+    python -m data.stats --model_dir experiments/camvid --browse 8   # also 8 augmented training samples as PNGs
 
 Labels are read straight from their files (no image decoding); generated data sets (synthetic) are iterated.
 Exit status 0 done, 2 on bad params or data (one line on stderr).
@@ -20,13 +20,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import utils  # noqa: E402
-from model import IGNORE_INDEX, visualize  # noqa: E402
-from model.data_loader import DataConfig, DatasetError, EpochSampler, SeededItems, build_dataset  # noqa: E402
-from model.datasets.base import SegmentationDataset, read_label  # noqa: E402
-from model.net import GCNConfig  # noqa: E402
-from model.transforms import denormalise  # noqa: E402
+import utils
+from model import IGNORE_INDEX, visualize
+from model.data_loader import DataConfig, DatasetError, EpochSampler, SeededItems, build_dataset
+from model.datasets.base import SegmentationDataset, read_label
+from model.net import GCNConfig
+from model.transforms import denormalise
 
 
 @dataclass

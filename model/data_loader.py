@@ -49,16 +49,16 @@ DATASET_NAMES = ("voc", "voc_aug", "cityscapes", "camvid", "folder", "synthetic"
 @dataclass
 class DataConfig:
     """Every data setting (params.json's data keys); each field's metadata says which values params.json may give
-    (`execution`: how to run, not what; a resumed run may change it)."""
+    (`may_change_on_resume`: how to run, not what)."""
 
     dataset: str = field(metadata={"choices": DATASET_NAMES})
-    data_dir: str = field(metadata={"execution": True})  # root of the data set (ignored by synthetic)
+    data_dir: str = field(metadata={"may_change_on_resume": True})  # root of the data set (ignored by synthetic)
     crop_size: int = field(default=512, metadata={"at_least": 1})  # square training crop, padded when larger
     scale_range: list = field(default_factory=lambda: [0.5, 2.0], metadata={
         "items": (float, int), "length": 2, "above": 0, "rule": ("[low, high] with low <= high", _ascending_pair)})
     flip: bool = True
     color_jitter: float = field(default=0.0, metadata={"at_least": 0})  # brightness/contrast/saturation strength
-    num_workers: int = field(default=4, metadata={"at_least": 0, "execution": True})
+    num_workers: int = field(default=4, metadata={"at_least": 0, "may_change_on_resume": True})
     train_split: str = "train"
     val_split: str = "val"
     mask_values: dict | None = field(default=None, metadata={  # folder: stored mask value -> class

@@ -304,7 +304,7 @@ class GCN(nn.Module):
         return self.decoder_refines[4](self.upsamples[4](out, tuple(x.shape[-2:])))
 
 
-def loss_fn(logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
+def cross_entropy_loss(logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
     """Pixel-wise cross entropy (optionally class-weighted); void pixels (IGNORE_INDEX) are ignored.
 
     Unlike F.cross_entropy's mean, an all-void batch (a crop inside an ignored region) gives 0, not NaN.
@@ -312,26 +312,44 @@ def loss_fn(logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Ten
     if logits.dim() == 4 and not logits.is_contiguous() and logits.is_contiguous(memory_format=torch.channels_last):
         # NHWC logits as (pixels × classes) rows, a free view: log-softmax over rows is ~2× faster on CPU.
         logits, labels = logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1]), labels.reshape(-1)
-    valid = labels != IGNORE_INDEX
-    pixel_weight = valid.to(logits.dtype) if weight is None else weight[labels.masked_fill(~valid, 0)] * valid
+    pixel_weight = _pixel_weights(labels, weight, logits.dtype)
     total = F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
     return total / pixel_weight.sum().clamp(min=torch.finfo(pixel_weight.dtype).tiny)
 
 
+def _pixel_weights(labels: Tensor, weight: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """Each pixel's weight in the cross entropy: its class's weight (1 without weights), 0 for void."""
+    valid = labels != IGNORE_INDEX
+    return valid.to(dtype) if weight is None else weight[labels.masked_fill(~valid, 0)] * valid
+
+
 def dice_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """1 - soft Dice, averaged over the classes present in labels; void pixels are ignored."""
+    intersection, total, pixels = _dice_terms(logits, labels)
+    return _dice_from_terms(intersection, total, pixels) if (pixels > 0).any() else logits.sum() * 0
+
+
+def _dice_terms(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per class: the soft intersection, the soft total (prediction + truth) and the labelled pixels."""
     valid = labels != IGNORE_INDEX
     probs = logits.float().softmax(1) * valid.unsqueeze(1)
     one_hot = F.one_hot(labels.masked_fill(~valid, 0), logits.shape[1]).permute(0, 3, 1, 2) * valid.unsqueeze(1)
-    intersection = (probs * one_hot).sum((0, 2, 3))
-    total = probs.sum((0, 2, 3)) + one_hot.sum((0, 2, 3))
-    present = one_hot.sum((0, 2, 3)) > 0
+    pixels = one_hot.sum((0, 2, 3))
+    return (probs * one_hot).sum((0, 2, 3)), probs.sum((0, 2, 3)) + pixels, pixels
+
+
+def _dice_from_terms(intersection: Tensor, total: Tensor, pixels: Tensor) -> Tensor:
+    present = pixels > 0
     dice = (2 * intersection + 1) / (total + 1)
-    return 1 - dice[present].mean() if present.any() else logits.sum() * 0
+    return 1 - dice[present].mean()
 
 
 class SegmentationLoss(nn.Module):
-    """Cross entropy (optionally class-weighted, void ignored), plus dice_weight × Dice loss if asked."""
+    """Cross entropy (optionally class-weighted, void ignored), plus dice_weight × Dice loss if asked.
+
+    Validation scores the same objective over a whole split: `sums` of each batch, added up, then `from_sums`
+    give the loss of all the batches taken as one (exactly, whatever their sizes or the ranks they ran on).
+    """
 
     def __init__(self, class_weights: list[float] | None = None, dice_weight: float = 0.0) -> None:
         super().__init__()
@@ -340,9 +358,33 @@ class SegmentationLoss(nn.Module):
         self.dice_weight = dice_weight
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
-        loss = loss_fn(logits, labels, self.weight)
+        loss = cross_entropy_loss(logits, labels, self.weight)
         if self.dice_weight:
             loss = loss + self.dice_weight * dice_loss(logits, labels)
+        return loss
+
+    def zero_sums(self, num_classes: int, device: torch.device | None = None) -> Tensor:
+        """The sums of no pixels at all, to add batches' `sums` to."""
+        return torch.zeros(2 + (3 * num_classes if self.dice_weight else 0), dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def sums(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Float64 sums of a batch (N×C×H×W logits) that add up over batches: the weighted pixel cross entropy,
+        the pixel weights and, with Dice, its per-class terms."""
+        logits = logits.float()
+        weighted = F.cross_entropy(logits, labels, weight=self.weight, ignore_index=IGNORE_INDEX, reduction="sum")
+        parts = [weighted.reshape(1), _pixel_weights(labels, self.weight, logits.dtype).sum().reshape(1)]
+        if self.dice_weight:
+            parts += _dice_terms(logits, labels)
+        return torch.cat([part.double() for part in parts])
+
+    def from_sums(self, sums: Tensor) -> Tensor:
+        """The loss of every batch whose `sums` were added up into `sums`."""
+        loss = sums[0] / sums[1].clamp(min=torch.finfo(sums.dtype).tiny)
+        if self.dice_weight:
+            intersection, total, pixels = sums[2:].view(3, -1)
+            if (pixels > 0).any():
+                loss = loss + self.dice_weight * _dice_from_terms(intersection, total, pixels)
         return loss
 
 

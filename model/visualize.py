@@ -100,14 +100,8 @@ def overlay_picture(image: Tensor, pred: Tensor, palette: Sequence[Sequence[int]
     colors = [tuple(int(v) for v in palette[c]) for c in present]
     blended = draw_segmentation_masks(image, masks, alpha, colors) if present else image
     lay = picture_layout(image.shape[1], image.shape[2], 1)
-    font = _font(lay.font_size)
-    legend_rows = _legend_rows(legend_entries(None, pred, palette, class_names), font, lay)
-    legend_top = lay.gap + lay.panel_height + lay.gap
-    row_height = lay.font_size + lay.gap // 2
-    canvas = Image.new("RGB", (lay.width, legend_top + len(legend_rows) * row_height + lay.gap), BACKGROUND)
-    big = blended.repeat_interleave(lay.scale, 1).repeat_interleave(lay.scale, 2)
-    canvas.paste(Image.fromarray(big.permute(1, 2, 0).numpy()), (lay.gap, lay.gap))
-    _draw_legend(ImageDraw.Draw(canvas), legend_rows, legend_top, font, lay)
+    canvas, _, _ = _canvas_with_legend(lay, legend_entries(None, pred, palette, class_names), lay.gap)
+    _paste_enlarged(canvas, blended, lay.scale, lay.gap, lay.gap)
     return _to_tensor(canvas)
 
 
@@ -141,9 +135,9 @@ def confusion_matrix_figure(matrix: Tensor | np.ndarray, class_names: Sequence[s
                             title: str | None = None) -> None:
     """Write a PNG of the row-normalised confusion matrix: names on both axes, percentages in the cells when they
     fit, a colour bar; rows of classes absent from the truth are grey."""
-    from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure     # no pyplot: no global backend or figure state
+    from matplotlib import colormaps  # noqa: PLC0415 -- matplotlib is slow to import; only this figure needs it
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415 -- no pyplot: no global backend or figure state
 
     fractions = row_normalised(matrix)
     n = len(class_names)
@@ -205,19 +199,32 @@ def _titled_panels(panels: list[tuple[str, Tensor]], legend: list[tuple[str, tup
     """Equal-size uint8 3×H×W panels side by side, each titled above, with the legend's rows below."""
     height, width = panels[0][1].shape[1:]
     lay = picture_layout(height, width, len(panels))
+    canvas, draw, font = _canvas_with_legend(lay, legend, lay.gap + lay.title_height)
+    for index, (title, panel) in enumerate(panels):
+        top, left = lay.panel_origin(index)
+        _paste_enlarged(canvas, panel, lay.scale, left, top)
+        draw.text((left + lay.panel_width / 2, top - lay.gap // 2), title, fill=TEXT_COLOR, font=font, anchor="md")
+    return _to_tensor(canvas)
+
+
+def _canvas_with_legend(lay: Layout, legend: list[tuple[str, tuple[int, int, int]]],
+                        panels_top: int) -> tuple[Image.Image, ImageDraw.ImageDraw, ImageFont.ImageFont]:
+    """A blank picture as wide as `lay`, tall enough for panels from `panels_top` and the legend's rows below them,
+    the legend drawn; returns it with its drawing context and font."""
     font = _font(lay.font_size)
     legend_rows = _legend_rows(legend, font, lay)
-    legend_top = lay.gap + lay.title_height + lay.panel_height + lay.gap
+    legend_top = panels_top + lay.panel_height + lay.gap
     row_height = lay.font_size + lay.gap // 2
     canvas = Image.new("RGB", (lay.width, legend_top + len(legend_rows) * row_height + lay.gap), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    for index, (title, panel) in enumerate(panels):
-        top, left = lay.panel_origin(index)
-        big = panel.repeat_interleave(lay.scale, 1).repeat_interleave(lay.scale, 2)
-        canvas.paste(Image.fromarray(big.permute(1, 2, 0).numpy()), (left, top))
-        draw.text((left + lay.panel_width / 2, top - lay.gap // 2), title, fill=TEXT_COLOR, font=font, anchor="md")
     _draw_legend(draw, legend_rows, legend_top, font, lay)
-    return _to_tensor(canvas)
+    return canvas, draw, font
+
+
+def _paste_enlarged(canvas: Image.Image, picture: Tensor, scale: int, left: int, top: int) -> None:
+    """Paste uint8 3×H×W `picture`, enlarged `scale`× (nearest neighbour), with its top-left corner at (left, top)."""
+    big = picture.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    canvas.paste(Image.fromarray(big.permute(1, 2, 0).numpy()), (left, top))
 
 
 def _errors_panel(image: Tensor, label: Tensor, pred: Tensor) -> Tensor:

@@ -1,7 +1,10 @@
 """benchmarks/benchmark.py runs on CPU at tiny sizes and its figures are consistent with each other."""
 import json
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import torch
 import torch.nn.functional as F
@@ -9,8 +12,9 @@ import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import benchmark  # noqa: E402
+from benchmarks import benchmark
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_benchmark_reports_consistent_figures_on_cpu(tmp_path, capsys):
@@ -46,3 +50,12 @@ def test_conv1x1_reference_computes_the_same_product_as_matmul():
     pixels, weight = benchmark.conv1x1_operands(a, b)
     assert pixels.is_contiguous(memory_format=torch.channels_last) and weight.is_contiguous()
     torch.testing.assert_close(F.conv2d(pixels, weight)[0, :, 0, :].t(), a @ b)
+
+
+@pytest.mark.parametrize("module", ["benchmarks.benchmark", "benchmarks.bench_data", "benchmarks.bench_export",
+                                    "benchmarks.stability"])
+def test_the_readme_runs_the_benchmarks_as_modules(module):
+    """`python -m benchmarks.benchmark ...` from the repository root, as the README writes it (no sys.path edits)."""
+    result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "usage:" in result.stdout, result.stderr

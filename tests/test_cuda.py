@@ -11,7 +11,7 @@ from torch import nn
 import predict
 import train
 import utils
-from model.net import GCN, GCNConfig, loss_fn
+from model.net import GCN, GCNConfig, cross_entropy_loss
 from test_predict import reference_logits, smooth_image, write_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -41,7 +41,7 @@ def test_mixed_precision_steps_match_float32_closely(dtype):
     losses = []
     for _ in range(5):
         with utils.autocast(device, dtype):
-            loss = loss_fn(model(images), labels)
+            loss = cross_entropy_loss(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

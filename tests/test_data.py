@@ -1,4 +1,4 @@
-"""Data room: every loader on trees built here, joint augmentation alignment, bad input, the synthetic set,
+"""The data pipeline: every loader on trees built here, joint augmentation alignment, bad input, the synthetic set,
 the SBD -> SegmentationClassAug builder, and a few items of the real data sets in ../shared/data."""
 from __future__ import annotations
 

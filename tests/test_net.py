@@ -17,7 +17,7 @@ from torch import nn
 
 from model import net
 from model.net import (GCN, BoundaryRefine, GCNConfig, GlobalConvBlock, SegmentationLoss, Upsample2x, dice_loss,
-                       loss_fn, make_head)
+                       cross_entropy_loss, make_head)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ODD_SIZES = [(97, 131), (33, 47), (65, 64)]
@@ -329,7 +329,7 @@ def train_losses(model: GCN, x: torch.Tensor, labels: torch.Tensor, steps: int =
     losses: list[float] = []
     for _ in range(steps):
         optimizer.zero_grad()
-        loss = loss_fn(model(x), labels)
+        loss = cross_entropy_loss(model(x), labels)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
@@ -373,10 +373,10 @@ def test_loss_ignores_void_pixels():
              for n in range(2) for i in range(6) for j in range(7) if labels[n, i, j] != 255]
     assert len(terms) == 2 * 6 * 7 - 15
     expected = torch.stack(terms).mean()
-    torch.testing.assert_close(loss_fn(logits, labels), expected)
+    torch.testing.assert_close(cross_entropy_loss(logits, labels), expected)
     perturbed = logits.clone()
     perturbed[0, :, :2] += 100 * torch.randn(5, 2, 7)
-    torch.testing.assert_close(loss_fn(perturbed, labels), expected)
+    torch.testing.assert_close(cross_entropy_loss(perturbed, labels), expected)
 
 
 def void_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -392,7 +392,8 @@ def void_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def test_all_void_batch_gives_zero_loss_and_finite_gradients():
     logits = torch.randn(2, 4, 5, 6, requires_grad=True)
     labels = torch.full((2, 5, 6), 255)
-    for loss in (loss_fn(logits, labels), SegmentationLoss([1.0, 2.0, 0.5, 1.0], dice_weight=1.0)(logits, labels)):
+    weighted_dice = SegmentationLoss([1.0, 2.0, 0.5, 1.0], dice_weight=1.0)
+    for loss in (cross_entropy_loss(logits, labels), weighted_dice(logits, labels)):
         loss.backward()
         assert loss.item() == 0.0 and torch.isfinite(logits.grad).all()
 
@@ -408,7 +409,7 @@ def test_segmentation_loss_class_weights_match_hand_computation():
             numerator += -weights[y] * log_probs[n, y, i, j]
             denominator += weights[y]
     torch.testing.assert_close(SegmentationLoss(weights)(logits, labels), numerator / denominator)
-    torch.testing.assert_close(SegmentationLoss()(logits, labels), loss_fn(logits, labels))
+    torch.testing.assert_close(SegmentationLoss()(logits, labels), cross_entropy_loss(logits, labels))
 
 
 @pytest.mark.parametrize("weights", [None, [0.5, 2.0, 1.0, 3.0]])
@@ -418,7 +419,7 @@ def test_loss_of_channels_last_logits_equals_nchw_with_gradients(weights):
     nhwc = logits.contiguous(memory_format=torch.channels_last).requires_grad_()
     assert not nhwc.is_contiguous()  # the row-wise fast path is taken
     weight = None if weights is None else torch.tensor(weights)
-    loss_nchw, loss_nhwc = loss_fn(nchw, labels, weight), loss_fn(nhwc, labels, weight)
+    loss_nchw, loss_nhwc = cross_entropy_loss(nchw, labels, weight), cross_entropy_loss(nhwc, labels, weight)
     torch.testing.assert_close(loss_nhwc, loss_nchw)
     loss_nchw.backward()
     loss_nhwc.backward()
@@ -437,7 +438,7 @@ def test_dice_loss_matches_hand_computation_and_is_added_with_its_weight():
     expected = 1 - torch.stack(dices).mean()
     torch.testing.assert_close(dice_loss(logits, labels), expected)
     torch.testing.assert_close(SegmentationLoss(dice_weight=0.3)(logits, labels),
-                               loss_fn(logits, labels) + 0.3 * expected)
+                               cross_entropy_loss(logits, labels) + 0.3 * expected)
 
 
 def test_a_checkpoint_rebuilds_the_same_model_without_downloading():
@@ -593,3 +594,19 @@ def test_horizontal_conv_equals_a_plain_1xk_convolution_with_gradients(channels_
     assert torch.allclose(x_fast.grad, x_plain.grad, atol=1e-5)
     assert torch.allclose(fast.weight.grad, plain.weight.grad, atol=1e-4)
     assert torch.allclose(fast.bias.grad, plain.bias.grad, atol=1e-4)
+
+
+@pytest.mark.parametrize("class_weights, dice_weight", [(None, 0.0), ([1.0, 3.0, 0.5], 0.0), ([1.0, 3.0, 0.5], 0.7)])
+def test_loss_sums_over_batches_give_the_loss_of_one_batch(class_weights, dice_weight):
+    """Validation's val/loss: sums of batches of other sizes, added up, equal the training objective of the images
+    taken as one batch, class weights and Dice included; an empty split gives 0."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 3, 7, 9, generator=generator)
+    labels = torch.randint(0, 3, (3, 7, 9), generator=generator)
+    labels[0, :2] = 255
+    criterion = SegmentationLoss(class_weights, dice_weight)
+    sums = criterion.zero_sums(3)
+    for part in (slice(0, 1), slice(1, 3)):
+        sums += criterion.sums(logits[part], labels[part])
+    torch.testing.assert_close(criterion.from_sums(sums).float(), criterion(logits, labels))
+    assert criterion.from_sums(criterion.zero_sums(3)).item() == 0.0

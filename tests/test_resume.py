@@ -74,7 +74,7 @@ def uninterrupted(tmp_path_factory) -> dict[tuple[int, int], tuple[dict, dict, d
 
 
 def TINY_PARAMS() -> dict:  # noqa: N802 -- the conftest constant, read where fixtures cannot reach
-    from conftest import TINY
+    from conftest import TINY  # noqa: PLC0415 -- conftest is importable once pytest has loaded it
     return TINY
 
 

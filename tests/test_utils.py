@@ -1,5 +1,5 @@
 """utils.py: settings validated once (every key with a bad value), command-line helpers, the run folder (atomic
-writes with the umask's permissions, the lock, checkpoints), logging, mixed precision and seeding."""
+writes with the umask's permissions, the lock, checkpoints), logging and mixed precision."""
 import json
 import logging
 import os
@@ -26,7 +26,7 @@ MINIMAL = {"dataset": "synthetic", "data_dir": "", "num_classes": 5}
 
 @dataclass
 class Demo:
-    """A small room with every kind of rule."""
+    """A small config with every kind of rule."""
 
     dataset: str = field(metadata={"choices": ("voc", "sbd")})
     crop_size: int = field(default=512, metadata={"at_least": 1})
@@ -173,7 +173,7 @@ def test_a_setting_declared_in_two_rooms_is_refused():
         utils.experiment_settings((Demo, Other))
 
 
-def test_experiment_differences_ignore_execution_settings():
+def test_experiment_differences_ignore_settings_that_may_change_on_resume():
     params = Params({**MINIMAL, "learning_rate": 0.02, "num_workers": 2, "amp": False}, EXPERIMENT)
     saved = {**MINIMAL, "learning_rate": 0.01, "num_workers": 0, "data_dir": ""}
     assert params.experiment_differences(saved) == ["learning_rate"]
@@ -346,7 +346,7 @@ def test_a_checkpoint_of_another_architecture_is_refused_naming_the_keys(tmp_pat
     utils.check_same_architecture(tmp_path / "x.pth.tar", dict(CONFIG), CONFIG)
 
 
-# ---------------------------------------------------------------- logging, precision, seeding
+# ---------------------------------------------------------------- logging, precision
 
 @pytest.fixture
 def clean_root_logger():
@@ -393,16 +393,6 @@ def test_more_torchrun_ranks_than_gpus_is_one_line_naming_the_cause(monkeypatch)
     with pytest.raises(UserError, match=r"local rank 1 has no GPU: this machine shows 1 GPU\(s\); start at most 1 "
                                         r"processes per node"):
         utils.init_distributed("cuda")
-
-
-@pytest.mark.parametrize("seed", [0, 123, 2**40 + 7])
-def test_seed_everything_is_reproducible(seed):
-    utils.seed_everything(seed)
-    first = torch.rand(3).tolist()
-    utils.seed_everything(seed)
-    assert torch.rand(3).tolist() == first
-    utils.seed_everything(seed + 1)
-    assert torch.rand(3).tolist() != first
 
 
 def test_run_record_names_versions_overrides_and_command(tmp_path):

@@ -64,7 +64,9 @@ def test_panels_hold_exactly_the_image_truth_prediction_and_errors(height, width
     errors = panel(picture, layout, 3).long()
     wrong, void = error_mask(label, pred), label == IGNORE_INDEX
     assert 0 < wrong.sum() and 0 < void.sum() and (~wrong & ~void).sum() > 0
-    is_color = lambda rgb: (errors == torch.tensor(rgb).view(3, 1, 1)).all(0)
+
+    def is_color(rgb: tuple[int, int, int]) -> torch.Tensor:
+        return (errors == torch.tensor(rgb).view(3, 1, 1)).all(0)
     assert torch.equal(is_color(WRONG_COLOR), wrong)
     assert torch.equal(is_color(VOID_COLOR), void)
     rest = errors[:, ~wrong & ~void]

@@ -54,7 +54,7 @@ class VOCAugSegmentation(VOCSegmentation):
             aug_list = root / "ImageSets" / "Segmentation" / "train_aug.txt"
             if root.is_dir() and not aug_list.is_file():
                 raise DatasetError(f"{aug_list} not found; build it with: python data/download.py sbd && "
-                                   f"python data/build_voc_aug.py")
+                                   f"python -m data.build_voc_aug")
             super().__init__(root, split, transform, label_dir="SegmentationClassAug", list_name="train_aug")
         else:
             super().__init__(root, split, transform)
