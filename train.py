@@ -208,7 +208,8 @@ def train(params: utils.Params, overrides: dict, model_dir: Path, args, device: 
                 stale += model_dir.glob(pattern)
             for path in stale:
                 path.unlink(missing_ok=True)
-        record = utils.run_record(params, overrides, vars(args), device)
+        record = utils.run_record(params, overrides, vars(args), device) | {
+            "pretrained_weights": model_without_ddp.pretrained_weights}
         utils.write_json(model_dir / utils.RESOLVED_PARAMS_FILE, record)
         utils.set_logger(model_dir / utils.TRAIN_LOG)
         writer = SummaryWriter(model_dir)
@@ -232,7 +233,8 @@ def train(params: utils.Params, overrides: dict, model_dir: Path, args, device: 
                 "state_dict": model_without_ddp.state_dict(), "model_config": dataclasses.asdict(model_config),
                 "class_names": list(val_set.classes), "palette": [list(c) for c in val_set.palette],
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "progress": dataclasses.asdict(progress), "params": params.dict}, path)
+                "scaler": scaler.state_dict(), "progress": dataclasses.asdict(progress), "params": params.dict,
+                "pretrained_weights": model_without_ddp.pretrained_weights}, path)
 
     def validate() -> bool:
         """Score the model on the val split and record it (best first, then last); False if stopped midway."""
