@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 import utils
 from model import IGNORE_INDEX, visualize
 from model.data_loader import DataConfig, DatasetError, build_dataset, eval_loader
-from model.inference import predict_logits
+from model.inference import padded_logits, predict_logits
 from model.metrics import SegmentationMetrics
 from model.net import GCN, GCNConfig, PretrainedWeightsError
 from model.transforms import denormalise
@@ -32,14 +32,16 @@ WORST_MARK = "  <- worst"  # flags the lowest-IoU classes of the per-class table
 def evaluate(model: nn.Module, loader: DataLoader, params: utils.Params, device: torch.device, tta: bool = False,
              on_image: Callable[[int, Tensor, Tensor, Tensor], None] | None = None,
              should_stop: Callable[[], bool] | None = None) -> dict[str, Any] | None:
-    """Dataset-level metrics at original resolution (all-reduced across ranks) and the mean pixel cross entropy;
+    """Dataset-level metrics at original resolution (all-reduced across ranks; inputs padded to `eval_pad_size`
+    first if set, the logits cropped back) and the mean pixel cross entropy;
     {} for a split without labels, None if `should_stop` said so before the end.
 
     `on_image(index, image, label, pred)` is called for every image (e.g. to save predictions).
     """
     model.eval()
     dataset = loader.dataset
-    metrics = SegmentationMetrics(params.num_classes, dataset.classes, device=device)
+    metrics = SegmentationMetrics(params.num_classes, dataset.classes, device=device,
+                                  boundary_distance=params.boundary_distance, boundary_void=params.boundary_void)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # sum of pixel losses, labelled pixels
     amp_dtype = utils.autocast_dtype(device, params.amp)
     for index, (image, label) in zip(loader.sampler, loader):
@@ -49,8 +51,9 @@ def evaluate(model: nn.Module, loader: DataLoader, params: utils.Params, device:
         if params.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
         with utils.autocast(device, amp_dtype):
-            logits = predict_logits(model, image, params.tta_scales if tta else (1.0,), flip=tta and params.tta_flip,
-                                    window=params.crop_size if params.sliding_window else None)
+            logits = padded_logits(lambda x: predict_logits(
+                model, x, params.tta_scales if tta else (1.0,), flip=tta and params.tta_flip,
+                window=params.crop_size if params.sliding_window else None), image, params.eval_pad_size)
         pred = logits.argmax(1)
         if dataset.has_labels:
             pixel_loss = F.cross_entropy(logits, label, ignore_index=IGNORE_INDEX, reduction="sum")
