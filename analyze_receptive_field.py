@@ -135,8 +135,8 @@ def figure(columns: Sequence[tuple[str, Analysis, int]], path: Path) -> None:
              f"{label}\n∂score/∂input: 90 % within {analysis.input_radius:.0f} px")
         draw(axes[1, index], analysis, kernel, "res5",
              f"∂score/∂res-5: 90 % within {analysis.res5_radius:.1f} cells")
-    fig.suptitle("+: output pixel; cyan: the k×k head kernel on the res-5 grid (32 px cells); "
-                 "green: radius of 90 % of |gradient|", fontsize=8)
+    fig.suptitle("+: output pixel; cyan: k×k head kernel\n(res-5 cells of 32 px); green: 90 % of |gradient|",
+                 fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
 
