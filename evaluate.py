@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 import utils
 from model import IGNORE_INDEX, visualize
 from model.data_loader import DataConfig, DatasetError, build_dataset, eval_loader
-from model.inference import predict_logits
+from model.inference import padded_logits, predict_logits
 from model.metrics import SegmentationMetrics
 from model.net import GCNConfig, PretrainedWeightsError, SegmentationLoss
 from model.transforms import denormalise
@@ -33,15 +33,17 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: SegmentationLoss, 
              placement: utils.Placement, tta: bool = False, window: int | None = None,
              on_image: Callable[[int, Tensor, Tensor, Tensor], None] | None = None,
              should_stop: Callable[[], bool] | None = None) -> dict[str, Any] | None:
-    """Dataset-level metrics at original resolution (all-reduced across ranks) and `loss`, the training objective
-    `criterion` over the whole split; {} for a split without labels, None if `should_stop` said so before the end.
+    """Dataset-level metrics at original resolution (all-reduced across ranks; inputs padded to `eval_pad_size`
+    first if set, the logits cropped back) and `loss`, the training objective `criterion` over the whole split;
+    {} for a split without labels, None if `should_stop` said so before the end.
 
     With `tta`, logits are averaged over config's scales and flips; images larger than `window` are scored in
     overlapping windows. `on_image(index, image, label, pred)` is called for every image (e.g. to save predictions).
     """
     model.eval()
     dataset = loader.dataset
-    metrics = SegmentationMetrics(len(dataset.classes), dataset.classes, device=placement.device)
+    metrics = SegmentationMetrics(len(dataset.classes), dataset.classes, device=placement.device,
+                                  boundary_distance=config.boundary_distance, boundary_void=config.boundary_void)
     loss_sums = criterion.zero_sums(len(dataset.classes), placement.device)  # over batches, as one batch
     labelled = torch.zeros((), dtype=torch.int64, device=placement.device)
     for index, (image, label) in zip(loader.sampler, loader):
@@ -49,8 +51,9 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: SegmentationLoss, 
             return None
         image, label = placement.batch(image, label)
         with placement.autocast():
-            logits = predict_logits(model, image, config.tta_scales if tta else (1.0,), flip=tta and config.tta_flip,
-                                    window=window)
+            logits = padded_logits(lambda x: predict_logits(
+                model, x, config.tta_scales if tta else (1.0,), flip=tta and config.tta_flip, window=window),
+                image, config.eval_pad_size)
         pred = logits.argmax(1)
         if dataset.has_labels:
             loss_sums += criterion.sums(logits, label)

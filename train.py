@@ -138,7 +138,7 @@ def main(args) -> int:
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     run = Run(model_dir, config, eval_config, net, model, optimizer, scheduler, scaler, criterion, sampler,
-              train_loader, val_loader, placement, total_iterations, checkpoint_record(val_set, params),
+              train_loader, val_loader, placement, total_iterations, checkpoint_record(val_set, params, net),
               rank, world_size, data_config.crop_size if eval_config.sliding_window else None)
     if restore_file:
         restore(run, utils.checkpoint_path(model_dir, restore_file), params)
@@ -150,8 +150,8 @@ def main(args) -> int:
     with contextlib.ExitStack() as exit_stack:
         if run.main_process:
             exit_stack.enter_context(claim_run_folder(model_dir, fresh=not restore_file))
-            utils.write_json(model_dir / utils.RESOLVED_PARAMS_FILE, utils.run_record(params, overrides, vars(args),
-                                                                                      device))
+            utils.write_json(model_dir / utils.RESOLVED_PARAMS_FILE, utils.run_record(
+                params, overrides, vars(args), device) | {"pretrained_weights": net.pretrained_weights})
             utils.set_logger(model_dir / utils.TRAIN_LOG)
             run.writer = exit_stack.enter_context(contextlib.closing(SummaryWriter(model_dir)))
         if restore_file:
@@ -350,10 +350,11 @@ def poly_lr_lambda(total_iterations: int, power: float, warmup: int):
     return factor
 
 
-def checkpoint_record(dataset: Dataset, params: utils.Params) -> dict[str, Any]:
-    """What a checkpoint holds beside weights and training state: class names, palette and the run's settings."""
+def checkpoint_record(dataset: Dataset, params: utils.Params, net: GCN) -> dict[str, Any]:
+    """What a checkpoint holds beside weights and training state: class names, palette, the run's settings and
+    the weights the backbone started from."""
     return {"class_names": list(dataset.classes), "palette": [list(c) for c in dataset.palette],
-            "params": params.dict}
+            "params": params.dict, "pretrained_weights": net.pretrained_weights}
 
 
 # ----------------------------------------------------------------------------------------------- the run folder

@@ -104,6 +104,9 @@ class EvalConfig:
     tta_scales: list = field(default_factory=lambda: [0.75, 1.0, 1.25], metadata={"items": (float, int), "above": 0})
     tta_flip: bool = True
     sliding_window: bool = False
+    eval_pad_size: int | None = field(default=None, metadata={"at_least": 1})  # pad inputs to this size to score them
+    boundary_distance: str = field(default="chebyshev", metadata={"choices": ("chebyshev", "euclidean")})
+    boundary_void: str = field(default="label", metadata={"choices": ("label", "ignored")})  # void makes a boundary?
 
 
 REQUIRED = dataclasses.MISSING

@@ -1,7 +1,7 @@
 """Logits of whole images at their own resolution: test-time augmentation (scales, flips) and sliding windows."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,16 @@ def predict_logits(model: nn.Module, image: Tensor, scales: Sequence[float] = (1
                 logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
             total = logits if total is None else total + logits
     return total / (len(scales) * (2 if flip else 1))
+
+
+def padded_logits(score: Callable[[Tensor], Tensor], image: Tensor, size: int | None) -> Tensor:
+    """`score`'s logits of `image` (N×3×H×W, normalised) zero-padded at the bottom and right to at least size×size
+    (0 is the mean colour after normalisation), cropped back to H×W: the paper's protocol of padding every input
+    to 512×512. A side already at least `size` is not padded; None: the image as it is."""
+    if size is None:
+        return score(image)
+    height, width = image.shape[-2:]
+    return score(F.pad(image, (0, max(size - width, 0), 0, max(size - height, 0))))[..., :height, :width]
 
 
 @torch.no_grad()

@@ -12,16 +12,20 @@ Definitions (standard, as in the VOC devkit and torchvision's references/segment
 - frequency-weighted IoU = sum_c (row_c / total) * IoU_c.
 
 Boundary analysis (Table 5 of "Large Kernel Matters"): a labelled pixel is in the boundary band
-when some pixel with a different label lies within `width` pixels of it, distance measured in the
-Chebyshev (chessboard, L-infinity) metric, i.e. inside the (2*width+1)^2 square centred on it; at
-a straight edge the band is `width` pixels deep on each side. The other labelled pixels form the
-interior. The void label counts as a label of its own here: in VOC
-the 255 band is the object outline, so object and background pixels next to it are boundary
-pixels. Void pixels themselves belong to neither band nor interior. The image border is not a
+when some pixel with a different label lies within `width` pixels of it, distance measured by
+default in the Chebyshev (chessboard, L-infinity) metric, i.e. inside the (2*width+1)^2 square
+centred on it (`distance="euclidean"`: inside the disc of radius `width`); at a straight edge the
+band is `width` pixels deep on each side. The other labelled pixels form the interior. By default
+the void label counts as a label of its own: in VOC the 255 band is the object outline, so object
+and background pixels next to it are boundary pixels (`void="ignored"`: only a different class
+makes a boundary). The paper says only "within 7 pixels of an edge"; the metrics record which
+definition was used. Void pixels themselves belong to neither band nor interior. The image border is not a
 boundary. Consequently labels padded with void (to batch images of different sizes) would create
 false boundaries: pass such images one at a time, uncropped and unpadded.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -74,16 +78,36 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     return counts[:-1].view(num_classes, num_classes)
 
 
-def _window_max(x: torch.Tensor, width: int) -> torch.Tensor:
-    """Maximum over the (2*width+1)^2 square around each pixel of x (N×C×H×W, float)."""
-    size = 2 * width + 1
-    x = F.max_pool2d(x, (1, size), stride=1, padding=(0, width))
-    return F.max_pool2d(x, (size, 1), stride=1, padding=(width, 0))
+BOUNDARY_DISTANCES = ("chebyshev", "euclidean")  # the band's neighbourhood: a square or a disc of radius `width`
+BOUNDARY_VOIDS = ("label", "ignored")  # void next to a pixel makes it a boundary pixel, or is not looked at
 
 
-def boundary_band(target: torch.Tensor, width: int = 7, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Return a bool mask (same shape as target, N×H×W or H×W) of the labelled pixels within
-    `width` pixels (Chebyshev distance) of a pixel with a different label, void included.
+def _window_max(x: torch.Tensor, width: int, distance: str) -> torch.Tensor:
+    """Maximum over the pixels within `width` of each pixel of x (N×C×H×W, float; -inf outside the image): the
+    (2*width+1)^2 square ("chebyshev") or the disc dy² + dx² <= width² ("euclidean", as one row maximum of
+    half-width isqrt(width² - dy²) per row offset dy)."""
+    if distance == "chebyshev":
+        size = 2 * width + 1
+        x = F.max_pool2d(x, (1, size), stride=1, padding=(0, width))
+        return F.max_pool2d(x, (size, 1), stride=1, padding=(width, 0))
+    height = x.shape[-2]
+    padded = F.pad(x, (0, 0, width, width), value=-math.inf)
+    rows: dict[int, torch.Tensor] = {}
+    out = None
+    for dy in range(-width, width + 1):
+        half = math.isqrt(width * width - dy * dy)
+        if half not in rows:
+            rows[half] = F.max_pool2d(padded, (1, 2 * half + 1), stride=1, padding=(0, half))
+        shifted = rows[half][..., width + dy:width + dy + height, :]
+        out = shifted if out is None else torch.maximum(out, shifted)
+    return out
+
+
+def boundary_band(target: torch.Tensor, width: int = 7, ignore_index: int = IGNORE_INDEX,
+                  distance: str = "chebyshev", void: str = "label") -> torch.Tensor:
+    """Return a bool mask (same shape as target, N×H×W or H×W) of the labelled pixels within `width` pixels
+    (`distance`: Chebyshev or Euclidean) of a pixel with a different label: any label, void included, or
+    (void "ignored") a different class.
 
     Void pixels are always False. Labels must be exactly representable in float32 (< 2**24).
     """
@@ -92,11 +116,22 @@ def boundary_band(target: torch.Tensor, width: int = 7, ignore_index: int = IGNO
     _check_label_tensor("target", target)
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise ValueError(f"boundary width must be a positive int, got {width!r}")
+    _check_band_definition(distance, void)
     labels = target.reshape(-1, 1, *target.shape[-2:]).float()
+    stacked = torch.cat([labels, -labels], dim=1)
+    if void == "ignored":  # void never wins a maximum, so it is never the "different label"
+        stacked = stacked.masked_fill((labels == ignore_index).expand_as(stacked), -math.inf)
     # max(x) + max(-x) = max - min over the window: positive iff the window holds two labels.
-    pooled = _window_max(torch.cat([labels, -labels], dim=1), width)
+    pooled = _window_max(stacked, width, distance)
     band = (pooled[:, 0] + pooled[:, 1] > 0).view(target.shape)
     return band & (target != ignore_index)
+
+
+def _check_band_definition(distance: str, void: str) -> None:
+    if distance not in BOUNDARY_DISTANCES:
+        raise ValueError(f"boundary distance {distance!r}: choose one of {BOUNDARY_DISTANCES}")
+    if void not in BOUNDARY_VOIDS:
+        raise ValueError(f"boundary void {void!r}: choose one of {BOUNDARY_VOIDS}")
 
 
 class SegmentationMetrics:
@@ -109,13 +144,15 @@ class SegmentationMetrics:
 
     def __init__(self, num_classes: int, class_names: list[str] | None = None,
                  ignore_index: int = IGNORE_INDEX, boundary_width: int = 7,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, boundary_distance: str = "chebyshev",
+                 boundary_void: str = "label") -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         _check_ignore_index(num_classes, ignore_index)
         if isinstance(boundary_width, bool) or not isinstance(boundary_width, int) \
                 or boundary_width < 1:
             raise ValueError(f"boundary_width must be a positive int, got {boundary_width!r}")
+        _check_band_definition(boundary_distance, boundary_void)
         if class_names is None:
             class_names = [str(index) for index in range(num_classes)]
         if len(class_names) != num_classes:
@@ -124,6 +161,7 @@ class SegmentationMetrics:
         self.class_names = list(class_names)
         self.ignore_index = ignore_index
         self.boundary_width = boundary_width
+        self.boundary_distance, self.boundary_void = boundary_distance, boundary_void
         self._device = torch.device(device) if device is not None else torch.device("cpu")
         self.reset()
 
@@ -140,7 +178,8 @@ class SegmentationMetrics:
                                "call reset() first")
         if pred.device != self._counts.device:  # follow the data, e.g. when device=None
             self._counts = self._counts.to(pred.device)
-        band = boundary_band(target, self.boundary_width, self.ignore_index)
+        band = boundary_band(target, self.boundary_width, self.ignore_index, self.boundary_distance,
+                             self.boundary_void)
         matrix = confusion_matrix(pred, target, self.num_classes, self.ignore_index)
         interior = (target != self.ignore_index) & ~band
         correct = pred.long() == target.long()
@@ -195,5 +234,7 @@ class SegmentationMetrics:
             "per_class_pixel_share": {name: true_pixels[c] / total for c, name in enumerate(self.class_names)},
             "boundary_accuracy": boundary_correct / boundary_total if boundary_total else None,
             "interior_accuracy": interior_correct / interior_total if interior_total else None,
+            "boundary_band": {"width": self.boundary_width, "distance": self.boundary_distance,
+                              "void": self.boundary_void},
             "confusion_matrix": {"classes": self.class_names, "counts": matrix},
         }

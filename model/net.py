@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,11 +42,16 @@ class GCNConfig:
     boundary_refine: bool = True  # false removes all nine BR blocks
     upsample: str = field(default="deconv", metadata={"choices": UPSAMPLES})
     stack_channels: int | None = field(default=None, metadata={"at_least": 1})  # stack head width (None: input's)
-    pretrained: bool | str = False  # ImageNet weights: true (torchvision download) or a local state-dict file
+    # ImageNet weights: false, true (torchvision's DEFAULT), a torchvision weight name ("IMAGENET1K_V1") or a file
+    pretrained: bool | str = False
+    frozen_bn: bool = False  # backbone batch norm in eval mode with frozen affine parameters, also while training
 
     def architecture(self) -> dict:
-        """The fields that shape the weights (all but `pretrained`, which only says where they start from)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "pretrained"}
+        """The fields that shape the weights (not `pretrained` nor `frozen_bn`, which say how they are trained)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _TRAINING_ONLY}
+
+
+_TRAINING_ONLY = ("pretrained", "frozen_bn")  # GCNConfig fields that do not shape the weights
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -172,24 +179,54 @@ class Upsample2x(nn.Module):
         return y.narrow(-2, 0, size[0]).narrow(-1, 0, size[1])  # narrow, not slicing: older torch.export needs it
 
 
-def build_backbone(name: str, pretrained: bool | str | os.PathLike) -> torchvision.models.ResNet:
-    """A torchvision ResNet, randomly initialised, ImageNet-pretrained (True) or loaded from a local state dict."""
+_WEIGHT_NAME = re.compile(r"(\w+_Weights\.)?[A-Z][A-Z0-9_]*")  # "IMAGENET1K_V1", "ResNet50_Weights.DEFAULT"
+
+
+def torchvision_weights(name: str, pretrained: bool | str) -> torchvision.models.WeightsEnum | None:
+    """The torchvision weights `pretrained` names for backbone `name`: true is DEFAULT, a string such as
+    "IMAGENET1K_V1" (or "ResNet50_Weights.IMAGENET1K_V1") one of its weight names; None for false or a file path."""
+    if pretrained is True or (isinstance(pretrained, str) and _WEIGHT_NAME.fullmatch(pretrained)):
+        enum = torchvision.models.get_model_weights(name)
+        key = "DEFAULT" if pretrained is True else pretrained.rpartition(".")[2]
+        valid = [w.name for w in enum] + ["DEFAULT"]
+        if key not in valid or (isinstance(pretrained, str) and "." in pretrained
+                                and not pretrained.startswith(f"{enum.__name__}.")):
+            raise PretrainedWeightsError(f"pretrained {pretrained!r} is not a torchvision weight name for {name}; "
+                                         f"choose one of {', '.join(valid)} (or true, false, or a file path)")
+        return enum[key]
+    return None
+
+
+def build_backbone(name: str, pretrained: bool | str | os.PathLike) -> tuple[torchvision.models.ResNet, dict | None]:
+    """A torchvision ResNet: randomly initialised (false), with torchvision's ImageNet weights (true: DEFAULT, or a
+    weight name such as "IMAGENET1K_V1") or loaded from a local state dict; and the record of the weights used."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
     builder = getattr(torchvision.models, name)
     if pretrained is False or pretrained is None:
-        return builder(weights=None)
-    if pretrained is True:
-        weights = torchvision.models.get_model_weights(name).DEFAULT
+        return builder(weights=None), None
+    weights = torchvision_weights(name, pretrained)
+    if weights is not None:
         try:
-            return builder(weights=weights)
+            net = builder(weights=weights)
         except Exception as exc:  # noqa: BLE001 -- any download/cache failure becomes one actionable error
             raise PretrainedWeightsError(
                 f"could not load ImageNet weights {weights} for {name} ({type(exc).__name__}: {exc}); "
                 f"with no network, download {weights.url} elsewhere and set params 'pretrained' to its local path "
                 f"(or place it in {torch.hub.get_dir()}/checkpoints/)"
             ) from exc
-    return _load_local_backbone(builder, name, Path(pretrained))
+        return net, {"torchvision": str(weights), "url": weights.url}
+    path = Path(pretrained)
+    net = _load_local_backbone(builder, name, path)
+    return net, {"file": str(path.resolve()), "sha256": _sha256(path)}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _load_local_backbone(builder, name: str, path: Path) -> torchvision.models.ResNet:
@@ -234,7 +271,8 @@ class GCN(nn.Module):
             raise ValueError(f"unknown head {config.head!r}; choose one of {HEADS}")
         self.config = config
         num_classes = config.num_classes
-        resnet = build_backbone(config.backbone, config.pretrained)
+        # pretrained_weights: which weights the backbone started from (torchvision name, or file and sha256)
+        resnet, self.pretrained_weights = build_backbone(config.backbone, config.pretrained)
         self.backbone = nn.ModuleDict({
             "stem": nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool),
             **{stage: getattr(resnet, stage) for stage in STAGES},
@@ -251,6 +289,9 @@ class GCN(nn.Module):
         self.upsamples = nn.ModuleList(Upsample2x(num_classes, config.upsample) for _ in range(5))
         self.decoder_refines = nn.ModuleList(refine() for _ in range(5))
         self.reset_new_parameters()
+        if config.frozen_bn:
+            for norm in self._backbone_norms():
+                norm.requires_grad_(False)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict) -> GCN:
@@ -278,6 +319,18 @@ class GCN(nn.Module):
                 nn.init.zeros_(br.conv1.bias)
                 nn.init.zeros_(br.conv2.weight)
                 nn.init.zeros_(br.conv2.bias)
+
+    def _backbone_norms(self) -> list[nn.Module]:
+        return [m for m in self.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def train(self, mode: bool = True) -> GCN:
+        """As nn.Module.train; with `frozen_bn` the backbone's batch norm stays in eval mode (running statistics
+        used and never updated, as Caffe-era recipes and MMSegmentation's norm_eval do)."""
+        super().train(mode)
+        if mode and self.config.frozen_bn:
+            for norm in self._backbone_norms():
+                norm.eval()
+        return self
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by part: the (pretrainable) backbone, the per-stage heads + their BRs, and the decoder."""

@@ -13,8 +13,9 @@ from PIL import Image
 import evaluate
 import train
 import utils
-from model.inference import predict_logits
+from model.inference import padded_logits, predict_logits
 from model.metrics import SegmentationMetrics
+from model.net import GCN, GCNConfig
 
 
 def read_json(path: Path) -> dict:
@@ -123,3 +124,33 @@ def test_a_split_without_ground_truth_gives_predictions_in_the_voc_server_layout
         mask.save(voc / "SegmentationClass" / f"{name}.png")
     assert evaluate.cli(["--model_dir", str(model_dir), "--split", "test"]) == 2
     assert "the 2 labels of this split mark every pixel void (255): nothing to score" in capsys.readouterr().err
+
+
+def test_padded_logits_crop_back_to_a_plain_forward_of_the_zero_padded_image():
+    torch.manual_seed(0)
+    model = GCN(GCNConfig(3, "resnet18", kernel_size=3)).eval()
+    with torch.no_grad():
+        at_size = torch.randn(1, 3, 64, 64)
+        assert torch.equal(padded_logits(model, at_size, 64), model(at_size))  # already at the size: no change
+        for height, width in [(50, 61), (70, 40), (1, 1)]:
+            image = torch.randn(1, 3, height, width)
+            padded = torch.zeros(1, 3, max(height, 64), max(width, 64))  # zeros = the mean colour
+            padded[..., :height, :width] = image
+            logits = padded_logits(model, image, 64)
+            assert logits.shape == (1, 3, height, width)
+            assert torch.equal(logits, model(padded)[..., :height, :width])
+        assert not torch.allclose(padded_logits(model, image, 64), model(image))  # the context differs
+        assert torch.equal(padded_logits(model, image, None), model(image))
+
+
+def test_padded_evaluation_scores_only_the_real_pixels_and_records_the_band(trained):
+    assert evaluate.cli(["--model_dir", str(trained), "--restore_file", "last"]) == 0
+    plain = read_json(trained / "metrics_val_last.json")
+    assert evaluate.cli(["--model_dir", str(trained), "--restore_file", "last", "--set", "eval_pad_size=80",
+                         "--set", "boundary_distance=euclidean", "--set", "boundary_void=ignored"]) == 0
+    padded = read_json(trained / "metrics_val_last.json")
+    total = np.array(plain["confusion_matrix"]["counts"]).sum()
+    assert total == np.array(padded["confusion_matrix"]["counts"]).sum() <= 4 * 48 * 48  # no padding pixel scored
+    assert padded["loss"] != pytest.approx(plain["loss"], rel=1e-6)  # the padding changed the logits
+    assert plain["boundary_band"] == {"width": 7, "distance": "chebyshev", "void": "label"}
+    assert padded["boundary_band"] == {"width": 7, "distance": "euclidean", "void": "ignored"}

@@ -19,8 +19,9 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 # ---------------------------------------------------------------- brute-force references
 
-def reference_band(labels: np.ndarray, width: int) -> np.ndarray:
-    """Per pixel: is it labelled and is another label within the Chebyshev window?"""
+def reference_band(labels: np.ndarray, width: int, distance: str = "chebyshev", void: str = "label") -> np.ndarray:
+    """Per pixel: is it labelled and is another label (void: "ignored": another class) within the Chebyshev window
+    (the Euclidean disc)?"""
     height, wide = labels.shape
     band = np.zeros(labels.shape, dtype=bool)
     for i in range(height):
@@ -30,7 +31,11 @@ def reference_band(labels: np.ndarray, width: int) -> np.ndarray:
             for di in range(-width, width + 1):
                 for dj in range(-width, width + 1):
                     y, x = i + di, j + dj
-                    if 0 <= y < height and 0 <= x < wide and labels[y, x] != labels[i, j]:
+                    if distance == "euclidean" and di * di + dj * dj > width * width:
+                        continue
+                    if not (0 <= y < height and 0 <= x < wide) or (void == "ignored" and labels[y, x] == IGNORE):
+                        continue
+                    if labels[y, x] != labels[i, j]:
                         band[i, j] = True
     return band
 
@@ -76,6 +81,7 @@ def reference_metrics(pairs, width: int) -> dict:
         "confusion_matrix": {"classes": NAMES, "counts": matrix.astype(np.int64).tolist()},
         "boundary_accuracy": band_hits / band_total,
         "interior_accuracy": inner_hits / inner_total,
+        "boundary_band": {"width": width, "distance": "chebyshev", "void": "label"},
     }
 
 
@@ -114,7 +120,7 @@ def images_of(batches):
 def assert_metrics_equal(actual: dict, expected: dict) -> None:
     assert set(actual) == set(expected)
     for key, value in expected.items():
-        if key == "confusion_matrix":
+        if key in ("confusion_matrix", "boundary_band"):
             assert actual[key] == value
         elif isinstance(value, dict):
             assert list(actual[key]) == list(value), key
@@ -195,6 +201,39 @@ def test_boundary_band_matches_brute_force(width):
         np.testing.assert_array_equal(band.numpy(), expected)
         np.testing.assert_array_equal(boundary_band(torch.from_numpy(batch[0]), width).numpy(),
                                       expected[0])
+
+
+@pytest.mark.parametrize("distance,void", [("chebyshev", "label"), ("euclidean", "label"), ("chebyshev", "ignored"),
+                                           ("euclidean", "ignored")])
+@pytest.mark.parametrize("width", [1, 3, 7])
+def test_every_boundary_band_definition_matches_brute_force(width, distance, void):
+    rng = np.random.default_rng(200 + width)
+    for height, wide in [(6, 9), (17, 19), (1, 7)]:
+        batch = np.stack([random_pair(rng, height, wide)[1] for _ in range(2)])
+        band = boundary_band(torch.from_numpy(batch), width, IGNORE, distance, void)
+        expected = np.stack([reference_band(labels, width, distance, void) for labels in batch])
+        np.testing.assert_array_equal(band.numpy(), expected)
+
+
+def test_the_band_definitions_differ_where_they_must():
+    """A lone class pixel at (0, 0) of a 4×4 map: the square reaches the corner (2, 2), the disc of radius 2 does
+    not; void next to a pixel makes a boundary only when void counts as a label."""
+    corner = torch.zeros(4, 4, dtype=torch.long)
+    corner[0, 0] = 1
+    square, disc = boundary_band(corner, 2, distance="chebyshev"), boundary_band(corner, 2, distance="euclidean")
+    assert square[2, 2] and not disc[2, 2]
+    assert disc[2, 0] and disc[1, 1]
+    outlined = torch.tensor([[0, 255, 0, 0, 0]])
+    assert boundary_band(outlined, 1).tolist() == [[True, False, True, False, False]]
+    assert not boundary_band(outlined, 1, void="ignored").any()
+
+
+def test_the_metrics_record_their_band_definition():
+    metrics = SegmentationMetrics(3, boundary_width=5, boundary_distance="euclidean", boundary_void="ignored")
+    metrics.update(torch.zeros(4, 4, dtype=torch.long), torch.zeros(4, 4, dtype=torch.long))
+    assert metrics.compute()["boundary_band"] == {"width": 5, "distance": "euclidean", "void": "ignored"}
+    with pytest.raises(ValueError, match="manhattan"):
+        SegmentationMetrics(3, boundary_distance="manhattan")
 
 
 def test_confusion_matrix_matches_brute_force_any_shape_and_dtype():

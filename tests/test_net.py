@@ -1,6 +1,7 @@
 """model/net.py: shapes for every switch, GCN/BR/deconv against hand-built references, paper parameter counts,
 initialisation stability, the loss, pretrained-weight loading and the parameter-summary CLI."""
 import dataclasses
+import hashlib
 import itertools
 import math
 import re
@@ -549,6 +550,107 @@ def test_pretrained_true_without_network_raises_actionable_error(tmp_path, monke
     assert "pretrained" in message and "local path" in message
     assert str(tmp_path) in message  # where a manually downloaded file can be placed
     assert calls[0] in message  # the URL to download elsewhere
+
+
+def cache_torchvision_weights(torch_home: Path, weights: torchvision.models.WeightsEnum,
+                              state: dict[str, torch.Tensor]) -> None:
+    """Put `state` where torchvision's weights API finds `weights` without downloading: the hub cache of
+    $TORCH_HOME under the URL's file name."""
+    checkpoints = torch_home / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    torch.save(state, checkpoints / Path(weights.url).name)
+
+
+@pytest.fixture
+def offline_torch_home(tmp_path, monkeypatch) -> Path:
+    """An empty $TORCH_HOME, with every download failing."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def no_network(url, *args, **kwargs):
+        raise urllib.error.URLError(f"no network in tests ({url})")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    return tmp_path / "torch"
+
+
+@pytest.mark.parametrize("pretrained", ["IMAGENET1K_V1", "ResNet18_Weights.IMAGENET1K_V1", "DEFAULT", True])
+def test_pretrained_weight_names_load_through_torchvisions_weights_api(offline_torch_home, pretrained):
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    saved = random_resnet_state("resnet18", seed=5)
+    cache_torchvision_weights(offline_torch_home, weights, saved)
+    model = GCN(GCNConfig(5, "resnet18", pretrained=pretrained))
+    assert torch.equal(model.backbone["stem"][0].weight, saved["conv1.weight"])
+    assert torch.equal(model.backbone["layer3"][0].bn1.running_mean, saved["layer3.0.bn1.running_mean"])
+    assert model.pretrained_weights == {"torchvision": "ResNet18_Weights.IMAGENET1K_V1", "url": weights.url}
+
+
+def test_true_means_torchvisions_default_and_names_select_other_weights():
+    resnet50 = torchvision.models.ResNet50_Weights
+    assert net.torchvision_weights("resnet50", True) is resnet50.DEFAULT is resnet50.IMAGENET1K_V2
+    assert net.torchvision_weights("resnet50", "IMAGENET1K_V1") is resnet50.IMAGENET1K_V1
+    assert net.torchvision_weights("resnet152", "ResNet152_Weights.IMAGENET1K_V1").name == "IMAGENET1K_V1"
+    assert net.torchvision_weights("resnet50", "weights/IMAGENET1K_V1.pth") is None  # a path
+    assert net.torchvision_weights("resnet50", False) is None
+
+
+@pytest.mark.parametrize("name", ["IMAGENET1K_V2", "IMAGENET22K", "ResNet50_Weights.IMAGENET1K_V1"])
+def test_a_weight_name_torchvision_does_not_know_is_one_line_listing_the_valid_ones(name):
+    with pytest.raises(net.PretrainedWeightsError) as info:
+        GCN(GCNConfig(5, "resnet18", pretrained=name))
+    message = str(info.value)
+    assert "\n" not in message and repr(name) in message and "resnet18" in message
+    assert "IMAGENET1K_V1, DEFAULT" in message
+
+
+def test_a_local_file_is_recorded_with_its_path_and_sha256(tmp_path):
+    path = tmp_path / "resnet18.pth"
+    torch.save(random_resnet_state("resnet18", seed=6), path)
+    model = GCN(GCNConfig(5, "resnet18", pretrained=str(path)))
+    assert model.pretrained_weights == {"file": str(path.resolve()),
+                                        "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    assert GCN(GCNConfig(5, "resnet18")).pretrained_weights is None
+
+
+# ---------------------------------------------------------------- frozen batch norm
+
+def backbone_norm_state(model: GCN) -> dict[str, torch.Tensor]:
+    return {name: value.clone() for name, value in model.backbone.state_dict().items()
+            if ".bn" in name or "downsample.1" in name or name.startswith("stem.1")}
+
+
+@pytest.mark.parametrize("frozen_bn", [True, False])
+def test_frozen_bn_keeps_backbone_statistics_and_affine_parameters_through_training_steps(frozen_bn):
+    torch.manual_seed(0)
+    model = GCN(GCNConfig(3, "resnet18", kernel_size=3, frozen_bn=frozen_bn))
+    norms = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 20  # stem, 2 per basic block, 3 downsamples
+    with torch.no_grad():  # statistics and affine parameters as a pretrained backbone has them
+        for norm in norms:
+            norm.running_mean.normal_(0, 0.1)
+            norm.running_var.uniform_(0.5, 1.5)
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_(0, 0.1)
+    before = backbone_norm_state(model)
+    conv_before = model.backbone["layer2"][0].conv1.weight.clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    model.train()
+    assert model.heads.training and all(norm.training != frozen_bn for norm in norms)
+    for _ in range(3):
+        loss = cross_entropy_loss(model(torch.randn(2, 3, 64, 64)), torch.randint(0, 3, (2, 64, 64)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = backbone_norm_state(model)
+    unchanged = [name for name in before if torch.equal(before[name], after[name])]
+    assert not torch.equal(conv_before, model.backbone["layer2"][0].conv1.weight)  # the backbone did train
+    if frozen_bn:
+        assert unchanged == list(before)
+        assert not any(p.requires_grad for norm in norms for p in norm.parameters())
+    else:
+        assert not [name for name in unchanged if not name.endswith("num_batches_tracked")]
+    model.eval()
+    assert not any(m.training for m in model.modules())
+    assert "frozen_bn" not in model.config.architecture()
 
 
 # ---------------------------------------------------------------- parameter summary CLI

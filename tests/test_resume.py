@@ -154,3 +154,37 @@ def test_a_second_writer_is_refused_naming_the_holder(experiment):
         holder.kill()
         holder.wait()
     assert train_py(model_dir, "--set", "num_iterations=1").returncode == 0  # a dead holder frees the folder
+
+
+def test_frozen_bn_resumes_bitwise_and_keeps_the_pretrained_statistics(experiment, tmp_path):
+    """A pretrained file whose batch-norm statistics and affine parameters are not the init's: with frozen_bn they
+    leave training untouched, a stopped and resumed run ends bitwise equal to an uninterrupted one, and the run
+    record and checkpoint name the file and its sha256."""
+    import hashlib  # noqa: PLC0415
+    import torchvision  # noqa: PLC0415
+    torch.manual_seed(0)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    for key, value in state.items():
+        if "bn" in key or "downsample.1" in key:
+            value.copy_(torch.rand_like(value.float()) + 0.5 if "var" in key or "weight" in key else
+                        0.1 * torch.randn_like(value.float()) if value.is_floating_point() else value + 7)
+    weights = tmp_path / "resnet18.pth"
+    torch.save(state, weights)
+    runs = {}
+    for name in ("uninterrupted", "resumed"):
+        runs[name] = experiment(name, num_epochs=1, pretrained=str(weights), frozen_bn=True)
+    assert train_py(runs["uninterrupted"]).returncode == 0
+    stopped = train_py(runs["resumed"], strike=("step", 2, "SIGTERM"))
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    resumed = train_py(runs["resumed"], "--restore_file", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(runs["resumed"], final_state(runs["uninterrupted"]))
+    checkpoint = torch.load(runs["resumed"] / utils.LAST_CHECKPOINT, weights_only=True)
+    record = {"file": str(weights.resolve()), "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    assert checkpoint["pretrained_weights"] == record
+    assert json.loads((runs["resumed"] / utils.RESOLVED_PARAMS_FILE).read_text())["pretrained_weights"] == record
+    norms = {k: v for k, v in state.items() if "bn" in k or "downsample.1" in k}
+    trained = {k.replace("backbone.", "").replace("stem.1", "bn1"): v for k, v in checkpoint["state_dict"].items()}
+    trained = {k.replace("stem.0", "conv1"): v for k, v in trained.items()}
+    assert all(torch.equal(trained[k], v) for k, v in norms.items())
+    assert not torch.equal(trained["layer1.0.conv1.weight"], state["layer1.0.conv1.weight"])

@@ -142,6 +142,7 @@ BAD_VALUES = {
     "amp": [0], "channels_last": [None], "compile": ["true"], "save_summary_steps": [0],
     "num_logged_images": [-1], "tta_scales": [[], [0], [1, -1], [float("nan")]], "tta_flip": [2],
     "sliding_window": [[]],
+    "frozen_bn": ["yes"], "eval_pad_size": [0, 1.5], "boundary_distance": ["manhattan"], "boundary_void": [True],
 }
 
 
