@@ -1,5 +1,6 @@
-"""Settings (Params), the run folder (file names, lock, atomic writes, checkpoints), logging, mixed
-precision, distributed helpers and what every entry point shares on its command line. Imports nothing of model/."""
+"""Settings (Params), the run folder (file names, lock, atomic writes, checkpoints), logging, mixed precision and
+placement, stop signals, distributed helpers and what every entry point shares on its command line. Imports nothing
+of model/."""
 from __future__ import annotations
 
 import argparse

@@ -17,19 +17,9 @@ import torch
 import torchvision
 from torch import nn
 
+from benchmarks.benchmark import LogitsOnly
 from model.data_loader import DataConfig, EpochSampler, build_dataloader, build_dataset
 from model.net import GCN, GCNConfig, cross_entropy_loss
-
-
-class LogitsOnly(nn.Module):
-    """torchvision segmentation models return a dict; keep the 'out' logits."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)["out"]
 
 
 def build_model(args: argparse.Namespace) -> tuple[nn.Module, dict[str, list[nn.Parameter]]]:

@@ -19,6 +19,7 @@ import scipy.io
 from PIL import Image
 from tqdm import tqdm
 
+import utils
 from model.datasets.voc import voc_palette
 
 NUM_CLASSES = 21
@@ -95,11 +96,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="SBD's dataset folder with cls/, train.txt, val.txt "
                              "(default: data/benchmark_RELEASE/dataset)")
     args = parser.parse_args(argv)
-    try:
-        build_voc_aug(args.voc, args.sbd)
-    except BuildError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return utils.run_cli(lambda: build(args.voc, args.sbd), (BuildError,))
+
+
+def build(voc_dir: Path, sbd_dir: Path) -> int:
+    build_voc_aug(voc_dir, sbd_dir)
     return 0
 
 

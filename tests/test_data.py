@@ -3,7 +3,6 @@ the SBD -> SegmentationClassAug builder, and a few items of the real data sets i
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from PIL import Image
 from torchvision import tv_tensors
 from torch.utils.data import RandomSampler, SequentialSampler
 
+from data import build_voc_aug
 from model.data_loader import DataConfig, DatasetError, EpochSampler, build_dataloader, build_dataset
 from model.datasets.synthetic import void_borders
 from model.datasets.voc import voc_palette
@@ -24,13 +24,6 @@ from model.transforms import IMAGENET_MEAN, IMAGENET_STD, colorize, denormalise,
 
 REPO = Path(__file__).resolve().parents[1]
 PALETTE = [c for rgb in voc_palette(256) for c in rgb]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "data" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def params(num_classes: int, **kw) -> tuple[DataConfig, int]:
@@ -143,7 +136,7 @@ def test_voc_aug_builder_and_loader(tmp_path):
     (sbd_dir / "train.txt").write_text("s1\nv1\n")
     (sbd_dir / "val.txt").write_text("s2\na1\n")
 
-    builder = load_script("build_voc_aug")
+    builder = build_voc_aug
     assert builder.main(["--voc", str(voc_dir), "--sbd", str(sbd_dir)]) == 0
     train_aug = (voc_dir / "ImageSets" / "Segmentation" / "train_aug.txt").read_text().split()
     assert train_aug == ["a1", "a2", "s1", "s2"]
@@ -160,7 +153,7 @@ def test_voc_aug_builder_and_loader(tmp_path):
 
 
 def test_voc_aug_leak_check_and_bad_input(tmp_path, capsys):
-    builder = load_script("build_voc_aug")
+    builder = build_voc_aug
     list_path = tmp_path / "train_aug.txt"
     list_path.write_text("a\nb\n")
     builder.check_no_leak(list_path, {"c"})
