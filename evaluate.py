@@ -22,7 +22,7 @@ from model import IGNORE_INDEX, visualize
 from model.data_loader import DataConfig, DatasetError, build_dataset, eval_loader
 from model.inference import predict_logits
 from model.metrics import SegmentationMetrics
-from model.net import GCN, GCNConfig, PretrainedWeightsError
+from model.net import GCN, CheckpointMismatchError, GCNConfig, PretrainedWeightsError
 from model.transforms import denormalise
 
 WORST_MARK = "  <- worst"  # flags the lowest-IoU classes of the per-class table: 1 in 4, at most 3
@@ -136,9 +136,9 @@ def main(args) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dataset = build_dataset(params.config(DataConfig), params.num_classes, args.split, train=False)
     path = utils.checkpoint_path(model_dir, args.restore_file)
-    checkpoint = utils.load_checkpoint(path)
+    checkpoint = utils.load_checkpoint(path, GCNConfig, DataConfig)
     utils.check_same_architecture(path, checkpoint["model_config"], params.config(GCNConfig).architecture())
-    model = GCN.from_checkpoint(checkpoint).to(device)
+    model = GCN.from_checkpoint(checkpoint, f"checkpoint {path}").to(device)
     if params.channels_last:
         model.to(memory_format=torch.channels_last)
     on_image = None
@@ -171,7 +171,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     def run() -> int:
         main(args)
         return 0
-    return utils.run_cli(run, (DatasetError, PretrainedWeightsError))
+    return utils.run_cli(run, (DatasetError, PretrainedWeightsError, CheckpointMismatchError))
 
 
 if __name__ == "__main__":

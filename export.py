@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 import utils
-from model.net import GCN
+from model.data_loader import DataConfig
+from model.net import GCN, CheckpointMismatchError, GCNConfig
 from model.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 WEIGHTS_KEYS = ("state_dict", "model_config", "class_names", "palette", "params")
@@ -90,17 +91,18 @@ def parse_args(argv: Sequence[str] | None):
 
 def main(args) -> Path:
     path = utils.checkpoint_path(Path(args.model_dir), args.restore_file)
-    checkpoint = utils.load_checkpoint(path)
+    checkpoint = utils.load_checkpoint(path, GCNConfig, DataConfig)
     out = Path(args.out) if args.out else None
     stem = path.with_name(path.name.split(".")[0])
     if args.format == "weights":
+        GCN.check_checkpoint(checkpoint, f"checkpoint {path}")  # never write a file that cannot be loaded
         out, digest = save_weights(checkpoint, out, stem)
         print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB; sha256 {digest})")
         return out
     out = out or stem.with_suffix(".onnx")
     metadata = {"class_names": json.dumps(checkpoint["class_names"]), "palette": json.dumps(checkpoint["palette"]),
                 "mean": json.dumps(IMAGENET_MEAN), "std": json.dumps(IMAGENET_STD)}
-    diff = export_onnx(GCN.from_checkpoint(checkpoint), out, metadata)
+    diff = export_onnx(GCN.from_checkpoint(checkpoint, f"checkpoint {path}"), out, metadata)
     print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB; ONNX Runtime vs PyTorch max abs diff {diff:.1e} "
           f"at {CHECK_SHAPE})")
     return out
@@ -112,7 +114,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     def run() -> int:
         main(args)
         return 0
-    return utils.run_cli(run)
+    return utils.run_cli(run, (CheckpointMismatchError,))
 
 
 if __name__ == "__main__":

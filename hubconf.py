@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import utils
-from model.net import GCN
+from model.data_loader import DataConfig
+from model.net import GCN, GCNConfig
 
 dependencies = ["torch", "torchvision", "PIL", "numpy"]
 
@@ -18,7 +19,7 @@ def gcn(checkpoint: str) -> GCN:
     """The GCN a checkpoint describes (train.py's, or export.py's weights-only file), on the CPU in eval mode, with
     its class names and palette as `model.class_names` and `model.palette` (one RGB triple per class)."""
     path = Path(checkpoint)
-    state = utils.load_checkpoint(path)
-    model = GCN.from_checkpoint(state).eval()
+    state = utils.load_checkpoint(path, GCNConfig, DataConfig)
+    model = GCN.from_checkpoint(state, f"checkpoint {path}").eval()
     model.class_names, model.palette = list(state["class_names"]), [tuple(c) for c in state["palette"]]
     return model

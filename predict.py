@@ -25,7 +25,8 @@ from model import visualize
 from model.datasets.base import DatasetError, read_image
 from model.datasets.folder import IMAGE_SUFFIXES
 from model.inference import predict_logits
-from model.net import GCN
+from model.data_loader import DataConfig
+from model.net import GCN, CheckpointMismatchError, GCNConfig
 from model.transforms import normalise
 
 GLOB_CHARS = "*?["
@@ -108,7 +109,7 @@ def main(args) -> int:
     if args.batch_size < 1 or (args.window is not None and args.window < 1):
         raise utils.UserError("--batch_size and --window must be positive integers")
     path = utils.checkpoint_path(Path(args.model_dir), args.restore_file)
-    checkpoint = utils.load_checkpoint(path)
+    checkpoint = utils.load_checkpoint(path, GCNConfig, DataConfig)
     class_names, palette = checkpoint["class_names"], checkpoint["palette"]
     params = {**dataclasses.asdict(utils.TrainConfig()), **dataclasses.asdict(utils.EvalConfig()),
               **checkpoint.get("params", {})}
@@ -118,7 +119,7 @@ def main(args) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     memory_format = torch.channels_last if params["channels_last"] else torch.contiguous_format
-    model = GCN.from_checkpoint(checkpoint).to(device, memory_format=memory_format).eval()
+    model = GCN.from_checkpoint(checkpoint, f"checkpoint {path}").to(device, memory_format=memory_format).eval()
     amp_dtype = utils.autocast_dtype(device, params["amp"])
     scales, flip = (params["tta_scales"], params["tta_flip"]) if args.tta else ((1.0,), False)
     print(f"Segmenting {len(names)} files with {path} ({model.config.backbone}, {len(class_names)} classes) on "
@@ -149,7 +150,7 @@ def main(args) -> int:
 
 def cli(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    return utils.run_cli(lambda: main(args))
+    return utils.run_cli(lambda: main(args), (CheckpointMismatchError,))
 
 
 if __name__ == "__main__":

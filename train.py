@@ -28,7 +28,7 @@ import utils
 from evaluate import evaluate
 from model import visualize
 from model.data_loader import DataConfig, DatasetError, EpochSampler, build_dataloader, build_dataset, eval_loader
-from model.net import GCN, GCNConfig, PretrainedWeightsError, SegmentationLoss
+from model.net import GCN, CheckpointMismatchError, GCNConfig, PretrainedWeightsError, SegmentationLoss
 from model.transforms import denormalise
 
 OUTPUTS = (utils.LAST_CHECKPOINT, utils.BEST_CHECKPOINT, utils.METRICS_LAST, utils.METRICS_BEST,
@@ -178,19 +178,19 @@ def train(params: utils.Params, overrides: dict, model_dir: Path, args, device: 
     progress = Progress()
     if restore_file:
         path = utils.checkpoint_path(model_dir, restore_file)
-        checkpoint = utils.load_checkpoint(path)
+        checkpoint = utils.load_checkpoint(path, GCNConfig, DataConfig, Progress)
         utils.check_same_architecture(path, checkpoint["model_config"], model_config.architecture())
-        if not {"optimizer", "scheduler", "scaler", "progress"} <= checkpoint.keys():
+        if not set(utils.TRAINING_STATE_KEYS) <= checkpoint.keys():
             raise utils.CheckpointError(f"cannot resume from {path}: it holds no training state (an export.py "
                                         f"weights file?)")
         changed = params.experiment_differences(checkpoint["params"])
         if changed:
             raise utils.UserError(f"{path} was trained with other settings: {', '.join(changed)} differ (params.json "
                                   f"or --set); resume with the same ones, or start afresh with --force")
+        GCN.check_checkpoint(checkpoint, f"checkpoint {path}")
         model_without_ddp.load_state_dict(checkpoint["state_dict"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
+        for key, target in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+            utils.restore_state(path, key, target, checkpoint[key])
         progress = Progress(**checkpoint["progress"])
     done = progress.iteration >= total_iterations and not progress.validation_pending
     if done and (model_dir / utils.COMPLETE_MARKER).exists():
@@ -381,7 +381,7 @@ def stopped(stop: StopSignal, progress: Progress, model_dir: Path) -> int:
 def cli(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        return utils.run_cli(lambda: main(args), (DatasetError, PretrainedWeightsError))
+        return utils.run_cli(lambda: main(args), (DatasetError, PretrainedWeightsError, CheckpointMismatchError))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -21,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
-from model.net import GCN  # noqa: E402
+from model.data_loader import DataConfig  # noqa: E402
+from model.net import GCN, GCNConfig  # noqa: E402
 
 
 def main() -> None:
@@ -35,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    model = GCN.from_checkpoint(utils.load_checkpoint(args.checkpoint)).eval().to(memory_format=torch.channels_last)
+    model = GCN.from_checkpoint(utils.load_checkpoint(args.checkpoint, GCNConfig, DataConfig)).eval().to(memory_format=torch.channels_last)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = args.threads
     session = onnxruntime.InferenceSession(str(args.onnx), options, providers=["CPUExecutionProvider"])
