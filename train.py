@@ -27,7 +27,8 @@ from tqdm import tqdm
 import utils
 from evaluate import evaluate
 from model import visualize
-from model.data_loader import DataConfig, DatasetError, EpochSampler, build_dataloader, build_dataset, eval_loader
+from model.data_loader import (DataConfig, DatasetError, EpochSampler, build_dataloader, build_dataset, eval_loader,
+                               worker_death)
 from model.net import GCN, CheckpointMismatchError, GCNConfig, PretrainedWeightsError, SegmentationLoss
 from model.transforms import denormalise
 
@@ -197,7 +198,9 @@ def train(params: utils.Params, overrides: dict, model_dir: Path, args, device: 
         print(f"{model_dir}: nothing to do, this run already trained its {total_iterations} iterations")
         return 0
 
-    # Every input is checked: from here on, the run writes into its folder, which it holds alone.
+    # Every input is checked: from here on, the run writes into its folder, which it holds alone, and a stop signal
+    # is a flag (a stop after --force deleted the previous run saves the new one).
+    stop = exit_stack.enter_context(StopSignal())
     writer = None
     if main_process:
         exit_stack.enter_context(utils.RunLock(model_dir))
@@ -265,14 +268,20 @@ def train(params: utils.Params, overrides: dict, model_dir: Path, args, device: 
         save(model_dir / utils.LAST_CHECKPOINT)
         return True
 
-    stop = exit_stack.enter_context(StopSignal())
     if progress.validation_pending and not validate():
         return stopped(stop, progress, model_dir)
     while progress.iteration < total_iterations:
         sampler.set_epoch(progress.epoch, progress.batch_in_epoch)
-        finished = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, loss_fn, params, device,
-                                   amp_dtype, progress, total_iterations, stop, writer, world_size,
-                                   f"epoch {progress.epoch + 1}/{num_epochs}")
+        try:
+            finished = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, loss_fn, params, device,
+                                       amp_dtype, progress, total_iterations, stop, writer, world_size,
+                                       f"epoch {progress.epoch + 1}/{num_epochs}")
+        except RuntimeError as error:  # a dead worker ends like a stop: what the main process holds is saved
+            if (died := worker_death(error)) is None:
+                raise
+            save(model_dir / utils.LAST_CHECKPOINT)
+            raise utils.UserError(f"{died}; saved {model_dir / utils.LAST_CHECKPOINT} at iteration "
+                                  f"{progress.iteration}: resume with --restore_file last") from None
         if not finished:
             save(model_dir / utils.LAST_CHECKPOINT)
             return stopped(stop, progress, model_dir)
@@ -382,6 +391,10 @@ def cli(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return utils.run_cli(lambda: main(args), (DatasetError, PretrainedWeightsError, CheckpointMismatchError))
+    except KeyboardInterrupt:  # Ctrl-C before the run holds its folder: nothing was written or deleted
+        print("error: interrupted at once (Ctrl-C while starting, or a second one): nothing new was saved",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -344,12 +344,16 @@ def run_cli(main: Callable[[], int], user_errors: tuple[type[BaseException], ...
 def atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
     """Write `path` through `.<name>.tmp` and a rename: readers never see half a file, a crash keeps the old one.
 
-    The file gets the umask's permissions; the fixed temporary name is reused, so a crash leaves at most one.
+    The file gets the umask's permissions; the fixed temporary name is reused, so a crash leaves at most one. No link
+    is ever followed: a link planted at the temporary name is removed, not written through, and one at `path` is
+    replaced by the file. A folder that does not exist (e.g. a run folder deleted mid-run) is not recreated.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: the folder {path.parent} does not exist (deleted while running?); "
+                        f"not recreating it")
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with open_new(tmp) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -357,6 +361,38 @@ def atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def open_new(path: Path) -> io.BufferedWriter:
+    """`path` opened for writing as a new file: whatever is at the name (a stale file, a planted link) is removed
+    first, and O_EXCL | O_NOFOLLOW refuse to write through anything that appears there meanwhile."""
+    path.unlink(missing_ok=True)
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666), "wb")
+
+
+def output_folder(path: Path, what: str) -> Path:
+    """Create the output folder `path` (and its parents) or refuse in one line, before any work: a file or a broken
+    link at its name (or at a parent's), or a place that cannot be written."""
+    existing = next(p for p in (path, *path.absolute().parents) if os.path.lexists(p))
+    if not existing.is_dir():
+        where = "" if existing == path else f": {existing}"
+        raise UserError(f"{what} {path}{where} is a {'broken link' if existing.is_symlink() else 'file'}, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {what} {path}: {exc.strerror or exc}") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write into {what} {path}: permission denied")
+    return path
+
+
+def output_file(path: Path, what: str) -> Path:
+    """Check an output file's name before any work: not a folder, in a folder that can be written (created if
+    missing); a file or link at the name is replaced by the new file, never written through."""
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder; give a file name")
+    output_folder(path.parent, f"the folder of {what}")
+    return path
 
 
 def write_json(path: Path, values: dict[str, Any]) -> None:
@@ -556,9 +592,12 @@ class RunLock:
     def __enter__(self) -> RunLock:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.path, "a+")
+            # O_NOFOLLOW: a link planted at the lock's name is refused, never followed (and so never overwritten).
+            self.file = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666), "r+")
         except OSError as exc:
-            raise UserError(f"cannot lock {self.path.parent}: {exc.strerror or exc}") from exc
+            planted = self.path.is_symlink()
+            reason = f"a link is planted at {LOCK_FILE}; remove it" if planted else exc.strerror or exc
+            raise UserError(f"cannot lock {self.path.parent}: {reason}") from exc
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

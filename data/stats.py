@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
 from model import IGNORE_INDEX, visualize  # noqa: E402
 from model.data_loader import DataConfig, DatasetError, EpochSampler, SeededItems, build_dataset  # noqa: E402
-from model.datasets.base import SegmentationDataset, read_label  # noqa: E402
+from model.datasets.base import SegmentationDataset, image_size, read_label  # noqa: E402
 from model.net import GCNConfig  # noqa: E402
 from model.transforms import denormalise  # noqa: E402
 
@@ -89,8 +89,7 @@ def count_split(dataset, num_classes: int, split: str) -> SplitStats:
     for index in tqdm(range(len(dataset)), desc=f"reading {split}", unit="image", leave=False):
         stats.images += 1
         if not stats.labelled:  # no ground truth: only the image's size, from its header
-            with Image.open(dataset.image_paths[index]) as img:
-                stats.sizes[img.size] += 1
+            stats.sizes[image_size(dataset.image_paths[index])] += 1
             continue
         if isinstance(dataset, SegmentationDataset):
             label = read_label(dataset.label_paths[index], dataset.lut, num_classes)

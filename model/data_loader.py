@@ -51,6 +51,7 @@ def _gigabytes(num_bytes: float) -> str:
     return f"it would need {num_bytes / 1e9:.3g} GB"
 
 
+SYNTHETIC_SPLITS = ("train", "val")
 DATASET_NAMES = ("voc", "voc_aug", "cityscapes", "camvid", "folder", "synthetic")
 
 
@@ -106,6 +107,8 @@ def _open(config: DataConfig, num_classes: int, split: str, transform: Transform
                                   config.class_names)
     if config.dataset != "synthetic":
         raise DatasetError(f"unknown dataset '{config.dataset}'; choose one of {', '.join(DATASET_NAMES)}")
+    if split not in SYNTHETIC_SPLITS:  # any other name would silently be another val set
+        raise DatasetError(f"dataset 'synthetic' has the splits {', '.join(SYNTHETIC_SPLITS)}, not {split!r}")
     length = config.synthetic_train_images if split == "train" else config.synthetic_val_images
     return SyntheticSegmentation(split, transform, config.synthetic_seed, length, config.synthetic_image_size)
 
@@ -198,6 +201,16 @@ def _exit_on_sigterm_from(main_process: int) -> None:
     while signal.sigwaitinfo({signal.SIGTERM}).si_pid != main_process:
         pass
     os._exit(0)
+
+
+def worker_death(error: RuntimeError) -> DatasetError | None:
+    """The one-line error for a DataLoader worker that died (most often the out-of-memory killer's SIGKILL), or None
+    if `error` is something else."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if not message.startswith("DataLoader worker") or "exited unexpectedly" not in message and "killed" not in message:
+        return None
+    return DatasetError(f"{message.rstrip('. ')}: most likely out of memory (the OOM killer); lower num_workers, "
+                        f"batch_size or crop_size")
 
 
 def build_dataloader(dataset: Dataset, batch_size: int, sampler: Sampler, num_workers: int,

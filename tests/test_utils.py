@@ -127,20 +127,20 @@ def test_allowed_values_pass_unchanged(key, value):
 
 # Every key of a real experiment with values it must refuse (a new setting without an entry fails the test below).
 BAD_VALUES = {
-    "dataset": ["GCN", 3], "data_dir": [3, None], "crop_size": [0, 1.5], "scale_range": [[2, 1], [0.5], [0, 1]],
-    "flip": ["yes"], "color_jitter": [-0.1], "num_workers": [-1], "train_split": [None], "val_split": [1],
+    "dataset": ["GCN", 3], "data_dir": [3, None], "crop_size": [0, 1.5, 4097, 200000], "scale_range": [[2, 1], [0.5], [0, 1], [0.5, 1e300]],
+    "flip": ["yes"], "color_jitter": [-0.1, 1.01, 1e300], "num_workers": [-1], "train_split": [None], "val_split": [1],
     "mask_values": [{"x": 1}, {"300": 1}, [0, 1]], "val_fraction": [0, 1, 1.5], "class_names": [["a", "b"], [1] * 5],
     "split_sequences": [{"train": ["a"], "val": ["a"]}, {"train": "a"}, {"train": []}],
-    "synthetic_seed": [0.5], "synthetic_image_size": [4], "synthetic_train_images": [0], "synthetic_val_images": [0],
-    "num_classes": [0, -3, 2.0], "backbone": ["resnet200"], "kernel_size": [8, 0, -3], "head": ["GCN", "dense"],
-    "boundary_refine": [1], "upsample": ["nearest"], "stack_channels": [0], "pretrained": [3],
+    "synthetic_seed": [0.5, -5, 2**32], "synthetic_image_size": [4, 60000], "synthetic_train_images": [0], "synthetic_val_images": [0],
+    "num_classes": [0, -3, 2.0, 256], "backbone": ["resnet200"], "kernel_size": [8, 0, -3, 257, 400001], "head": ["GCN", "dense"],
+    "boundary_refine": [1], "upsample": ["nearest"], "stack_channels": [0, 4097], "pretrained": [3],
     "learning_rate": [-0.1, 0, "0.1", float("nan"), float("inf")], "head_lr_multiplier": [0],
     "momentum": [1.0, -0.1], "weight_decay": [-1e-4],
     "batch_size": [0, -2], "num_epochs": [0], "num_iterations": [-5, 0], "lr_power": [-1],
     "warmup_iterations": [-1], "loss": ["dice", "cross entropy"], "class_weights": [["a"] * 5, [1, 2], [-1] * 5],
-    "dice_weight": [-1], "grad_clip_norm": [0, -5], "sync_bn": ["false"], "seed": [1.5], "val_every_epochs": [0],
+    "dice_weight": [-1], "grad_clip_norm": [0, -5], "sync_bn": ["false"], "seed": [1.5, -1, 2**32, 2**70], "val_every_epochs": [0],
     "amp": [0], "channels_last": [None], "compile": ["true"], "save_summary_steps": [0],
-    "num_logged_images": [-1], "tta_scales": [[], [0], [1, -1], [float("nan")]], "tta_flip": [2],
+    "num_logged_images": [-1], "tta_scales": [[], [0], [1, -1], [float("nan")], [1, 1e6]], "tta_flip": [2],
     "sliding_window": [[]],
 }
 
@@ -157,6 +157,32 @@ def test_every_setting_refuses_a_bad_value_in_one_line(tmp_path, key, value):
     message = str(info.value)
     assert message.startswith(f"{path}: {key!r} is {json.dumps(value)}; expected "), message
     assert "\n" not in message
+
+
+# Both ends of every bounded range pass.
+EDGE_VALUES = {"crop_size": [1, 4096], "color_jitter": [0, 1], "seed": [0, 2**32 - 1], "synthetic_seed": [0, 2**32 - 1],
+               "synthetic_image_size": [8, 4096], "num_classes": [1, 255], "kernel_size": [1, 255],
+               "stack_channels": [1, 4096], "scale_range": [[1e-3, 8]], "tta_scales": [[1e-3, 8]]}
+
+
+@pytest.mark.parametrize("key,value", [(k, v) for k, values in EDGE_VALUES.items() for v in values])
+def test_both_ends_of_every_range_are_allowed(key, value):
+    assert getattr(Params({**MINIMAL, "num_classes": 2, key: value}, EXPERIMENT), key) == value
+
+
+@pytest.mark.parametrize("key,value,memory", [("crop_size", 200000, "480 GB per float image"),
+                                              ("synthetic_image_size", 60000, "54 GB to draw one image"),
+                                              ("kernel_size", 400001, "GB of weights per class"),
+                                              ("stack_channels", 100000, "360 GB")])
+def test_a_size_above_its_bound_names_the_memory_it_would_need(key, value, memory):
+    assert_params_error({key: value}, "<= ", memory, configs=EXPERIMENT)
+
+
+def test_batch_size_1_with_a_crop_of_one_stride_32_cell_is_refused_naming_the_fix():
+    message, _ = assert_params_error({"batch_size": 1, "crop_size": 32}, configs=EXPERIMENT)
+    assert message.startswith("p.json: 'batch_size' is 1; expected") and "batch_size >= 2 or crop_size >= 33" in message
+    for fine in ({"batch_size": 2, "crop_size": 32}, {"batch_size": 1, "crop_size": 33}):
+        Params({**MINIMAL, **fine}, EXPERIMENT)
 
 
 def test_a_bad_key_that_another_refers_to_is_named_first():
@@ -226,10 +252,15 @@ def test_files_are_written_with_the_umask_permissions(tmp_path, umask, mode):
         assert (tmp_path / name).stat().st_mode & 0o777 == mode
 
 
-def test_a_full_disk_is_one_line_and_keeps_the_old_checkpoint(tmp_path):
+def write_to_dev_full(monkeypatch):
+    """Every write fails with ENOSPC, as on a full disk."""
+    monkeypatch.setattr(utils, "open_new", lambda path: open("/dev/full", "wb"))
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     utils.save_checkpoint({"state_dict": {"w": torch.ones(2)}, "model_config": {}}, tmp_path / "last.pth.tar")
     before = (tmp_path / "last.pth.tar").read_bytes()
-    (tmp_path / ".last.pth.tar.tmp").symlink_to("/dev/full")  # every write there fails with ENOSPC
+    write_to_dev_full(monkeypatch)
     with pytest.raises(CheckpointError, match=r"^cannot write checkpoint .*last\.pth\.tar: No space left on device; "
                                               r"the previous one is kept$"):
         utils.save_checkpoint({"state_dict": {"w": torch.zeros(2)}, "model_config": {}}, tmp_path / "last.pth.tar")
@@ -237,8 +268,8 @@ def test_a_full_disk_is_one_line_and_keeps_the_old_checkpoint(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["last.pth.tar"]  # the temporary is gone
 
 
-def test_a_metrics_file_on_a_full_disk_or_in_a_read_only_folder_is_one_line(tmp_path):
-    (tmp_path / ".metrics.json.tmp").symlink_to("/dev/full")
+def test_a_metrics_file_on_a_full_disk_or_in_a_read_only_folder_is_one_line(tmp_path, monkeypatch):
+    write_to_dev_full(monkeypatch)
     with pytest.raises(UserError, match=r"^cannot write .*metrics\.json: No space left on device$"):
         utils.write_json(tmp_path / "metrics.json", {"miou": 0.5})
     assert sorted(os.listdir(tmp_path)) == []
