@@ -19,9 +19,10 @@ from torch.utils.data import DataLoader, Dataset
 import utils
 from model import IGNORE_INDEX, visualize
 from model.data_loader import DataConfig, DatasetError, build_dataset, eval_loader
+from model.datasets.base import is_safe_id
 from model.inference import padded_logits, predict_logits
 from model.metrics import SegmentationMetrics
-from model.net import GCNConfig, PretrainedWeightsError, SegmentationLoss
+from model.net import CheckpointMismatchError, GCNConfig, PretrainedWeightsError, SegmentationLoss
 from model.transforms import denormalise
 from trained_model import load_trained_model
 
@@ -96,10 +97,21 @@ def per_class_table(metrics: dict[str, Any]) -> str:
 
 
 def prediction_path(out_dir: Path, dataset_name: str, name: str) -> Path:
-    """Where a prediction PNG goes; VOC uses the layout its evaluation server accepts."""
+    """Where a prediction PNG goes; VOC uses the layout its evaluation server accepts. An image name that would
+    land outside out_dir (the data sets refuse such ids already) is refused."""
+    if not is_safe_id(name):
+        raise DatasetError(f"image name {name!r} would be written outside {out_dir}")
     if dataset_name in ("voc", "voc_aug"):
         return out_dir / "results" / "VOC2012" / "Segmentation" / "comp6_test_cls" / f"{name}.png"
     return out_dir / f"{name}.png"
+
+
+def metrics_tag(model_dir: Path, checkpoint: Path, split: str, tta: bool) -> str:
+    """The name of a metrics file: <split>_<checkpoint>[_tta]; a checkpoint from another folder is tagged with that
+    folder too (<split>_<folder>.<checkpoint>), so that its scores never replace this folder's own."""
+    stem = checkpoint.name.split(".")[0]
+    own = checkpoint.resolve().parent == model_dir.resolve()
+    return f"{split}_{stem if own else checkpoint.resolve().parent.name + '.' + stem}{'_tta' if tta else ''}"
 
 
 def prediction_saver(out_dir: Path, dataset: Dataset, dataset_name: str, num_pictures: int | None):
@@ -108,7 +120,7 @@ def prediction_saver(out_dir: Path, dataset: Dataset, dataset_name: str, num_pic
     def save(index: int, image: Tensor, label: Tensor, pred: Tensor) -> None:
         name = str(dataset.names[index])
         visualize.save_label_png(pred.cpu(), dataset.palette, prediction_path(out_dir, dataset_name, name))
-        if num_pictures is None or index < num_pictures:
+        if num_pictures is None or index < num_pictures:  # the name was checked by prediction_path
             picture = visualize.prediction_picture(denormalise(image.cpu()), label.cpu() if dataset.has_labels else
                                                    None, pred.cpu(), dataset.palette, dataset.classes)
             visualize.save_picture(picture, out_dir / "pictures" / f"{name}.png")
@@ -145,9 +157,11 @@ def main(args) -> dict[str, Any]:
     dataset = build_dataset(data_config, params.num_classes, args.split, train=False)
     trained = load_trained_model(utils.checkpoint_path(model_dir, args.restore_file),
                                  params.config(GCNConfig).architecture())
+    utils.output_folder(model_dir, "the model folder")  # metrics, confusion matrix and log go there
     on_image = None
     if args.save_predictions:
-        on_image = prediction_saver(Path(args.save_predictions), dataset, data_config.dataset, num_pictures)
+        out_dir = utils.output_folder(Path(args.save_predictions), "--save_predictions")
+        on_image = prediction_saver(out_dir, dataset, data_config.dataset, num_pictures)
     utils.set_logger(model_dir / utils.EVALUATE_LOG)
     logging.info("Evaluating %s (epoch %s) on %d %s images%s", trained.path, trained.epoch, len(dataset), args.split,
                  " with TTA" if args.tta else "")
@@ -158,7 +172,7 @@ def main(args) -> dict[str, Any]:
     if not metrics:
         logging.info("Split %s has no ground truth: wrote predictions only", args.split)
         return metrics
-    tag = f"{args.split}_{trained.path.name.split('.')[0]}{'_tta' if args.tta else ''}"
+    tag = metrics_tag(model_dir, trained.path, args.split, args.tta)
     utils.write_json(model_dir / f"metrics_{tag}.json", {**metrics, "epoch": trained.epoch})
     report(metrics, tag, dataset.classes, model_dir)
     return metrics
@@ -181,7 +195,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     def run() -> int:
         main(args)
         return 0
-    return utils.run_cli(run, (DatasetError, PretrainedWeightsError))
+    return utils.run_cli(run, (DatasetError, PretrainedWeightsError, CheckpointMismatchError, OSError))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import utils
-from model.net import GCN
+from model.net import GCN, CheckpointMismatchError
 from model.transforms import IMAGENET_MEAN, IMAGENET_STD
 from trained_model import load_trained_model
 
@@ -63,7 +63,7 @@ def export_onnx(model: GCN, path: Path, metadata: dict[str, str]) -> float:
     logits.shape = onnx_ir.Shape(["batch", model.config.num_classes, "height", "width"])
     program.model.metadata_props.update(metadata)
     tmp = path.with_name(f".{path.name}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp.unlink(missing_ok=True)  # never write through a link planted at the temporary name
     program.save(str(tmp))
     try:
         x = torch.randn(CHECK_SHAPE, generator=torch.Generator().manual_seed(0))
@@ -94,6 +94,7 @@ def main(args) -> Path:
     path, checkpoint = trained.path, trained.checkpoint
     out = Path(args.out) if args.out else None
     stem = path.with_name(path.name.split(".")[0])
+    utils.output_file(out or stem, "--out" if out else "the output")  # before 45 MB are serialised
     if args.format == "weights":
         out, digest = save_weights(checkpoint, out, stem)
         print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB; sha256 {digest})")
@@ -113,7 +114,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     def run() -> int:
         main(args)
         return 0
-    return utils.run_cli(run)
+    return utils.run_cli(run, (CheckpointMismatchError, OSError))  # OSError: e.g. a disk that fills up
 
 
 if __name__ == "__main__":

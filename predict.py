@@ -24,6 +24,7 @@ from model import visualize
 from model.datasets.base import DatasetError, read_image
 from model.datasets.folder import IMAGE_SUFFIXES
 from model.inference import predict_logits
+from model.net import CheckpointMismatchError
 from model.transforms import normalise
 from trained_model import load_trained_model
 
@@ -34,8 +35,9 @@ def find_images(inputs: Sequence[str], exclude: Path) -> dict[Path, Path]:
     """Image files -> output names (relative paths ending in .png), in input order.
 
     Files are taken as given, folders searched recursively (hidden files and anything under `exclude` left out),
-    globs expanded. Names are paths relative to the deepest folder holding every input, so a/x.jpg and b/x.jpg stay
-    apart; x.jpg and x.png in one folder become x.jpg.png and x.png.png.
+    globs expanded; only regular files are read (a FIFO or device given by name is refused, matched by a glob left
+    out). Names are paths relative to the deepest folder holding every input, so a/x.jpg and b/x.jpg stay apart;
+    x.jpg and x.png in one folder become x.jpg.png and x.png.png. Names that still collide are refused.
     """
     files: list[Path] = []
     roots: list[Path] = []
@@ -47,6 +49,10 @@ def find_images(inputs: Sequence[str], exclude: Path) -> dict[Path, Path]:
         for path in (Path(m).absolute() for m in matches):
             if not path.exists():
                 raise utils.UserError(f"{text}: no such file or folder")
+            if not (path.is_dir() or path.is_file()):
+                if pattern:
+                    continue
+                raise utils.UserError(f"{text}: not a regular file or folder (a FIFO or device is never read)")
             roots.append(path if path.is_dir() else path.parent)
             files += _folder_images(path, exclude.absolute()) if path.is_dir() else [path]
     files = list(dict.fromkeys(files))
@@ -55,7 +61,13 @@ def find_images(inputs: Sequence[str], exclude: Path) -> dict[Path, Path]:
     base = Path(os.path.commonpath(roots))
     stems = [f.relative_to(base).with_suffix(".png") for f in files]
     taken = Counter(stems)
-    return {f: stem if taken[stem] == 1 else stem.with_name(f.name + ".png") for f, stem in zip(files, stems)}
+    names = {f: stem if taken[stem] == 1 else stem.with_name(f.name + ".png") for f, stem in zip(files, stems)}
+    counts = Counter(names.values())
+    clashes = [f for f, name in names.items() if counts[name] > 1]
+    if clashes:
+        raise utils.UserError(f"{clashes[0]} and {clashes[1]} would both be written as {names[clashes[0]]}; "
+                              f"rename one of them or segment them separately")
+    return names
 
 
 def _folder_images(folder: Path, exclude: Path) -> list[Path]:
@@ -71,6 +83,8 @@ def size_batches(files: Sequence[Path], batch_size: int) -> tuple[list[list[Path
     errors = []
     for path in files:
         try:
+            if not path.is_file():  # Image.open would block on a FIFO
+                raise OSError("not a regular file")
             with Image.open(path) as image:
                 by_size.setdefault(image.size, []).append(path)
         except (OSError, ValueError, Image.DecompressionBombError) as err:
@@ -109,6 +123,8 @@ def main(args) -> int:
     trained = load_trained_model(utils.checkpoint_path(Path(args.model_dir), args.restore_file))
     out = Path(args.out)
     names = find_images(args.inputs, out)
+    for folder in (out, out / "labels", out / "overlays"):
+        utils.output_folder(folder, "--out")
     batches, errors = size_batches(list(names), args.batch_size)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -145,7 +161,7 @@ def main(args) -> int:
 
 def cli(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    return utils.run_cli(lambda: main(args))
+    return utils.run_cli(lambda: main(args), (CheckpointMismatchError, OSError))  # OSError: e.g. a full disk
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,8 +28,9 @@ from tqdm import tqdm
 import utils
 from evaluate import evaluate
 from model import visualize
-from model.data_loader import DataConfig, DatasetError, EpochSampler, build_dataloader, build_dataset, eval_loader
-from model.net import GCN, GCNConfig, PretrainedWeightsError, SegmentationLoss
+from model.data_loader import (DataConfig, DatasetError, EpochSampler, build_dataloader, build_dataset, eval_loader,
+                               worker_death)
+from model.net import GCN, CheckpointMismatchError, GCNConfig, PretrainedWeightsError, SegmentationLoss
 from model.transforms import denormalise
 
 OUTPUTS = (utils.LAST_CHECKPOINT, utils.BEST_CHECKPOINT, utils.METRICS_LAST, utils.METRICS_BEST,
@@ -146,8 +148,10 @@ def main(args) -> int:
         print(f"{model_dir}: nothing to do, this run already trained its {total_iterations} iterations")
         return 0
 
-    # Every input is checked: from here on, the run writes into its folder, which it holds alone.
+    # Every input is checked: from here on, the run writes into its folder, which it holds alone, and a stop signal
+    # is a flag (a stop after --force deleted the previous run saves the new one).
     with contextlib.ExitStack() as exit_stack:
+        exit_stack.enter_context(run.stop)
         if run.main_process:
             exit_stack.enter_context(claim_run_folder(model_dir, fresh=not restore_file))
             utils.write_json(model_dir / utils.RESOLVED_PARAMS_FILE, utils.run_record(
@@ -159,7 +163,6 @@ def main(args) -> int:
                          run.progress.epoch, run.progress.iteration, run.progress.best_miou)
         logging.info("Training %s on %s (%d images, %d batches/epoch) for %d iterations on %s × %d", model_dir,
                      data_config.dataset, len(train_set), run.batches_per_epoch, total_iterations, device, world_size)
-        exit_stack.enter_context(run.stop)
         return train(run)
 
 
@@ -171,7 +174,15 @@ def train(run: Run) -> int:
         return stopped(run)
     while progress.iteration < run.total_iterations:
         run.sampler.set_epoch(progress.epoch, progress.batch_in_epoch)
-        if not train_one_epoch(run):
+        try:
+            finished = train_one_epoch(run)
+        except RuntimeError as error:  # a dead worker ends like a stop: what the main process holds is saved
+            if (died := worker_death(error)) is None:
+                raise
+            save(run, utils.LAST_CHECKPOINT)
+            raise utils.UserError(f"{died}; saved {run.model_dir / utils.LAST_CHECKPOINT} at iteration "
+                                  f"{progress.iteration}: resume with --restore_file last") from None
+        if not finished:
             save(run, utils.LAST_CHECKPOINT)
             return stopped(run)
         progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
@@ -289,19 +300,19 @@ def save(run: Run, name: str) -> None:
 
 def restore(run: Run, path: Path, params: utils.Params) -> None:
     """Load a checkpoint's weights and training state into `run`, refusing one trained with other settings."""
-    checkpoint = utils.load_checkpoint(path)
+    checkpoint = utils.load_checkpoint(path, GCNConfig, DataConfig, Progress)
     utils.check_same_architecture(path, checkpoint["model_config"], run.net.config.architecture())
-    if not {"optimizer", "scheduler", "scaler", "progress"} <= checkpoint.keys():
+    if not set(utils.TRAINING_STATE_KEYS) <= checkpoint.keys():
         raise utils.CheckpointError(f"cannot resume from {path}: it holds no training state (an export.py "
                                     f"weights file?)")
     changed = params.experiment_differences(checkpoint["params"])
     if changed:
         raise utils.UserError(f"{path} was trained with other settings: {', '.join(changed)} differ (params.json "
                               f"or --set); resume with the same ones, or start afresh with --force")
+    GCN.check_checkpoint(checkpoint, f"checkpoint {path}")
     run.net.load_state_dict(checkpoint["state_dict"])
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
-    run.scheduler.load_state_dict(checkpoint["scheduler"])
-    run.scaler.load_state_dict(checkpoint["scaler"])
+    for key, target in (("optimizer", run.optimizer), ("scheduler", run.scheduler), ("scaler", run.scaler)):
+        utils.restore_state(path, key, target, checkpoint[key])
     run.progress = Progress(**checkpoint["progress"])
 
 
@@ -440,7 +451,11 @@ def stopped(run: Run) -> int:
 def cli(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        return utils.run_cli(lambda: main(args), (DatasetError, PretrainedWeightsError))
+        return utils.run_cli(lambda: main(args), (DatasetError, PretrainedWeightsError, CheckpointMismatchError))
+    except KeyboardInterrupt:  # Ctrl-C before the run holds its folder: nothing was written or deleted
+        print("error: interrupted at once (Ctrl-C while starting, or a second one): nothing new was saved",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

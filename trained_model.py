@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import utils
-from model.net import GCN
+from model.data_loader import DataConfig
+from model.net import GCN, GCNConfig
 
 
 @dataclass
@@ -36,14 +37,15 @@ class TrainedModel:
 
 def load_trained_model(path: Path, architecture: dict[str, Any] | None = None) -> TrainedModel:
     """The model of a checkpoint (train.py's, or export.py's weights-only file), loaded with weights_only=True;
-    with `architecture` (GCNConfig.architecture()), a checkpoint built for another model is refused."""
-    checkpoint = utils.load_checkpoint(path)
+    with `architecture` (GCNConfig.architecture()), a checkpoint built for another model is refused. Every key is
+    validated before the network is built (utils.load_checkpoint), and its weights must fit it."""
+    checkpoint = utils.load_checkpoint(path, GCNConfig, DataConfig)
     if architecture is not None:
         utils.check_same_architecture(path, checkpoint["model_config"], architecture)
     params = checkpoint.get("params", {})
-    return TrainedModel(path, GCN.from_checkpoint(checkpoint).eval(), list(checkpoint["class_names"]),
-                        [tuple(c) for c in checkpoint["palette"]], _config(utils.TrainConfig, params),
-                        _config(utils.EvalConfig, params), checkpoint)
+    net = GCN.from_checkpoint(checkpoint, f"checkpoint {path}").eval()
+    return TrainedModel(path, net, list(checkpoint["class_names"]), [tuple(c) for c in checkpoint["palette"]],
+                        _config(utils.TrainConfig, params), _config(utils.EvalConfig, params), checkpoint)
 
 
 def _config(config_class: type, params: dict[str, Any]) -> Any:

@@ -62,6 +62,23 @@ class CheckpointError(UserError):
 
 # ----------------------------------------------------------------------------------------------- settings
 
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds both take 0 .. 2**32 - 1
+BACKBONE_STRIDE = 32  # the ResNet's smallest feature map is 1/32 of the input (rounded up)
+
+
+def _stride_32_values(batch_size: int, crop_size: int) -> int:
+    return batch_size * math.ceil(crop_size / BACKBONE_STRIDE) ** 2
+
+
+def _batch_norm_has_statistics(batch_size: int, crop_size: int) -> bool:
+    return _stride_32_values(batch_size, crop_size) > 1
+
+
+def _batch_norm_needs(values: dict[str, Any]) -> str:
+    return (f"with crop_size {values['crop_size']} the stride-{BACKBONE_STRIDE} feature map is 1×1, so batch norm "
+            f"would see one value per channel: use batch_size >= 2 or crop_size >= {BACKBONE_STRIDE + 1}")
+
+
 @dataclass
 class TrainConfig:
     """The training settings (params.json's training keys); metadata says which values are allowed.
@@ -73,7 +90,8 @@ class TrainConfig:
     head_lr_multiplier: float = field(default=10.0, metadata={"above": 0})  # heads, BR and decoder learn faster
     momentum: float = field(default=0.9, metadata={"at_least": 0, "below": 1})
     weight_decay: float = field(default=1e-4, metadata={"at_least": 0})
-    batch_size: int = field(default=8, metadata={"at_least": 1})  # images per process and step
+    batch_size: int = field(default=8, metadata={  # images per process and step
+        "at_least": 1, "with": ("crop_size", _batch_norm_needs, _batch_norm_has_statistics)})
     num_epochs: int = field(default=30, metadata={"at_least": 1})
     num_iterations: int | None = field(default=None, metadata={"at_least": 1})  # overrides num_epochs
     lr_power: float = field(default=0.9, metadata={"at_least": 0})  # poly decay, stepped every iteration
@@ -84,7 +102,7 @@ class TrainConfig:
     dice_weight: float = field(default=1.0, metadata={"at_least": 0})
     grad_clip_norm: float | None = field(default=None, metadata={"above": 0})
     sync_bn: bool = False
-    seed: int = 230  # model init, data order and every sample's augmentation
+    seed: int = field(default=230, metadata={"at_least": 0, "at_most": MAX_SEED})  # init, data order, augmentation
     val_every_epochs: int = field(default=1, metadata={"at_least": 1})
     amp: bool = field(default=True, metadata={"may_change_on_resume": True})  # CUDA mixed precision
     channels_last: bool = field(default=True, metadata={"may_change_on_resume": True})
@@ -102,7 +120,8 @@ class EvalConfig:
     """The evaluation settings (params.json's evaluation keys)."""
 
     num_logged_images: int = field(default=4, metadata={"at_least": 0, "may_change_on_resume": True})
-    tta_scales: list = field(default_factory=lambda: [0.75, 1.0, 1.25], metadata={"items": (float, int), "above": 0})
+    tta_scales: list = field(default_factory=lambda: [0.75, 1.0, 1.25], metadata={
+        "items": (float, int), "above": 0, "at_most": 8})
     tta_flip: bool = True
     sliding_window: bool = False
     eval_pad_size: int | None = field(default=None, metadata={"at_least": 1})  # pad inputs to this size to score them
@@ -128,6 +147,11 @@ class Setting:
     def may_change_on_resume(self) -> bool:
         return bool(self.rules.get("may_change_on_resume"))
 
+    @property
+    def cross_checked(self) -> bool:
+        """Whether the value is checked against another setting's (which is then checked first)."""
+        return isinstance(self.rules.get("length"), str) or "with" in self.rules
+
     def allows(self, value: Any, values: dict[str, Any]) -> bool:
         """Whether `value` is allowed, given the other settings' `values` (a list's length may name one)."""
         if value is None or not _is_instance(value, self.types):
@@ -135,7 +159,7 @@ class Setting:
         if isinstance(value, list) and "items" in self.rules:
             return (len(value) == self._length(values) if "length" in self.rules else len(value) > 0) and all(
                 _is_instance(item, self.rules["items"]) and self._in_range(item) for item in value) and self._ok(value)
-        return self._in_range(value) and self._ok(value)
+        return self._in_range(value) and self._ok(value) and self._fits(value, values)
 
     def describe(self, values: dict[str, Any]) -> str:
         """What is allowed, in words: e.g. 'an odd integer >= 1', "one of 'gcn', 'conv'", 'a list of 11 numbers'."""
@@ -156,7 +180,19 @@ class Setting:
                 text = text.replace("an integer", "an odd integer")
         if "rule" in rules:
             text += f" ({rules['rule'][0]})"
+        value = values.get(self.name)
+        if "memory" in rules and _is_instance(value, (int, float)) and value > rules.get("at_most", math.inf):
+            text += f" ({rules['memory'](value)})"
+        if "with" in rules and not self._fits(value, values):
+            text += f" ({rules['with'][1](values)})"
         return text + (" or null" if type(None) in self.types else "")
+
+    def _fits(self, value: Any, values: dict[str, Any]) -> bool:
+        """The cross-check with another setting ("with": (its key, why, predicate(value, its value)))."""
+        if "with" not in self.rules or value is None:
+            return True
+        other, _, predicate = self.rules["with"]
+        return other not in values or not _is_instance(values[other], (int, float)) or predicate(value, values[other])
 
     def _length(self, values: dict[str, Any]) -> int:
         length = self.rules["length"]
@@ -169,6 +205,7 @@ class Setting:
             return False
         r = self.rules
         return not (("at_least" in r and value < r["at_least"]) or ("above" in r and value <= r["above"])
+                    or ("at_most" in r and value > r["at_most"])
                     or ("below" in r and value >= r["below"]) or (r.get("odd") and value % 2 == 0))
 
     def _ok(self, value: Any) -> bool:
@@ -180,7 +217,7 @@ class Setting:
             return False
 
     def _bounds(self) -> str:
-        symbols = {"at_least": ">=", "above": ">", "below": "<"}
+        symbols = {"at_least": ">=", "above": ">", "below": "<", "at_most": "<="}
         return "".join(f" {symbols[k]} {self.rules[k]}" if i == 0 else f" and {symbols[k]} {self.rules[k]}"
                        for i, k in enumerate(k for k in symbols if k in self.rules))
 
@@ -235,8 +272,7 @@ class Params:
         self.__dict__.update({k: copy.deepcopy(s.default) for k, s in self._settings.items() if k not in values})
         self.__dict__.update(copy.deepcopy(values))
         values = self.dict
-        cross_checked = [k for k, s in self._settings.items() if isinstance(s.rules.get("length"), str)]
-        for key in sorted(self._settings, key=cross_checked.__contains__):  # e.g. num_classes before class_weights
+        for key in sorted(self._settings, key=lambda k: self._settings[k].cross_checked):  # num_classes first
             setting = self._settings[key]
             if not setting.allows(values[key], values):
                 raise ParamsError(f"{self._sources.get(key, 'defaults')}: {key!r} is {json.dumps(values[key])}; "
@@ -325,12 +361,16 @@ def run_cli(main: Callable[[], int], user_errors: tuple[type[BaseException], ...
 def atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
     """Write `path` through `.<name>.tmp` and a rename: readers never see half a file, a crash keeps the old one.
 
-    The file gets the umask's permissions; the fixed temporary name is reused, so a crash leaves at most one.
+    The file gets the umask's permissions; the fixed temporary name is reused, so a crash leaves at most one. No link
+    is ever followed: a link planted at the temporary name is removed, not written through, and one at `path` is
+    replaced by the file. A folder that does not exist (e.g. a run folder deleted mid-run) is not recreated.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: the folder {path.parent} does not exist (deleted while running?); "
+                        f"not recreating it")
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with open_new(tmp) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -338,6 +378,38 @@ def atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def open_new(path: Path) -> io.BufferedWriter:
+    """`path` opened for writing as a new file: whatever is at the name (a stale file, a planted link) is removed
+    first, and O_EXCL | O_NOFOLLOW refuse to write through anything that appears there meanwhile."""
+    path.unlink(missing_ok=True)
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666), "wb")
+
+
+def output_folder(path: Path, what: str) -> Path:
+    """Create the output folder `path` (and its parents) or refuse in one line, before any work: a file or a broken
+    link at its name (or at a parent's), or a place that cannot be written."""
+    existing = next(p for p in (path, *path.absolute().parents) if os.path.lexists(p))
+    if not existing.is_dir():
+        where = "" if existing == path else f": {existing}"
+        raise UserError(f"{what} {path}{where} is a {'broken link' if existing.is_symlink() else 'file'}, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {what} {path}: {exc.strerror or exc}") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write into {what} {path}: permission denied")
+    return path
+
+
+def output_file(path: Path, what: str) -> Path:
+    """Check an output file's name before any work: not a folder, in a folder that can be written (created if
+    missing); a file or link at the name is replaced by the new file, never written through."""
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder; give a file name")
+    output_folder(path.parent, f"the folder of {what}")
+    return path
 
 
 def write_json(path: Path, values: dict[str, Any]) -> None:
@@ -368,9 +440,14 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
                               f"kept") from exc
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint written by train.py or export.py (CHECKPOINT_KEYS at least), loaded with weights_only=True: no
-    code runs."""
+TRAINING_STATE_KEYS = ("optimizer", "scheduler", "scaler", "progress", "params")  # train.py's, for resuming
+
+
+def load_checkpoint(path: Path, model_config: type, data_config: type, progress: type | None = None) -> dict[str, Any]:
+    """A checkpoint written by train.py or export.py, loaded with weights_only=True (no code runs) and its structure
+    validated before anything is built: every key known, `model_config` and `params` under the rules params.json
+    gets (the config dataclasses' field metadata), class names and palette one per class, `progress` (if given)
+    with the fields of that dataclass, state dicts of tensors. A fault is one line naming the file and the key."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -384,7 +461,130 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"checkpoint {path} has no {', '.join(missing)}: not written by this train.py or "
                               f"export.py")
+    unknown = [repr(key) for key in checkpoint if key not in (*CHECKPOINT_KEYS, *TRAINING_STATE_KEYS)]
+    if unknown:
+        raise CheckpointError(f"checkpoint {path} holds unknown key(s) {', '.join(unknown)}")
+    _check_checkpoint(path, checkpoint, model_config, data_config, progress)
     return checkpoint
+
+
+def _check_checkpoint(path: Path, checkpoint: dict[str, Any], model_config: type, data_config: type,
+                      progress: type | None) -> None:
+    def fail(key: str, problem: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path}: {key} {problem}")
+
+    for key in ("model_config", "params", "progress", "optimizer", "scheduler", "scaler"):
+        if key in checkpoint and not isinstance(checkpoint[key], dict):
+            raise fail(key, f"is a {type(checkpoint[key]).__name__}, not a dict")
+    state = checkpoint["state_dict"]
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise fail("state_dict", "is not a non-empty dict of named tensors")
+    config = checkpoint["model_config"]
+    check_values(config, settings_of(model_config), f"checkpoint {path}: model_config", complete=True)
+    num_classes = config["num_classes"]
+    names = checkpoint["class_names"]
+    if not (isinstance(names, list) and len(names) == num_classes and all(isinstance(n, str) for n in names)):
+        raise fail("class_names", f"is not a list of {num_classes} names (num_classes = {num_classes})")
+    palette = checkpoint["palette"]
+    if not (isinstance(palette, list) and len(palette) == num_classes and all(
+            isinstance(c, (list, tuple)) and len(c) == 3 and all(_is_instance(v, (int,)) and 0 <= v <= 255 for v in c)
+            for c in palette)):
+        raise fail("palette", f"is not a list of {num_classes} RGB triples of 0..255 (num_classes = {num_classes})")
+    if "params" in checkpoint:
+        settings = experiment_settings((data_config, model_config, TrainConfig, EvalConfig))
+        check_values(checkpoint["params"], settings, f"checkpoint {path}: params", complete=False, context=config)
+    if progress is not None and "progress" in checkpoint:
+        check_values(checkpoint["progress"], settings_of(progress), f"checkpoint {path}: progress", complete=False)
+
+
+def check_values(values: dict[str, Any], settings: dict[str, Setting], source: str, complete: bool,
+                 context: dict[str, Any] | None = None) -> None:
+    """Refuse (CheckpointError) an unknown key, a missing required one (if `complete`) or a value `settings` do not
+    allow; absent keys take their defaults, then `context` (e.g. the model config a list's length refers to)."""
+    for key in values:
+        if key not in settings:
+            raise CheckpointError(f"{source}: unknown key {key!r}")
+    missing = [k for k, s in settings.items() if complete and s.default is REQUIRED and k not in values]
+    if missing:
+        raise CheckpointError(f"{source}: missing key(s) {', '.join(map(repr, missing))}")
+    full = {**{k: s.default for k, s in settings.items() if s.default is not REQUIRED}, **(context or {}), **values}
+    for key in sorted(values, key=lambda k: settings[k].cross_checked):
+        if not settings[key].allows(values[key], full):
+            raise CheckpointError(f"{source}: {key!r} is {_json(values[key])}; expected "
+                                  f"{settings[key].describe(full)}")
+
+
+def _json(value: Any) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return type(value).__name__
+
+
+def restore_state(path: Path, key: str, target: Any, state: dict[str, Any]) -> None:
+    """target.load_state_dict(state) (an optimiser, scheduler or scaler) after checking that `state` has the
+    structure of target's own: a foreign state (another optimiser, schedule or model) is one line naming the file."""
+    if isinstance(target, torch.optim.Optimizer):
+        problem = _optimizer_difference(target, state)
+    else:
+        problem = _structure_difference(target.state_dict(), state, key)
+    if problem is None:
+        try:
+            target.load_state_dict(state)
+            return
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    raise CheckpointError(f"checkpoint {path}: its {key} state does not fit this run ({problem})")
+
+
+def _optimizer_difference(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> str | None:
+    """Where an optimiser state differs from what `optimizer` holds: its groups, or a per-parameter tensor whose
+    shape is not its parameter's (the state of another model or optimiser)."""
+    fresh = optimizer.state_dict()
+    if saved.keys() != fresh.keys():
+        return f"optimizer has keys {sorted(map(str, saved))}, not {sorted(fresh)}"
+    problem = _structure_difference(fresh["param_groups"], saved["param_groups"], "optimizer.param_groups")
+    if problem or not isinstance(saved["state"], dict):
+        return problem or "optimizer.state is not a dict"
+    shapes = {index: param.shape for ids, group in zip(fresh["param_groups"], optimizer.param_groups)
+              for index, param in zip(ids["params"], group["params"])}
+    for index, entry in saved["state"].items():
+        if index not in shapes or not isinstance(entry, dict):
+            return f"optimizer.state names a parameter {index!r} this model lacks"
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != shapes[index]:
+                return f"optimizer.state[{index}].{name} has shape {list(value.shape)}, its parameter " \
+                       f"{list(shapes[index])}"
+    return None
+
+
+def _structure_difference(fresh: Any, saved: Any, where: str) -> str | None:
+    """Where `saved` differs in structure from `fresh` (dict keys, list lengths, tensor shapes, numbers against
+    text or flags); None if it does not. None on either side matches anything (an unset option)."""
+    if fresh is None or saved is None:
+        return None
+    if isinstance(fresh, dict):
+        if not isinstance(saved, dict) or saved.keys() != fresh.keys():
+            keys = sorted(map(str, saved)) if isinstance(saved, dict) else type(saved).__name__
+            return f"{where} has keys {keys}, not {sorted(map(str, fresh))}"
+        return next((p for k in fresh if (p := _structure_difference(fresh[k], saved[k], f"{where}.{k}"))), None)
+    if isinstance(fresh, (list, tuple)):
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(fresh):
+            return f"{where} is not a list of {len(fresh)}"
+        return next((p for i, (a, b) in enumerate(zip(fresh, saved))
+                     if (p := _structure_difference(a, b, f"{where}[{i}]"))), None)
+    if isinstance(fresh, torch.Tensor):
+        ok = isinstance(saved, torch.Tensor) and saved.shape == fresh.shape
+        return None if ok else f"{where} is not a tensor of shape {list(fresh.shape)}"
+    if _value_kind(fresh) is _value_kind(saved):
+        return None
+    return f"{where} is a {type(saved).__name__}, not a {type(fresh).__name__}"
+
+
+def _value_kind(value: Any) -> type:
+    """A state value's kind: a bool, a number (int or float alike) or its own type."""
+    return bool if isinstance(value, bool) else float if isinstance(value, (int, float)) else type(value)
 
 
 def check_same_architecture(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
@@ -415,9 +615,12 @@ class RunLock:
     def __enter__(self) -> RunLock:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.path, "a+")
+            # O_NOFOLLOW: a link planted at the lock's name is refused, never followed (and so never overwritten).
+            self.file = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666), "r+")
         except OSError as exc:
-            raise UserError(f"cannot lock {self.path.parent}: {exc.strerror or exc}") from exc
+            planted = self.path.is_symlink()
+            reason = f"a link is planted at {LOCK_FILE}; remove it" if planted else exc.strerror or exc
+            raise UserError(f"cannot lock {self.path.parent}: {reason}") from exc
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -18,8 +18,7 @@ from pathlib import Path
 import onnxruntime
 import torch
 
-import utils
-from model.net import GCN
+from trained_model import load_trained_model
 
 
 def main() -> None:
@@ -33,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    model = GCN.from_checkpoint(utils.load_checkpoint(args.checkpoint)).eval().to(memory_format=torch.channels_last)
+    model = load_trained_model(args.checkpoint).net.to(memory_format=torch.channels_last)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = args.threads
     session = onnxruntime.InferenceSession(str(args.onnx), options, providers=["CPUExecutionProvider"])

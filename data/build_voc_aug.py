@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import utils
+from model.datasets.base import DatasetError, image_size, is_safe_id
 from model.datasets.voc import voc_palette
 
 NUM_CLASSES = 21
@@ -30,19 +31,33 @@ class BuildError(Exception):
 
 
 def read_ids(path: Path) -> list[str]:
+    """The ids of a split list; one that is not a plain name (an absolute path, '..') is refused, naming the line."""
     if not path.is_file():
         raise BuildError(f"split list not found: {path}")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise BuildError(f"unreadable split list {path}: {err}") from None
+    ids = []
+    for number, line in enumerate(lines, 1):
+        if line.strip() and not is_safe_id(line.strip()):
+            raise BuildError(f"{path}, line {number}: id {line.strip()!r} is not a name inside the data set "
+                             f"(an absolute path or '..')")
+        ids += [line.strip()] if line.strip() else []
+    return ids
 
 
 def sbd_label(mat_path: Path) -> np.ndarray:
     """GTcls.Segmentation of an SBD cls/*.mat file as uint8 class indices."""
     try:
         segmentation = scipy.io.loadmat(str(mat_path))["GTcls"][0, 0]["Segmentation"]
-    except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
+    except (OSError, ValueError, KeyError, IndexError, TypeError, scipy.io.matlab.MatReadError) as err:
         raise BuildError(f"cannot read GTcls.Segmentation from {mat_path}: {err}") from None
-    if segmentation.max(initial=0) >= NUM_CLASSES:
-        raise BuildError(f"{mat_path} holds class {int(segmentation.max())} >= {NUM_CLASSES}")
+    if not np.issubdtype(segmentation.dtype, np.integer) or segmentation.size == 0:
+        raise BuildError(f"{mat_path}: GTcls.Segmentation is not an integer class map")
+    if segmentation.max() >= NUM_CLASSES or segmentation.min() < 0:  # -1 would silently become 255 (void)
+        bad = int(segmentation.max() if segmentation.max() >= NUM_CLASSES else segmentation.min())
+        raise BuildError(f"{mat_path} holds class {bad}, not one of 0..{NUM_CLASSES - 1}")
     return segmentation.astype(np.uint8)
 
 
@@ -61,19 +76,24 @@ def build_voc_aug(voc_dir: Path, sbd_dir: Path) -> list[str]:
         if not image_path.is_file():
             raise BuildError(f"image for train_aug id {name} not found: {image_path}")
         voc_label = voc_dir / "SegmentationClass" / f"{name}.png"
+        (out_dir / f"{name}.png").unlink(missing_ok=True)  # a link planted there is replaced, never written through
         if voc_label.is_file():
             shutil.copyfile(voc_label, out_dir / f"{name}.png")
             from_voc += 1
             continue
         label = sbd_label(sbd_dir / "cls" / f"{name}.mat")
-        with Image.open(image_path) as image:
-            if image.size != (label.shape[1], label.shape[0]):
-                raise BuildError(f"{sbd_dir / 'cls' / name}.mat is {label.shape[1]}x{label.shape[0]} but "
-                                 f"{image_path} is {image.size[0]}x{image.size[1]}")
+        try:
+            size = image_size(image_path)
+        except DatasetError as err:
+            raise BuildError(str(err)) from None
+        if size != (label.shape[1], label.shape[0]):
+            raise BuildError(f"{sbd_dir / 'cls' / name}.mat is {label.shape[1]}x{label.shape[0]} but "
+                             f"{image_path} is {size[0]}x{size[1]}")
         png = Image.fromarray(label)
         png.putpalette(palette)
         png.save(out_dir / f"{name}.png")
     list_path = lists / "train_aug.txt"
+    list_path.unlink(missing_ok=True)
     list_path.write_text("\n".join(train_aug) + "\n")
     check_no_leak(list_path, voc_val)
     print(f"train_aug: {len(train_aug)} ids in {list_path} ({from_voc} VOC masks, {len(train_aug) - from_voc} "
@@ -96,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="SBD's dataset folder with cls/, train.txt, val.txt "
                              "(default: data/benchmark_RELEASE/dataset)")
     args = parser.parse_args(argv)
-    return utils.run_cli(lambda: build(args.voc, args.sbd), (BuildError,))
+    # OSError: a read-only folder, a full disk
+    return utils.run_cli(lambda: build(args.voc, args.sbd), (BuildError, OSError))
 
 
 def build(voc_dir: Path, sbd_dir: Path) -> int:

@@ -11,6 +11,7 @@ Exit status: 0 done, 2 on any failure (one line on stderr: no network, bad check
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import hashlib
 import http.client
@@ -105,18 +106,35 @@ def _get(url: str, partial: Path, name: str) -> int | None:
         if resumed and not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
             raise DownloadError(f"{url} answered the resume request for byte {offset} with Content-Range "
                                 f"{response.headers.get('Content-Range')!r}; delete {partial} and run again")
+        if offset and not resumed and response.headers.get("Content-Length") is None:
+            raise DownloadError(f"{url} ignored the resume request and gives no length: {partial} ({offset} bytes) "
+                                f"is kept; delete it to download afresh")
         if not resumed:  # a server that ignores Range sends the whole file again
             offset = 0
         total = _total(response.headers, offset)
         with open(partial, "ab" if resumed else "wb") as file, \
                 tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=name) as bar:
-            try:
-                while chunk := response.read1(CHUNK):  # read1: what arrived is written even if a timeout follows
-                    file.write(chunk)
-                    bar.update(len(chunk))
-            except (OSError, http.client.HTTPException):  # reset or timeout: the caller sees the short file
-                pass
+            while True:
+                try:
+                    chunk = response.read1(CHUNK)  # read1: what arrived is written even if a timeout follows
+                except (OSError, http.client.HTTPException):  # reset or timeout: the caller sees the short file
+                    break
+                if not chunk:
+                    break
+                _append(file, chunk, partial)
+                bar.update(len(chunk))
     return total
+
+
+def _append(file, chunk: bytes, partial: Path) -> None:
+    """Write a chunk; a full disk (or another write error) is said as such, never taken for a network drop."""
+    try:
+        file.write(chunk)
+        file.flush()
+    except OSError as err:
+        reason = "disk full" if err.errno == errno.ENOSPC else err.strerror or str(err)
+        raise DownloadError(f"cannot write {partial}: {reason}; the {_size(partial)} bytes there are kept: free "
+                            f"space and run the same command again to resume") from None
 
 
 def fetch(url: str, target: Path, md5: str) -> Path:
@@ -141,6 +159,10 @@ def fetch(url: str, target: Path, md5: str) -> Path:
         raise DownloadError(f"download of {url} incomplete after {ATTEMPTS} attempts: {_size(partial)} of {total} "
                             f"bytes arrived in {partial}; run the same command again to resume")
     actual = md5sum(partial)
+    if actual != md5 and total is None:  # no length given: it may be short, not corrupt
+        raise DownloadError(f"checksum mismatch for {target.name}: md5 {actual}, expected {md5}; the server gave no "
+                            f"length, so {partial} ({_size(partial)} bytes) may be incomplete: it is kept; run again "
+                            f"to resume, or delete it to download afresh")
     if actual != md5:
         size = _size(partial)
         partial.unlink()
@@ -152,7 +174,12 @@ def fetch(url: str, target: Path, md5: str) -> Path:
 @contextmanager
 def _lock(archive: Path) -> Iterator[None]:
     """Hold `archive`.lock (flock: freed when its holder exits, even killed) or refuse, naming the holder's pid."""
-    with open(archive.with_name(archive.name + ".lock"), "a+") as file:
+    lock = archive.with_name(archive.name + ".lock")
+    try:  # O_NOFOLLOW: a link planted at the lock's name is refused, never written through
+        file = os.fdopen(os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666), "r+")
+    except OSError as err:
+        raise DownloadError(f"cannot create {lock}: {err.strerror or err}") from None
+    with file:
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -199,7 +226,7 @@ def extract(archive: Path, dest: Path, strip_prefix: str = "") -> None:
                 tf.extractall(dest, members=members, filter="data")
         else:
             raise DownloadError(f"{archive} is neither a zip nor a tar archive")
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as err:
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as err:  # OSError: e.g. a full disk
         raise DownloadError(f"cannot extract {archive}: {err}") from None
 
 
@@ -211,7 +238,10 @@ def download(name: str, dest: Path) -> Path:
     if marker.is_file() and done.is_dir():
         print(f"{name}: already in {done}")
         return done
-    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DownloadError(f"cannot create --dest {dest}: {err.strerror or err}") from None
     with _lock(dest / source.filename):
         archive = fetch(source.url, dest / source.filename, source.md5)
         print(f"{name}: extracting {archive.name} ...")

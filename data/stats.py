@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 import utils
 from model import IGNORE_INDEX, visualize
 from model.data_loader import DataConfig, DatasetError, EpochSampler, SeededItems, build_dataset
-from model.datasets.base import SegmentationDataset, read_label
+from model.datasets.base import SegmentationDataset, image_size, read_label
 from model.net import GCNConfig
 from model.transforms import denormalise
 
@@ -88,8 +87,7 @@ def count_split(dataset, num_classes: int, split: str) -> SplitStats:
     for index in tqdm(range(len(dataset)), desc=f"reading {split}", unit="image", leave=False):
         stats.images += 1
         if not stats.labelled:  # no ground truth: only the image's size, from its header
-            with Image.open(dataset.image_paths[index]) as img:
-                stats.sizes[img.size] += 1
+            stats.sizes[image_size(dataset.image_paths[index])] += 1
             continue
         if isinstance(dataset, SegmentationDataset):
             label = read_label(dataset.label_paths[index], dataset.lut, num_classes)

@@ -43,6 +43,15 @@ def _stored_values_to_classes(value: dict) -> bool:
                for k, v in value.items())
 
 
+MAX_IMAGE_SIZE = 4096  # crop_size, synthetic_image_size: a 4096² float image is 0.2 GB, its activations far more
+SYNTHETIC_BYTES_PER_PIXEL = 15  # what drawing a synthetic image holds at once (float coordinates, masks, colours)
+
+
+def _gigabytes(num_bytes: float) -> str:
+    return f"it would need {num_bytes / 1e9:.3g} GB"
+
+
+SYNTHETIC_SPLITS = ("train", "val")
 DATASET_NAMES = ("voc", "voc_aug", "cityscapes", "camvid", "folder", "synthetic")
 
 
@@ -53,11 +62,13 @@ class DataConfig:
 
     dataset: str = field(metadata={"choices": DATASET_NAMES})
     data_dir: str = field(metadata={"may_change_on_resume": True})  # root of the data set (ignored by synthetic)
-    crop_size: int = field(default=512, metadata={"at_least": 1})  # square training crop, padded when larger
+    crop_size: int = field(default=512, metadata={  # square training crop, padded when larger
+        "at_least": 1, "at_most": MAX_IMAGE_SIZE, "memory": lambda v: f"{_gigabytes(v * v * 3 * 4)} per float image"})
     scale_range: list = field(default_factory=lambda: [0.5, 2.0], metadata={
-        "items": (float, int), "length": 2, "above": 0, "rule": ("[low, high] with low <= high", _ascending_pair)})
+        "items": (float, int), "length": 2, "above": 0, "at_most": 8,
+        "rule": ("[low, high] with low <= high", _ascending_pair)})
     flip: bool = True
-    color_jitter: float = field(default=0.0, metadata={"at_least": 0})  # brightness/contrast/saturation strength
+    color_jitter: float = field(default=0.0, metadata={"at_least": 0, "at_most": 1})  # brightness/contrast/saturation
     num_workers: int = field(default=4, metadata={"at_least": 0, "may_change_on_resume": True})
     train_split: str = "train"
     val_split: str = "val"
@@ -67,8 +78,10 @@ class DataConfig:
     class_names: list | None = field(default=None, metadata={"items": (str,), "length": "num_classes"})
     split_sequences: dict | None = field(default=None, metadata={  # camvid: build each split from whole drives
         "rule": ('{"split": ["sequence", ...], ...} with no sequence in two splits', _disjoint_splits)})
-    synthetic_seed: int = 0
-    synthetic_image_size: int = field(default=128, metadata={"at_least": 8})
+    synthetic_seed: int = field(default=0, metadata={"at_least": 0, "at_most": 2**32 - 1})
+    synthetic_image_size: int = field(default=128, metadata={
+        "at_least": 8, "at_most": MAX_IMAGE_SIZE,
+        "memory": lambda v: f"{_gigabytes(v * v * SYNTHETIC_BYTES_PER_PIXEL)} to draw one image"})
     synthetic_train_images: int = field(default=1000, metadata={"at_least": 1})
     synthetic_val_images: int = field(default=100, metadata={"at_least": 1})
 
@@ -95,6 +108,8 @@ def _open(config: DataConfig, num_classes: int, split: str, transform: Transform
                                   config.class_names)
     if config.dataset != "synthetic":
         raise DatasetError(f"unknown dataset '{config.dataset}'; choose one of {', '.join(DATASET_NAMES)}")
+    if split not in SYNTHETIC_SPLITS:  # any other name would silently be another val set
+        raise DatasetError(f"dataset 'synthetic' has the splits {', '.join(SYNTHETIC_SPLITS)}, not {split!r}")
     length = config.synthetic_train_images if split == "train" else config.synthetic_val_images
     return SyntheticSegmentation(split, transform, config.synthetic_seed, length, config.synthetic_image_size)
 
@@ -187,6 +202,16 @@ def _exit_on_sigterm_from(main_process: int) -> None:
     while signal.sigwaitinfo({signal.SIGTERM}).si_pid != main_process:
         pass
     os._exit(0)
+
+
+def worker_death(error: RuntimeError) -> DatasetError | None:
+    """The one-line error for a DataLoader worker that died (most often the out-of-memory killer's SIGKILL), or None
+    if `error` is something else."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if not message.startswith("DataLoader worker") or "exited unexpectedly" not in message and "killed" not in message:
+        return None
+    return DatasetError(f"{message.rstrip('. ')}: most likely out of memory (the OOM killer); lower num_workers, "
+                        f"batch_size or crop_size")
 
 
 def build_dataloader(dataset: Dataset, batch_size: int, sampler: Sampler, num_workers: int,

@@ -25,6 +25,7 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 HEADS = ("gcn", "conv", "stack", "1x1")
 UPSAMPLES = ("deconv", "bilinear")
 STAGES = ("layer1", "layer2", "layer3", "layer4")  # res2 .. res5 in the paper's naming
+MAX_KERNEL_SIZE = 255  # beyond any feature map of a 4096² crop at stride 32 (the paper's largest k is 15)
 
 
 
@@ -35,13 +36,16 @@ class GCNConfig:
     Each field's metadata says which values params.json may give it (utils.Params checks them at load).
     """
 
-    num_classes: int = field(metadata={"at_least": 1})
+    num_classes: int = field(metadata={"at_least": 1, "at_most": 255})  # labels are uint8, 255 is void
     backbone: str = field(default="resnet50", metadata={"choices": BACKBONES})
-    kernel_size: int = field(default=15, metadata={"at_least": 1, "odd": True})  # k of gcn (and conv/stack) heads
+    kernel_size: int = field(default=15, metadata={  # k of gcn (and conv/stack) heads
+        "at_least": 1, "odd": True, "at_most": MAX_KERNEL_SIZE,
+        "memory": lambda k: f"a gcn head on res5 holds {2 * 2048 * k * 4 / 1e9:.3g} GB of weights per class"})
     head: str = field(default="gcn", metadata={"choices": HEADS})  # the paper's ablation alternatives
     boundary_refine: bool = True  # false removes all nine BR blocks
     upsample: str = field(default="deconv", metadata={"choices": UPSAMPLES})
-    stack_channels: int | None = field(default=None, metadata={"at_least": 1})  # stack head width (None: input's)
+    stack_channels: int | None = field(default=None, metadata={  # stack head width (None: input's)
+        "at_least": 1, "at_most": 4096, "memory": lambda c: f"each 3×3 layer would hold {c * c * 36 / 1e9:.3g} GB"})
     # ImageNet weights: false, true (torchvision's DEFAULT), a torchvision weight name ("IMAGENET1K_V1") or a file
     pretrained: bool | str = False
     frozen_bn: bool = False  # backbone batch norm in eval mode with frozen affine parameters, also while training
@@ -258,6 +262,20 @@ def _key_mismatch(expected: dict, given: dict) -> tuple[list[str], list[str]]:
     return sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's weights do not fit the network its model_config describes."""
+
+
+def state_dict_mismatch(expected: dict[str, Tensor], given: dict[str, Tensor]) -> str | None:
+    """What keeps `given` from loading where `expected` is (missing or unknown keys, shapes); None if nothing."""
+    missing, unknown = _key_mismatch(expected, given)
+    if missing or unknown:
+        return f"missing {', '.join(missing[:3]) or '-'}; unknown {', '.join(unknown[:3]) or '-'}"
+    shapes = [f"{k} is {list(given[k].shape)}, not {list(v.shape)}" for k, v in expected.items()
+              if given[k].shape != v.shape]
+    return ", ".join(shapes[:3]) or None
+
+
 def _stage_channels(backbone: nn.Module) -> list[int]:
     return [getattr(backbone, stage)[-1].conv1.in_channels for stage in STAGES]
 
@@ -294,11 +312,22 @@ class GCN(nn.Module):
                 norm.requires_grad_(False)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: dict) -> GCN:
+    def from_checkpoint(cls, checkpoint: dict, source: str = "the checkpoint") -> GCN:
         """The model a checkpoint (train.py's or export.py's weights-only file) describes, with its weights."""
+        cls.check_checkpoint(checkpoint, source)
         model = cls(GCNConfig(**{**checkpoint["model_config"], "pretrained": False}))
         model.load_state_dict(checkpoint["state_dict"])
         return model
+
+    @classmethod
+    def check_checkpoint(cls, checkpoint: dict, source: str = "the checkpoint") -> None:
+        """Refuse (CheckpointMismatchError naming `source`) a state_dict that does not fit its model_config: keys
+        and shapes are compared with the network built on the meta device (no memory, no initialisation cost)."""
+        with torch.device("meta"):
+            expected = cls(GCNConfig(**{**checkpoint["model_config"], "pretrained": False})).state_dict()
+        problem = state_dict_mismatch(expected, checkpoint["state_dict"])
+        if problem:
+            raise CheckpointMismatchError(f"{source}: its state_dict does not fit its model_config ({problem})")
 
     def reset_new_parameters(self) -> None:
         """Initialise heads and BR blocks for stable training from the first step (README: Initialisation).

@@ -111,6 +111,7 @@ def save_picture(picture: Tensor, path: str | Path) -> None:
     if path.suffix.lower() != ".png":
         raise ValueError(f"pictures are written as PNG; name the file *.png, got {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)  # a link planted at the name is replaced, never written through
     Image.fromarray(picture.detach().cpu().permute(1, 2, 0).numpy()).save(path, format="PNG")
 
 
@@ -120,6 +121,7 @@ def save_label_png(label: Tensor, palette: Sequence[Sequence[int]], path: str | 
     path.parent.mkdir(parents=True, exist_ok=True)
     png = Image.fromarray(label.detach().cpu().to(torch.uint8).numpy())  # mode L; a palette makes it P
     png.putpalette([c for rgb in palette for c in rgb])
+    path.unlink(missing_ok=True)  # a link planted at the name is replaced, never written through
     png.save(path, format="PNG")
 
 

@@ -3,6 +3,7 @@ titled pictures, TTA, sliding windows, and a split without ground truth in the V
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +155,32 @@ def test_padded_evaluation_scores_only_the_real_pixels_and_records_the_band(trai
     assert padded["loss"] != pytest.approx(plain["loss"], rel=1e-6)  # the padding changed the logits
     assert plain["boundary_band"] == {"width": 7, "distance": "chebyshev", "void": "label"}
     assert padded["boundary_band"] == {"width": 7, "distance": "euclidean", "void": "ignored"}
+
+
+def test_a_foreign_checkpoint_keeps_this_folders_metrics_and_bad_outputs_are_one_line(trained, tmp_path, capsys,
+                                                                                     monkeypatch):
+    (trained / "metrics_val_best.json").write_text('{"this folder": "own record"}')
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(trained / utils.BEST_CHECKPOINT, other / utils.BEST_CHECKPOINT)
+    assert evaluate.cli(["--model_dir", str(trained), "--restore_file", str(other / utils.BEST_CHECKPOINT)]) == 0
+    assert read_json(trained / "metrics_val_best.json") == {"this folder": "own record"}
+    assert read_json(trained / "metrics_val_other.best.json")["miou"] >= 0
+    capsys.readouterr()
+
+    def last_line() -> str:
+        err = capsys.readouterr().err.strip()
+        assert "Traceback" not in err
+        return err.splitlines()[-1]
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert evaluate.cli(["--model_dir", str(trained), "--save_predictions", str(a_file)]) == 2
+    assert last_line() == f"error: --save_predictions {a_file} is a file, not a folder"
+
+    def read_only(*_args, **_kwargs):  # as a read-only folder answers (the suite may run as root, which may write)
+        raise PermissionError(13, "Permission denied", str(trained / "confusion_val_best.png"))
+
+    monkeypatch.setattr(evaluate.visualize, "confusion_matrix_figure", read_only)
+    assert evaluate.cli(["--model_dir", str(trained)]) == 2
+    assert last_line().startswith("error: [Errno 13] Permission denied")

@@ -17,7 +17,8 @@ from PIL import Image
 import export
 import predict
 import utils
-from model.net import GCN
+from model.data_loader import DataConfig
+from model.net import GCN, GCNConfig
 from model.transforms import IMAGENET_MEAN, IMAGENET_STD, normalise
 from test_predict import CLASS_NAMES, PALETTE, REPO, assert_labels_match_logits, smooth_image, write_checkpoint
 
@@ -46,7 +47,7 @@ def test_weights_only_file_round_trips(model_dir, tmp_path, capsys):
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     assert path.name == f"best-{digest[:8]}.pth" and digest in capsys.readouterr().out
     full = torch.load(model_dir / utils.BEST_CHECKPOINT, weights_only=True)
-    weights = utils.load_checkpoint(path)
+    weights = utils.load_checkpoint(path, GCNConfig, DataConfig)
     assert set(weights) == {"state_dict", "model_config", "class_names", "palette", "params"}
     assert path.stat().st_size < 0.6 * (model_dir / utils.BEST_CHECKPOINT).stat().st_size
     assert weights["class_names"] == CLASS_NAMES and weights["palette"] == PALETTE
@@ -86,7 +87,7 @@ def test_onnx_graph_has_dynamic_sizes_metadata_and_no_transposes(onnx_file):
 
 @pytest.mark.parametrize("shape", [(1, 3, 65, 97), (2, 3, 128, 128), (2, 3, 200, 173), (1, 3, 31, 17)])
 def test_onnx_logits_equal_pytorch_at_any_size(onnx_file, model_dir, shape):
-    model = GCN.from_checkpoint(utils.load_checkpoint(model_dir / utils.BEST_CHECKPOINT)).eval()
+    model = GCN.from_checkpoint(utils.load_checkpoint(model_dir / utils.BEST_CHECKPOINT, GCNConfig, DataConfig)).eval()
     session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     x = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
     with torch.no_grad():

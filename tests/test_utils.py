@@ -127,20 +127,23 @@ def test_allowed_values_pass_unchanged(key, value):
 
 # Every key of a real experiment with values it must refuse (a new setting without an entry fails the test below).
 BAD_VALUES = {
-    "dataset": ["GCN", 3], "data_dir": [3, None], "crop_size": [0, 1.5], "scale_range": [[2, 1], [0.5], [0, 1]],
-    "flip": ["yes"], "color_jitter": [-0.1], "num_workers": [-1], "train_split": [None], "val_split": [1],
+    "dataset": ["GCN", 3], "data_dir": [3, None], "crop_size": [0, 1.5, 4097, 200000],
+    "scale_range": [[2, 1], [0.5], [0, 1], [0.5, 1e300]],
+    "flip": ["yes"], "color_jitter": [-0.1, 1.01, 1e300], "num_workers": [-1], "train_split": [None], "val_split": [1],
     "mask_values": [{"x": 1}, {"300": 1}, [0, 1]], "val_fraction": [0, 1, 1.5], "class_names": [["a", "b"], [1] * 5],
     "split_sequences": [{"train": ["a"], "val": ["a"]}, {"train": "a"}, {"train": []}],
-    "synthetic_seed": [0.5], "synthetic_image_size": [4], "synthetic_train_images": [0], "synthetic_val_images": [0],
-    "num_classes": [0, -3, 2.0], "backbone": ["resnet200"], "kernel_size": [8, 0, -3], "head": ["GCN", "dense"],
-    "boundary_refine": [1], "upsample": ["nearest"], "stack_channels": [0], "pretrained": [3],
+    "synthetic_seed": [0.5, -5, 2**32], "synthetic_image_size": [4, 60000], "synthetic_train_images": [0],
+    "synthetic_val_images": [0], "num_classes": [0, -3, 2.0, 256], "backbone": ["resnet200"],
+    "kernel_size": [8, 0, -3, 257, 400001], "head": ["GCN", "dense"],
+    "boundary_refine": [1], "upsample": ["nearest"], "stack_channels": [0, 4097], "pretrained": [3],
     "learning_rate": [-0.1, 0, "0.1", float("nan"), float("inf")], "head_lr_multiplier": [0],
     "momentum": [1.0, -0.1], "weight_decay": [-1e-4],
     "batch_size": [0, -2], "num_epochs": [0], "num_iterations": [-5, 0], "lr_power": [-1],
     "warmup_iterations": [-1], "loss": ["dice", "cross entropy"], "class_weights": [["a"] * 5, [1, 2], [-1] * 5],
-    "dice_weight": [-1], "grad_clip_norm": [0, -5], "sync_bn": ["false"], "seed": [1.5], "val_every_epochs": [0],
+    "dice_weight": [-1], "grad_clip_norm": [0, -5], "sync_bn": ["false"], "seed": [1.5, -1, 2**32, 2**70],
+    "val_every_epochs": [0],
     "amp": [0], "channels_last": [None], "compile": ["true"], "save_summary_steps": [0],
-    "num_logged_images": [-1], "tta_scales": [[], [0], [1, -1], [float("nan")]], "tta_flip": [2],
+    "num_logged_images": [-1], "tta_scales": [[], [0], [1, -1], [float("nan")], [1, 1e6]], "tta_flip": [2],
     "sliding_window": [[]],
     "frozen_bn": ["yes"], "eval_pad_size": [0, 1.5], "boundary_distance": ["manhattan"], "boundary_void": [True],
 }
@@ -160,8 +163,35 @@ def test_every_setting_refuses_a_bad_value_in_one_line(tmp_path, key, value):
     assert "\n" not in message
 
 
+# Both ends of every bounded range pass.
+EDGE_VALUES = {"crop_size": [1, 4096], "color_jitter": [0, 1], "seed": [0, 2**32 - 1], "synthetic_seed": [0, 2**32 - 1],
+               "synthetic_image_size": [8, 4096], "num_classes": [1, 255], "kernel_size": [1, 255],
+               "stack_channels": [1, 4096], "scale_range": [[1e-3, 8]], "tta_scales": [[1e-3, 8]]}
+
+
+@pytest.mark.parametrize("key,value", [(k, v) for k, values in EDGE_VALUES.items() for v in values])
+def test_both_ends_of_every_range_are_allowed(key, value):
+    assert getattr(Params({**MINIMAL, "num_classes": 2, key: value}, EXPERIMENT), key) == value
+
+
+@pytest.mark.parametrize("key,value,memory", [("crop_size", 200000, "480 GB per float image"),
+                                              ("synthetic_image_size", 60000, "54 GB to draw one image"),
+                                              ("kernel_size", 400001, "GB of weights per class"),
+                                              ("stack_channels", 100000, "360 GB")])
+def test_a_size_above_its_bound_names_the_memory_it_would_need(key, value, memory):
+    assert_params_error({key: value}, "<= ", memory, configs=EXPERIMENT)
+
+
+def test_batch_size_1_with_a_crop_of_one_stride_32_cell_is_refused_naming_the_fix():
+    message, _ = assert_params_error({"batch_size": 1, "crop_size": 32}, configs=EXPERIMENT)
+    assert message.startswith("p.json: 'batch_size' is 1; expected") and "batch_size >= 2 or crop_size >= 33" in message
+    for fine in ({"batch_size": 2, "crop_size": 32}, {"batch_size": 1, "crop_size": 33}):
+        Params({**MINIMAL, **fine}, EXPERIMENT)
+
+
 def test_a_bad_key_that_another_refers_to_is_named_first():
-    with pytest.raises(ParamsError, match=r"^p\.json: 'num_classes' is \"five\"; expected an integer >= 1$"):
+    with pytest.raises(ParamsError,
+                       match=r"^p\.json: 'num_classes' is \"five\"; expected an integer >= 1 and <= 255$"):
         Params({**MINIMAL, "num_classes": "five", "class_weights": [1.0]}, EXPERIMENT, "p.json")
 
 
@@ -226,10 +256,15 @@ def test_files_are_written_with_the_umask_permissions(tmp_path, umask, mode):
         assert (tmp_path / name).stat().st_mode & 0o777 == mode
 
 
-def test_a_full_disk_is_one_line_and_keeps_the_old_checkpoint(tmp_path):
+def write_to_dev_full(monkeypatch):
+    """Every write fails with ENOSPC, as on a full disk."""
+    monkeypatch.setattr(utils, "open_new", lambda path: open("/dev/full", "wb"))
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     utils.save_checkpoint({"state_dict": {"w": torch.ones(2)}, "model_config": {}}, tmp_path / "last.pth.tar")
     before = (tmp_path / "last.pth.tar").read_bytes()
-    (tmp_path / ".last.pth.tar.tmp").symlink_to("/dev/full")  # every write there fails with ENOSPC
+    write_to_dev_full(monkeypatch)
     with pytest.raises(CheckpointError, match=r"^cannot write checkpoint .*last\.pth\.tar: No space left on device; "
                                               r"the previous one is kept$"):
         utils.save_checkpoint({"state_dict": {"w": torch.zeros(2)}, "model_config": {}}, tmp_path / "last.pth.tar")
@@ -237,8 +272,8 @@ def test_a_full_disk_is_one_line_and_keeps_the_old_checkpoint(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["last.pth.tar"]  # the temporary is gone
 
 
-def test_a_metrics_file_on_a_full_disk_or_in_a_read_only_folder_is_one_line(tmp_path):
-    (tmp_path / ".metrics.json.tmp").symlink_to("/dev/full")
+def test_a_metrics_file_on_a_full_disk_or_in_a_read_only_folder_is_one_line(tmp_path, monkeypatch):
+    write_to_dev_full(monkeypatch)
     with pytest.raises(UserError, match=r"^cannot write .*metrics\.json: No space left on device$"):
         utils.write_json(tmp_path / "metrics.json", {"miou": 0.5})
     assert sorted(os.listdir(tmp_path)) == []
@@ -284,7 +319,7 @@ def tiny_model(seed: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
 
 
-CONFIG = {"num_classes": 21, "backbone": "resnet18", "kernel_size": 15}
+CONFIG = {"num_classes": 2, "backbone": "resnet18", "kernel_size": 15}
 
 
 def save_tiny(path, seed=0, **extra):
@@ -293,8 +328,8 @@ def save_tiny(path, seed=0, **extra):
 
 
 def test_checkpoint_round_trip(tmp_path):
-    save_tiny(tmp_path / "last.pth.tar", progress={"epoch": 7})
-    checkpoint = utils.load_checkpoint(tmp_path / "last.pth.tar")
+    save_tiny(tmp_path / "last.pth.tar", progress={"epoch": 7})  # no progress class: any dict
+    checkpoint = utils.load_checkpoint(tmp_path / "last.pth.tar", GCNConfig, DataConfig)
     assert checkpoint["progress"] == {"epoch": 7} and checkpoint["model_config"] == CONFIG
     for (name, expected), actual in zip(tiny_model(0).state_dict().items(), checkpoint["state_dict"].values()):
         assert torch.equal(actual, expected), name
@@ -302,7 +337,7 @@ def test_checkpoint_round_trip(tmp_path):
 
 def assert_checkpoint_error(path, *fragments):
     with pytest.raises(CheckpointError) as info:
-        utils.load_checkpoint(path)
+        utils.load_checkpoint(path, GCNConfig, DataConfig)
     message = str(info.value)
     assert str(path) in message and "\n" not in message
     for fragment in fragments:
@@ -339,9 +374,105 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
     assert_checkpoint_error(tmp_path / "old.pth.tar", "has no class_names, palette: not written by this train.py")
 
 
+@dataclass
+class DemoProgress:
+    epoch: int = 0
+    best_miou: float = -1.0
+
+
+def full_checkpoint(**changes):
+    """Every key a checkpoint may hold, all valid, with `changes` on top (None deletes a key)."""
+    checkpoint = {"state_dict": tiny_model(0).state_dict(), "model_config": dict(CONFIG), "class_names": ["a", "b"],
+                  "palette": [[0, 0, 0], [9, 9, 9]], "params": {"dataset": "voc", "seed": 3, "class_weights": [1, 2]},
+                  "progress": {"epoch": 3, "best_miou": 0.5}, "optimizer": {}, "scheduler": {}, "scaler": {}}
+    checkpoint.update(changes)
+    return {k: v for k, v in checkpoint.items() if v is not None}
+
+
+# Every key a checkpoint holds, broken: each is refused at load, in one line naming the key.
+BAD_CHECKPOINTS = {
+    "unknown key": ({"epoch": 3}, "holds unknown key(s) 'epoch'"),
+    "model_config a list": ({"model_config": [1, 2]}, "model_config is a list, not a dict"),
+    "model_config unknown key": ({"model_config": {**CONFIG, "depth": 3}}, "model_config: unknown key 'depth'"),
+    "model_config no num_classes": ({"model_config": {"backbone": "resnet18"}}, "missing key(s) 'num_classes'"),
+    "bad backbone": ({"model_config": {**CONFIG, "backbone": "vgg16"}}, "'backbone' is \"vgg16\"; expected one of"),
+    "huge kernel": ({"model_config": {**CONFIG, "kernel_size": 400001}}, "'kernel_size' is 400001; expected an odd"),
+    "even kernel": ({"model_config": {**CONFIG, "kernel_size": 4}}, "'kernel_size' is 4"),
+    "state_dict of lists": ({"state_dict": {"w": [1.0]}}, "state_dict is not a non-empty dict of named tensors"),
+    "empty state_dict": ({"state_dict": {}}, "state_dict is not a non-empty dict"),
+    "short palette": ({"palette": [[0, 0, 0]]}, "palette is not a list of 2 RGB triples"),
+    "palette value 256": ({"palette": [[0, 0, 0], [256, 0, 0]]}, "palette is not a list of 2 RGB triples"),
+    "palette pairs": ({"palette": [[0, 0], [1, 1]]}, "palette is not"),
+    "class names not text": ({"class_names": [1, 2]}, "class_names is not a list of 2 names"),
+    "one class name": ({"class_names": ["a"]}, "class_names is not a list of 2 names"),
+    "params a list": ({"params": [1]}, "params is a list"),
+    "params unknown key": ({"params": {"lr": 0.1}}, "params: unknown key 'lr'"),
+    "params bad seed": ({"params": {"seed": -1}}, "params: 'seed' is -1"),
+    "params bad length": ({"params": {"class_weights": [1, 2, 3]}}, "'class_weights' is [1, 2, 3]; expected a list "
+                                                                    "of 2 numbers"),
+    "progress extra key": ({"progress": {"epoch": 1, "lap": 2}}, "progress: unknown key 'lap'"),
+    "progress wrong type": ({"progress": {"epoch": "one"}}, "progress: 'epoch' is \"one\"; expected an integer"),
+    "optimizer a list": ({"optimizer": [1]}, "optimizer is a list, not a dict"),
+    "scheduler a tensor": ({"scheduler": torch.zeros(2)}, "scheduler is a Tensor, not a dict"),
+    "scaler text": ({"scaler": "x"}, "scaler is a str, not a dict"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CHECKPOINTS)
+def test_every_key_of_a_checkpoint_is_validated_at_load_in_one_line(tmp_path, case):
+    changes, fragment = BAD_CHECKPOINTS[case]
+    path = tmp_path / "x.pth.tar"
+    torch.save(full_checkpoint(**changes), path)
+    with pytest.raises(CheckpointError) as info:
+        utils.load_checkpoint(path, GCNConfig, DataConfig, DemoProgress)
+    assert str(info.value).startswith(f"checkpoint {path}") and "\n" not in str(info.value)
+    assert fragment in str(info.value), str(info.value)
+
+
+def test_a_valid_checkpoint_with_every_key_loads(tmp_path):
+    torch.save(full_checkpoint(), tmp_path / "x.pth.tar")
+    assert utils.load_checkpoint(tmp_path / "x.pth.tar", GCNConfig, DataConfig, DemoProgress)["progress"]["epoch"] == 3
+
+
+def sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def stepped(optimizer, model):
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    return optimizer.state_dict()
+
+
+def test_a_foreign_optimiser_scheduler_or_scaler_state_is_refused_in_one_line(tmp_path):
+    model, other = tiny_model(0), nn.Sequential(nn.Conv2d(3, 4, 5), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
+    optimizer = sgd(model)
+    twin = tiny_model(0)
+    own = stepped(sgd(twin), twin)
+    utils.restore_state(tmp_path / "x", "optimizer", optimizer, own)  # its own kind loads
+    assert torch.equal(optimizer.state_dict()["state"][0]["momentum_buffer"], own["state"][0]["momentum_buffer"])
+    foreign = {
+        "another model's": stepped(sgd(other), other),
+        "Adam's": torch.optim.Adam(model.parameters()).state_dict(),
+        "two groups'": torch.optim.SGD([{"params": [p]} for p in list(model.parameters())[:2]], lr=1).state_dict(),
+    }
+    for what, state in foreign.items():
+        match = r"^checkpoint .*x: its optimizer state does not fit this run"
+        with pytest.raises(CheckpointError, match=match) as info:
+            utils.restore_state(tmp_path / "x", "optimizer", sgd(model), state)
+        assert "\n" not in str(info.value), what
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+    step_lr = torch.optim.lr_scheduler.StepLR(sgd(model), 3).state_dict()
+    with pytest.raises(CheckpointError, match="its scheduler state does not fit"):
+        utils.restore_state(tmp_path / "x", "scheduler", scheduler, step_lr)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    with pytest.raises(CheckpointError, match="its scaler state does not fit"):
+        utils.restore_state(tmp_path / "x", "scaler", scaler, {"scale": "big"})
+
+
 def test_a_checkpoint_of_another_architecture_is_refused_naming_the_keys(tmp_path):
     with pytest.raises(CheckpointError, match=r"x\.pth\.tar was built for another model: num_classes=5 \(this model: "
-                                              r"21\), backbone='resnet50' \(this model: 'resnet18'\)$"):
+                                              r"2\), backbone='resnet50' \(this model: 'resnet18'\)$"):
         utils.check_same_architecture(tmp_path / "x.pth.tar", {**CONFIG, "num_classes": 5, "backbone": "resnet50"},
                                       CONFIG)
     utils.check_same_architecture(tmp_path / "x.pth.tar", dict(CONFIG), CONFIG)

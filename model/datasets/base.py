@@ -1,7 +1,7 @@
 """What every segmentation data set shares: file checks, decoding, label mapping, the (image, label) item."""
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
 
 import numpy as np
@@ -41,15 +41,29 @@ def require_dir(path: Path, what: str, get_it: str | None = None) -> Path:
     return path
 
 
-def read_list(path: Path) -> list[str]:
-    """Non-empty, stripped lines of a split list file."""
+def read_list(path: Path, ids: bool = True) -> list[str]:
+    """Non-empty, stripped lines of a split list file; with `ids`, each must be a relative name inside the data set
+    (no absolute path, no '..'), else DatasetError naming the list, the line and the id."""
     if not path.is_file():
         raise DatasetError(f"split list not found: {path}")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]  # a BOM is not a name
-    lines = [line for line in lines if line]
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a BOM is not a name
+    except (OSError, UnicodeDecodeError) as err:
+        raise DatasetError(f"unreadable split list {path}: {err}") from None
+    lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:
         raise DatasetError(f"split list is empty: {path}")
-    return lines
+    for number, line in lines if ids else ():
+        if not is_safe_id(line):
+            raise DatasetError(f"{path}, line {number}: id {line!r} is not a name inside the data set (an absolute "
+                               f"path or '..')")
+    return [line for _, line in lines]
+
+
+def is_safe_id(name: str) -> bool:
+    """Whether a listed id is a relative name that stays inside its folder (and so does any output named after it)."""
+    path = PurePosixPath(name)
+    return bool(path.parts) and not path.is_absolute() and "\0" not in name and ".." not in path.parts
 
 
 def require_files(paths: Sequence[Path], listed_in: Path | str) -> None:
@@ -74,6 +88,8 @@ def identity_lut(num_classes: int) -> np.ndarray:
 
 def read_image(path: Path) -> Tensor:
     """Decode an image file to a uint8 RGB tensor 3×H×W (grayscale is replicated; memory stays H×W×3)."""
+    if not path.is_file():  # Image.open would block on a FIFO
+        raise DatasetError(f"unreadable image {path}: not a regular file")
     try:
         with Image.open(path) as img:
             return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
@@ -81,8 +97,21 @@ def read_image(path: Path) -> Tensor:
         raise DatasetError(f"unreadable image {path}: {err}") from None
 
 
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from an image file's header, or DatasetError naming the file."""
+    if not path.is_file():  # Image.open would block on a FIFO
+        raise DatasetError(f"unreadable image {path}: not a regular file")
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
+        raise DatasetError(f"unreadable image {path}: {err}") from None
+
+
 def read_label(path: Path, lut: np.ndarray, num_classes: int) -> np.ndarray:
     """Read a single-channel label PNG as stored indices (never via RGB) and map it through `lut` to uint8."""
+    if not path.is_file():  # Image.open would block on a FIFO
+        raise DatasetError(f"unreadable label {path}: not a regular file")
     try:
         with Image.open(path) as img:
             mode = img.mode

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from model import IGNORE_INDEX
-from .base import DatasetError, SegmentationDataset, Transform, make_lut, read_list, require_dir, \
+from .base import DatasetError, SegmentationDataset, Transform, is_safe_id, make_lut, read_list, require_dir, \
     require_files
 
 CAMVID_CLASSES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
@@ -15,9 +15,12 @@ CAMVID_VOID = 11
 SEGNET_LISTS = ("train", "val", "test")  # the SegNet tutorial's split lists, searched for split_sequences
 
 
-def _resolve(listed: str, root: Path) -> Path:
+def _resolve(listed: str, root: Path, list_path: Path | str) -> Path:
     """'/SegNet/CamVid/train/x.png' -> root/train/x.png (the list's absolute prefix is the tutorial's machine)."""
-    return root.joinpath(*Path(listed).parts[-2:])
+    tail = "/".join(Path(listed).parts[-2:])
+    if not is_safe_id(tail):
+        raise DatasetError(f"{list_path}: {listed!r} does not name a file inside {root} ('..')")
+    return root / tail
 
 
 def sequence_of(frame: str) -> str:
@@ -26,7 +29,7 @@ def sequence_of(frame: str) -> str:
 
 
 def _read_rows(list_path: Path) -> list[list[str]]:
-    rows = [line.split() for line in read_list(list_path)]
+    rows = [line.split() for line in read_list(list_path, ids=False)]  # absolute SegNet paths: checked by _resolve
     widths = {len(row) for row in rows}
     if not widths <= {1, 2} or len(widths) != 1:
         raise DatasetError(f"{list_path}: every line must hold 'IMAGE LABEL' (or only IMAGE for all lines)")
@@ -63,8 +66,8 @@ class CamVidSegmentation(SegmentationDataset):
         else:
             rows, list_path = _rows_of_sequences(root, split, sequences)
         widths = {len(row) for row in rows}
-        images = [_resolve(row[0], root) for row in rows]
-        labels = [_resolve(row[1], root) for row in rows] if widths == {2} else None
+        images = [_resolve(row[0], root, list_path) for row in rows]
+        labels = [_resolve(row[1], root, list_path) for row in rows] if widths == {2} else None
         require_files(images + (labels or []), list_path)
         lut = make_lut({**{c: c for c in range(len(CAMVID_CLASSES))}, CAMVID_VOID: IGNORE_INDEX,
                         IGNORE_INDEX: IGNORE_INDEX})
