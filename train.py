@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import utils
 from evaluate import evaluate
+from train_step import LossMonitor, TrainingDiverged, build_sgd, build_step, host_learning_rates
 from model import visualize
 from model.data_loader import DataConfig, DatasetError, EpochSampler, build_dataloader, build_dataset, eval_loader
 from model.net import GCN, GCNConfig, PretrainedWeightsError, SegmentationLoss
@@ -34,10 +35,6 @@ from model.transforms import denormalise
 OUTPUTS = (utils.LAST_CHECKPOINT, utils.BEST_CHECKPOINT, utils.METRICS_LAST, utils.METRICS_BEST,
            utils.COMPLETE_MARKER)  # a previous run's files
 STALE_WITH_A_NEW_RUN = ("events.out.tfevents.*", "metrics_*.json", "confusion_*.png")  # --force clears them too
-
-
-class TrainingDiverged(utils.UserError):
-    """The loss became NaN or infinite."""
 
 
 @dataclass
@@ -90,10 +87,10 @@ def poly_lr_lambda(total_iterations: int, power: float, warmup: int):
 def build_optimizer(model: GCN, params: utils.Params) -> torch.optim.SGD:
     """SGD; the new layers (heads, BR, decoder) learn head_lr_multiplier× faster than the backbone."""
     groups = model.parameter_groups()
-    return torch.optim.SGD(
+    return build_sgd(
         [{"params": groups["backbone"], "lr": params.learning_rate},
          {"params": groups["heads"] + groups["decoder"], "lr": params.learning_rate * params.head_lr_multiplier}],
-        lr=params.learning_rate, momentum=params.momentum, weight_decay=params.weight_decay)
+        params.momentum, params.weight_decay, next(model.parameters()).device)
 
 
 def parse_args(argv: Sequence[str] | None):
@@ -231,7 +228,8 @@ def train(params: utils.Params, overrides: dict, model_dir: Path, args, device: 
             utils.save_checkpoint({
                 "state_dict": model_without_ddp.state_dict(), "model_config": dataclasses.asdict(model_config),
                 "class_names": list(val_set.classes), "palette": [list(c) for c in val_set.palette],
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "optimizer": host_learning_rates(optimizer.state_dict()),
+                "scheduler": host_learning_rates(scheduler.state_dict()),
                 "scaler": scaler.state_dict(), "progress": dataclasses.asdict(progress), "params": params.dict}, path)
 
     def validate() -> bool:
@@ -265,14 +263,15 @@ def train(params: utils.Params, overrides: dict, model_dir: Path, args, device: 
         save(model_dir / utils.LAST_CHECKPOINT)
         return True
 
+    step = build_step(params, model, optimizer, scheduler, scaler, loss_fn, device, amp_dtype, world_size)
+    monitor = LossMonitor(params.save_summary_steps, world_size, device)
     stop = exit_stack.enter_context(StopSignal())
     if progress.validation_pending and not validate():
         return stopped(stop, progress, model_dir)
     while progress.iteration < total_iterations:
         sampler.set_epoch(progress.epoch, progress.batch_in_epoch)
-        finished = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, loss_fn, params, device,
-                                   amp_dtype, progress, total_iterations, stop, writer, world_size,
-                                   f"epoch {progress.epoch + 1}/{num_epochs}")
+        finished = train_one_epoch(model, step, monitor, train_loader, params, progress, total_iterations, stop,
+                                   writer, world_size, f"epoch {progress.epoch + 1}/{num_epochs}")
         if not finished:
             save(model_dir / utils.LAST_CHECKPOINT)
             return stopped(stop, progress, model_dir)
@@ -294,57 +293,43 @@ def train(params: utils.Params, overrides: dict, model_dir: Path, args, device: 
     return 0
 
 
-def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, loss_fn: nn.Module, params: utils.Params,
-                    device: torch.device, amp_dtype, progress: Progress, total_iterations: int, stop: StopSignal,
-                    writer: SummaryWriter | None, world_size: int, description: str) -> bool:
-    """One pass over this epoch's remaining batches; False if a stop signal arrived before its last step."""
+def train_one_epoch(model: nn.Module, step, monitor: LossMonitor, loader, params: utils.Params,
+                    progress: Progress, total_iterations: int, stop: StopSignal, writer: SummaryWriter | None,
+                    world_size: int, description: str) -> bool:
+    """One pass over this epoch's remaining batches; False if a stop signal arrived before its last step.
+
+    `step` (train_step.build_step) trains on one batch; `monitor` checks the losses every save_summary_steps and
+    before returning, so that whatever the caller saves next is not a diverged model."""
     model.train()
-    loss_sum = loss_count = 0.0
     tick = time.time()
     stop_now = False
     for images, labels in tqdm(loader, desc=description, disable=writer is None, dynamic_ncols=True, leave=False):
         if stop_now:  # checked here, not after the step: a stop during an epoch's last step lets it finish
+            monitor.read(True, progress.iteration, progress.epoch)
             return False
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if params.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with utils.autocast(device, amp_dtype):
-            loss = loss_fn(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if params.grad_clip_norm:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        monitor.record(step(images, labels))
         progress.iteration += 1
         progress.batch_in_epoch += 1
-        loss_value, stop_now = synchronise(loss.detach(), bool(stop.signum), world_size)
-        if not math.isfinite(loss_value):
-            raise TrainingDiverged(f"loss is {loss_value} at iteration {progress.iteration} (epoch "
-                                   f"{progress.epoch + 1}); kept the last good checkpoint; try a lower learning_rate "
-                                   f"or set grad_clip_norm (README: Training from scratch)")
-        loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
+        stop_now = synchronise(monitor, bool(stop.signum), progress, world_size)
         if writer is not None and progress.iteration % params.save_summary_steps == 0:
             rate = params.batch_size * world_size * params.save_summary_steps / (time.time() - tick)
             tick = time.time()
-            for name, value in (("loss", loss_value), ("lr", optimizer.param_groups[0]["lr"]),
+            for name, value in (("loss", monitor.last_loss), ("lr", float(step.optimizer.param_groups[0]["lr"])),
                                 ("images_per_s", rate)):
                 writer.add_scalar(f"train/{name}", value, progress.iteration)
         if progress.iteration >= total_iterations:
             break
-    logging.info("Epoch %d: train loss %.4f", progress.epoch + 1, loss_sum / max(loss_count, 1))
+    monitor.read(False, progress.iteration, progress.epoch)
+    logging.info("Epoch %d: train loss %.4f", progress.epoch + 1, monitor.epoch_mean())
     return True
 
 
-def synchronise(loss: torch.Tensor, stop: bool, world_size: int) -> tuple[float, bool]:
-    """The loss averaged over ranks and whether any rank was asked to stop (so that every rank decides alike)."""
-    if world_size == 1:
-        return loss.item(), stop
-    flags = torch.stack([loss.float(), torch.tensor(float(stop), device=loss.device)])
-    dist.all_reduce(flags)
-    return flags[0].item() / world_size, flags[1].item() > 0
+def synchronise(monitor: LossMonitor, stop: bool, progress: Progress, world_size: int) -> bool:
+    """Whether to stop now, alike on every rank. One process acts on its own flag at once; under DDP the ranks
+    agree when the monitor reads the losses back (every save_summary_steps), which is also when they are checked."""
+    if monitor.due(progress.iteration):
+        stop = monitor.read(stop, progress.iteration, progress.epoch)
+    return stop if world_size == 1 or monitor.count == 0 else False
 
 
 def any_rank(flag: bool, world_size: int, device: torch.device) -> bool:

@@ -80,9 +80,11 @@ class TrainConfig:
     sync_bn: bool = False
     seed: int = 230  # model init, data order and every sample's augmentation
     val_every_epochs: int = field(default=1, metadata={"at_least": 1})
-    amp: bool = field(default=True, metadata={"execution": True})  # CUDA mixed precision
+    amp: bool = field(default=True, metadata={"execution": True})  # bf16/fp16 on CUDA, bf16 on CPUs with native bf16
     channels_last: bool = field(default=True, metadata={"execution": True})
     compile: bool = field(default=False, metadata={"execution": True})
+    # CUDA: capture the training step in a CUDA graph (train_step.py). Off until verified on a GPU.
+    cuda_graph: bool = field(default=False, metadata={"execution": True})
     save_summary_steps: int = field(default=20, metadata={"at_least": 1, "execution": True})
 
 
@@ -461,10 +463,26 @@ def run_record(params: Params, overrides: dict[str, Any], arguments: dict[str, A
 
 # ----------------------------------------------------------------------------------------------- devices
 
+CPU_BF16_CAPABILITIES = ("amx_bf16", "avx512_bf16")  # native bf16 matrix units / dot products (PERF-NOTES)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX-BF16 or AVX512-BF16), from torch.cpu.get_capabilities().
+
+    Not torch.ops.mkldnn._is_mkldnn_bf16_supported(): it says True where oneDNN only emulates bf16, 1.3-2.9x slower
+    than float32 (and AVX2 training fails in channels_last)."""
+    capabilities = torch.cpu.get_capabilities()
+    return any(capabilities.get(name, False) for name in CPU_BF16_CAPABILITIES)
+
+
 def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """The mixed-precision dtype: bf16 on CUDA where supported, else fp16 (which needs a GradScaler); None (plain
-    float32) on CPU or with amp off."""
-    if not amp or device.type != "cuda":
+    """The mixed-precision dtype: on CUDA bf16 where supported, else fp16 (which needs a GradScaler); on CPU bf16
+    where the CPU has native bf16 (cpu_has_native_bf16); None (plain float32) elsewhere or with amp off."""
+    if not amp:
+        return None
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else None
+    if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 

@@ -42,7 +42,9 @@ def write_checkpoint(path: Path, seed: int = 0, **extra) -> GCN:
             p.mul_(30)
     torch.save({"state_dict": model.state_dict(), "model_config": dataclasses.asdict(model.config),
                 "class_names": CLASS_NAMES, "palette": PALETTE,
-                "params": {"tta_scales": [0.75, 1.0], "tta_flip": True, "learning_rate": 0.01}, **extra}, path)
+                "params": {"tta_scales": [0.75, 1.0], "tta_flip": True, "learning_rate": 0.01,
+                           "amp": False},  # float32, compared with float32 logits (bf16 is tested on its own)
+                **extra}, path)
     return model
 
 
@@ -132,7 +134,7 @@ def test_predictions_equal_evaluate_py_on_a_folder_data_set(checkpoint, tmp_path
     model_dir.mkdir()
     (model_dir / "params.json").write_text(json.dumps({
         "dataset": "folder", "data_dir": str(data), "num_classes": 3, "class_names": CLASS_NAMES, "num_workers": 0,
-        "backbone": "resnet18", "kernel_size": 3}))
+        "backbone": "resnet18", "kernel_size": 3, "amp": False}))
     (model_dir / utils.BEST_CHECKPOINT).write_bytes(path.read_bytes())
 
     evaluate.main(evaluate.parse_args(["--model_dir", str(model_dir), "--save_predictions", str(tmp_path / "eval"),
