@@ -369,9 +369,10 @@ def dice_loss(logits: Tensor, labels: Tensor) -> Tensor:
     one_hot = F.one_hot(labels.masked_fill(~valid, 0), logits.shape[1]).permute(0, 3, 1, 2) * valid.unsqueeze(1)
     intersection = (probs * one_hot).sum((0, 2, 3))
     total = probs.sum((0, 2, 3)) + one_hot.sum((0, 2, 3))
-    present = one_hot.sum((0, 2, 3)) > 0
+    present = (one_hot.sum((0, 2, 3)) > 0).to(probs.dtype)
     dice = (2 * intersection + 1) / (total + 1)
-    return 1 - dice[present].mean() if present.any() else logits.sum() * 0
+    # Without boolean indexing or a host test: no synchronisation (an all-void batch gives 0).
+    return (present * (1 - dice)).sum() / present.sum().clamp(min=1)
 
 
 class SegmentationLoss(nn.Module):
