@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 import utils
 from evaluate import evaluate
-from train_step import LossMonitor, TrainingDiverged, build_sgd, build_step, host_learning_rates
+from train_step import TrainingDiverged  # noqa: F401 -- the error train.py raises, importable from here
+from train_step import LossMonitor, build_sgd, build_step, host_learning_rates
 from model import visualize
 from model.data_loader import DataConfig, DatasetError, EpochSampler, build_dataloader, build_dataset, eval_loader
 from model.net import GCN, GCNConfig, PretrainedWeightsError, SegmentationLoss
