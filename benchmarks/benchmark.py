@@ -136,9 +136,10 @@ def benchmark_model(name: str, model: nn.Module, args: argparse.Namespace, devic
     runner = torch.compile(model) if args.compile else model
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    step = train_step_fn(runner, images, labels, amp_dtype, args.cuda_graph)
-    step_s = median_seconds(step, device, max(args.warmup, train_step.GRAPH_WARMUP_STEPS + 1 if args.cuda_graph
-                                              else 0), args.repeats)
+    graph = args.cuda_graph and device.type == "cuda"  # elsewhere (gpu_checks.sh --cpu) the eager step
+    step = train_step_fn(runner, images, labels, amp_dtype, graph)
+    step_s = median_seconds(step, device, max(args.warmup, train_step.GRAPH_WARMUP_STEPS + 1 if graph else 0),
+                            args.repeats)
     if args.profile:
         print(f"{name}: the ops that take most of a training step's time\n{profile_table(step, device)}")
     result = {"model": name, "train_step_s": step_s, "train_images_per_s": args.batch_size / step_s,
@@ -200,7 +201,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no_amp", action="store_true",
                         help="float32 instead of train.py's amp (bf16/fp16 on CUDA, bf16 on CPUs with native bf16)")
-    parser.add_argument("--cuda_graph", action="store_true", help="CUDA: replay the step from a CUDA graph")
+    parser.add_argument("--cuda_graph", action="store_true",
+                        help="CUDA: replay the step from a CUDA graph (elsewhere: ignored, eager)")
     parser.add_argument("--no_pad_scores", dest="pad_scores", action="store_false",
                         help="CUDA: score maps on num_classes channels, not padded to a multiple of 8")
     parser.add_argument("--no_channels_last", dest="channels_last", action="store_false")
@@ -240,7 +242,8 @@ def main(argv=None) -> dict:
                "matmul_tflops_by_kernel": {kernel: r / 1e12 for kernel, r in rates.items()},
                "batch_size": args.batch_size, "crop": args.crop, "eval_size": args.eval_size,
                "channels_last": args.channels_last,
-               "compile": args.compile, "cuda_graph": args.cuda_graph, "pad_scores": args.pad_scores,
+               "compile": args.compile, "cuda_graph": args.cuda_graph and device.type == "cuda",
+               "pad_scores": args.pad_scores and device.type == "cuda",
                "models": rows}
     if gcn:
         summary["gcn_backbone_matmul_fraction"] = gcn["backbone_flops_per_step"] / gcn["train_step_s"] / rate
