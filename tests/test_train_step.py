@@ -102,26 +102,34 @@ def test_the_monitor_names_the_first_nonfinite_iteration():
         monitor.read(False, iteration=12, epoch=2)
 
 
-def test_a_divergence_is_caught_before_the_next_save(experiment, monkeypatch, capsys):
-    """save_summary_steps 3, 4 steps per epoch: the NaN of iteration 5 is read at iteration 6; the epoch-1
-    checkpoint stays the last one, and no checkpoint ever holds NaN weights."""
+@pytest.mark.parametrize("bad,calls,epoch,saved_iteration", [
+    (5, 6, 2, 4),     # read with iteration 6 (save_summary_steps 3): one step late; epoch 1's checkpoint stays
+    (4, 4, 1, None),  # the last step of epoch 1: read before the end-of-epoch save, so nothing is saved at all
+])
+def test_a_divergence_is_caught_before_the_next_save(experiment, monkeypatch, capsys, bad, calls, epoch,
+                                                     saved_iteration):
+    """save_summary_steps 3, 4 steps per epoch: a NaN loss stops the run at the next read, naming its iteration,
+    and no checkpoint ever holds NaN weights."""
     model_dir = experiment(save_summary_steps=3)
-    original, calls, saved = SegmentationLoss.forward, [], []
+    original, losses, saved = SegmentationLoss.forward, [], []
 
-    def nan_on_fifth_call(self, logits, labels):
-        calls.append(1)
+    def nan_on_one_call(self, logits, labels):
+        losses.append(1)
         loss = original(self, logits, labels)
-        return loss * float("nan") if len(calls) == 5 else loss
-    monkeypatch.setattr(SegmentationLoss, "forward", nan_on_fifth_call)
+        return loss * float("nan") if len(losses) == bad else loss
+    monkeypatch.setattr(SegmentationLoss, "forward", nan_on_one_call)
     save = utils.save_checkpoint
     monkeypatch.setattr(utils, "save_checkpoint", lambda state, path: (
         saved.append([t.clone() for t in state["state_dict"].values() if t.is_floating_point()]), save(state, path)))
     assert train.cli(["--model_dir", str(model_dir)]) == 2
-    assert "error: loss is nan at iteration 5 (epoch 2)" in capsys.readouterr().err
-    assert len(calls) == 6  # at most save_summary_steps late
-    last = torch.load(model_dir / utils.LAST_CHECKPOINT, weights_only=True)
-    assert last["progress"]["iteration"] == 4
-    assert saved and all(torch.isfinite(t).all() for weights in saved for t in weights)
+    assert f"error: loss is nan at iteration {bad} (epoch {epoch})" in capsys.readouterr().err
+    assert len(losses) == calls  # at most save_summary_steps late
+    if saved_iteration is None:
+        assert not saved and not (model_dir / utils.LAST_CHECKPOINT).exists()
+    else:
+        last = torch.load(model_dir / utils.LAST_CHECKPOINT, weights_only=True)
+        assert last["progress"]["iteration"] == saved_iteration
+    assert all(torch.isfinite(t).all() for weights in saved for t in weights)
 
 
 @pytest.mark.parametrize("config", [
@@ -194,3 +202,30 @@ def test_cuda_graph_is_off_by_default_and_falls_back_to_eager_on_the_cpu(experim
     assert train_step.graph_unsupported(params, CPU, None, 1) == "not on CUDA"
     assert params.cuda_graph and type(train_step.build_step(params, *[None] * 5, CPU, None, 1)) is \
         train_step.EagerStep
+
+
+@pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no native bf16 (AMX-BF16 / AVX512-BF16): predict.py runs "
+                                            "float32 here")
+def test_predict_runs_in_bf16_on_a_cpu_with_native_bf16(tmp_path, monkeypatch):
+    """A checkpoint trained with amp true: predict.py autocasts to bf16 and still labels every pixel whose two best
+    float32 logits differ by more than bf16's error could bridge as the float32 argmax."""
+    import numpy as np
+    from PIL import Image
+
+    import predict
+    from test_predict import TRAINING_PARAMS, reference_logits, smooth_image, write_checkpoint
+    path = tmp_path / "best.pth.tar"
+    model = write_checkpoint(path, params={**TRAINING_PARAMS, "amp": True})
+    dtypes = []
+    autocast = utils.autocast
+    monkeypatch.setattr(utils, "autocast", lambda device, dtype: (dtypes.append(dtype), autocast(device, dtype))[1])
+    photo = tmp_path / "photos" / "img.png"
+    photo.parent.mkdir()
+    Image.fromarray(smooth_image(45, 61, 0)).save(photo)
+    assert predict.cli(["--restore_file", str(path), str(photo.parent), "--out", str(tmp_path / "out")]) == 0
+    assert dtypes == [torch.bfloat16]
+    labels = np.array(Image.open(tmp_path / "out" / "labels" / "img.png"))
+    logits = reference_logits(model, photo)[0]
+    top2 = logits.topk(2, dim=0).values
+    decided = (top2[0] - top2[1] > 0.05 * logits.abs().max()).numpy()
+    assert decided.mean() > 0.5 and (labels == logits.argmax(0).numpy())[decided].all()
