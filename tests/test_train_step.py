@@ -49,14 +49,15 @@ def assert_near(got: torch.Tensor, expected: torch.Tensor, tolerance: float = 1e
 
 
 def eager_step(model: GCN, amp_dtype: torch.dtype | None, channels_last: bool, lr: float = 0.01,
-               multiplier: float = 1.0) -> train_step.EagerStep:
+               multiplier: float = 1.0, dice_weight: float = 0.0) -> train_step.EagerStep:
     groups = model.parameter_groups()
     optimizer = train_step.build_sgd([{"params": groups["backbone"], "lr": lr},
                                       {"params": groups["heads"] + groups["decoder"], "lr": lr * multiplier}],
                                      momentum=0.9, weight_decay=1e-2, device=CPU)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1 - it / 100)
     return train_step.EagerStep(model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
-                                SegmentationLoss(), CPU, amp_dtype, channels_last, grad_clip_norm=5.0)
+                                SegmentationLoss(dice_weight=dice_weight), CPU, amp_dtype, channels_last,
+                                grad_clip_norm=5.0)
 
 
 @pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no native bf16 (AMX-BF16 / AVX512-BF16): amp trains in "
@@ -76,10 +77,10 @@ def test_a_cpu_bf16_training_step_learns_in_either_layout(channels_last):
 
 def test_the_step_never_waits_for_the_host(monkeypatch):
     """No .item(), .tolist() or bool() of a tensor in the step or the loss monitor's record: the host queues steps
-    without waiting (on CUDA), and reads the losses back only when due."""
+    without waiting (on CUDA), and reads the losses back only when due. With the Dice term, the heaviest loss."""
     model = tiny_model()
     images, labels = tiny_batch(32)
-    step = eager_step(model, None, channels_last=False)
+    step = eager_step(model, None, channels_last=False, dice_weight=1.0)
     monitor = train_step.LossMonitor(every=3, world_size=1, device=CPU)
     step(images, labels)  # the first step creates the momentum buffers
 
