@@ -32,14 +32,11 @@ from model.data_loader import (DataConfig, DatasetError, EpochSampler, build_dat
                                worker_death)
 from model.net import GCN, CheckpointMismatchError, GCNConfig, PretrainedWeightsError, SegmentationLoss
 from model.transforms import denormalise
+from train_step import EagerStep, LossMonitor, build_sgd, build_step, host_learning_rates
 
 OUTPUTS = (utils.LAST_CHECKPOINT, utils.BEST_CHECKPOINT, utils.METRICS_LAST, utils.METRICS_BEST,
            utils.COMPLETE_MARKER)  # a previous run's files
 STALE_WITH_A_NEW_RUN = ("events.out.tfevents.*", "metrics_*.json", "confusion_*.png")  # --force clears them too
-
-
-class TrainingDiverged(utils.UserError):
-    """The loss became NaN or infinite."""
 
 
 @dataclass
@@ -64,9 +61,11 @@ class Run:
     eval_config: utils.EvalConfig
     net: GCN  # the network itself: checkpoints hold its weights
     model: nn.Module  # `net` as the step calls it: compiled if asked, in DistributedDataParallel over processes
+    step: EagerStep  # one batch's forward, backward, optimiser and scheduler step (eager or a CUDA graph)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
+    monitor: LossMonitor  # the steps' losses, kept on the device, checked every save_summary_steps
     criterion: SegmentationLoss  # the training objective, which validation scores too
     sampler: EpochSampler
     train_loader: DataLoader
@@ -139,8 +138,10 @@ def main(args) -> int:
     model = torch.compile(net) if config.compile else net
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    run = Run(model_dir, config, eval_config, net, model, optimizer, scheduler, scaler, criterion, sampler,
-              train_loader, val_loader, placement, total_iterations, checkpoint_record(val_set, params, net),
+    step = build_step(config, model, optimizer, scheduler, scaler, criterion, placement, world_size)
+    monitor = LossMonitor(config.save_summary_steps, world_size, device)
+    run = Run(model_dir, config, eval_config, net, model, step, optimizer, scheduler, scaler, monitor, criterion,
+              sampler, train_loader, val_loader, placement, total_iterations, checkpoint_record(val_set, params, net),
               rank, world_size, data_config.crop_size if eval_config.sliding_window else None)
     if restore_file:
         restore(run, utils.checkpoint_path(model_dir, restore_file), params)
@@ -203,44 +204,33 @@ def train(run: Run) -> int:
 
 
 def train_one_epoch(run: Run) -> bool:
-    """One pass over this epoch's remaining batches; False if a stop signal arrived before its last step."""
-    config, progress, optimizer = run.config, run.progress, run.optimizer
+    """One pass over this epoch's remaining batches; False if a stop signal arrived before its last step.
+
+    The losses stay on the device; run.monitor checks them every save_summary_steps and before returning, so that
+    whatever the caller saves next is never a diverged model."""
+    config, progress = run.config, run.progress
     run.model.train()
-    loss_sum = loss_count = 0.0
     tick = time.time()
     stop_now = False
     for images, labels in tqdm(run.train_loader, desc=f"epoch {progress.epoch + 1}/{run.num_epochs}",
                                disable=run.writer is None, dynamic_ncols=True, leave=False):
         if stop_now:  # checked here, not after the step: a stop during an epoch's last step lets it finish
+            run.monitor.read(True, progress.iteration, progress.epoch)
             return False
-        images, labels = run.placement.batch(images, labels)
-        with run.placement.autocast():
-            loss = run.criterion(run.model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
-        if config.grad_clip_norm:
-            run.scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip_norm)
-        run.scaler.step(optimizer)
-        run.scaler.update()
-        run.scheduler.step()
+        run.monitor.record(run.step(images, labels))
         progress.iteration += 1
         progress.batch_in_epoch += 1
-        loss_value, stop_now = synchronise(loss.detach(), bool(run.stop.signum), run.world_size)
-        if not math.isfinite(loss_value):
-            raise TrainingDiverged(f"loss is {loss_value} at iteration {progress.iteration} (epoch "
-                                   f"{progress.epoch + 1}); kept the last good checkpoint; try a lower learning_rate "
-                                   f"or set grad_clip_norm (README: Training from scratch)")
-        loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
+        stop_now = synchronise(run.monitor, bool(run.stop.signum), progress, run.world_size)
         if run.writer is not None and progress.iteration % config.save_summary_steps == 0:
             rate = config.batch_size * run.world_size * config.save_summary_steps / (time.time() - tick)
             tick = time.time()
-            for name, value in (("loss", loss_value), ("lr", optimizer.param_groups[0]["lr"]),
+            for name, value in (("loss", run.monitor.last_loss), ("lr", float(run.optimizer.param_groups[0]["lr"])),
                                 ("images_per_s", rate)):
                 run.writer.add_scalar(f"train/{name}", value, progress.iteration)
         if progress.iteration >= run.total_iterations:
             break
-    logging.info("Epoch %d: train loss %.4f", progress.epoch + 1, loss_sum / max(loss_count, 1))
+    run.monitor.read(False, progress.iteration, progress.epoch)
+    logging.info("Epoch %d: train loss %.4f", progress.epoch + 1, run.monitor.epoch_mean())
     return True
 
 
@@ -294,7 +284,8 @@ def save(run: Run, name: str) -> None:
     if run.main_process:
         utils.save_checkpoint({
             "state_dict": run.net.state_dict(), "model_config": dataclasses.asdict(run.net.config), **run.record,
-            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "optimizer": host_learning_rates(run.optimizer.state_dict()),
+            "scheduler": host_learning_rates(run.scheduler.state_dict()),
             "scaler": run.scaler.state_dict(), "progress": dataclasses.asdict(run.progress)}, run.model_dir / name)
 
 
@@ -347,10 +338,10 @@ def build_net(config: GCNConfig, sync_bn: bool) -> GCN:
 def build_optimizer(net: GCN, config: utils.TrainConfig) -> torch.optim.SGD:
     """SGD; the new layers (heads, BR, decoder) learn head_lr_multiplier× faster than the backbone."""
     groups = net.parameter_groups()
-    return torch.optim.SGD(
+    return build_sgd(
         [{"params": groups["backbone"], "lr": config.learning_rate},
          {"params": groups["heads"] + groups["decoder"], "lr": config.learning_rate * config.head_lr_multiplier}],
-        lr=config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay)
+        config.momentum, config.weight_decay, next(net.parameters()).device)
 
 
 def poly_lr_lambda(total_iterations: int, power: float, warmup: int):
@@ -407,13 +398,12 @@ def claim_run_folder(model_dir: Path, fresh: bool):
 
 # ----------------------------------------------------------------------------------------------- across processes
 
-def synchronise(loss: torch.Tensor, stop: bool, world_size: int) -> tuple[float, bool]:
-    """The loss averaged over ranks and whether any rank was asked to stop (so that every rank decides alike)."""
-    if world_size == 1:
-        return loss.item(), stop
-    flags = torch.stack([loss.float(), torch.tensor(float(stop), device=loss.device)])
-    dist.all_reduce(flags)
-    return flags[0].item() / world_size, flags[1].item() > 0
+def synchronise(monitor: LossMonitor, stop: bool, progress: Progress, world_size: int) -> bool:
+    """Whether to stop now, alike on every rank. One process acts on its own flag at once; under DDP the ranks
+    agree when the monitor reads the losses back (every save_summary_steps), which is also when they are checked."""
+    if monitor.due(progress.iteration):
+        stop = monitor.read(stop, progress.iteration, progress.epoch)
+    return stop if world_size == 1 or monitor.count == 0 else False
 
 
 def any_rank(flag: bool, world_size: int, device: torch.device) -> bool:

@@ -104,9 +104,12 @@ class TrainConfig:
     sync_bn: bool = False
     seed: int = field(default=230, metadata={"at_least": 0, "at_most": MAX_SEED})  # init, data order, augmentation
     val_every_epochs: int = field(default=1, metadata={"at_least": 1})
-    amp: bool = field(default=True, metadata={"may_change_on_resume": True})  # CUDA mixed precision
+    amp: bool = field(default=True, metadata={  # bf16/fp16 on CUDA, bf16 on CPUs with native bf16
+        "may_change_on_resume": True})
     channels_last: bool = field(default=True, metadata={"may_change_on_resume": True})
     compile: bool = field(default=False, metadata={"may_change_on_resume": True})
+    # CUDA: capture the training step in a CUDA graph (train_step.py). Off until verified on a GPU.
+    cuda_graph: bool = field(default=False, metadata={"may_change_on_resume": True})
     save_summary_steps: int = field(default=20, metadata={"at_least": 1, "may_change_on_resume": True})
 
     @property
@@ -681,17 +684,34 @@ def run_record(params: Params, overrides: dict[str, Any], arguments: dict[str, A
 
 # ----------------------------------------------------------------------------------------------- devices
 
+CPU_BF16_CAPABILITIES = ("amx_bf16", "avx512_bf16")  # native bf16 matrix units / dot products (PERF-NOTES)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX-BF16 or AVX512-BF16), from torch.cpu.get_capabilities().
+
+    Not torch.ops.mkldnn._is_mkldnn_bf16_supported(): it says True where oneDNN only emulates bf16, 1.3-2.9x slower
+    than float32 (and AVX2 training fails in channels_last)."""
+    capabilities = torch.cpu.get_capabilities()
+    return any(capabilities.get(name, False) for name in CPU_BF16_CAPABILITIES)
+
+
 def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """The mixed-precision dtype: bf16 on CUDA where supported, else fp16 (which needs a GradScaler); None (plain
-    float32) on CPU or with amp off."""
-    if not amp or device.type != "cuda":
+    """The mixed-precision dtype: on CUDA bf16 where supported, else fp16 (which needs a GradScaler); on CPU bf16
+    where the CPU has native bf16 (cpu_has_native_bf16); None (plain float32) elsewhere or with amp off."""
+    if not amp:
+        return None
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else None
+    if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
-    """Autocast to `dtype` (from autocast_dtype); None: disabled."""
-    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+def autocast(device: torch.device, dtype: torch.dtype | None, cache_enabled: bool = True) -> torch.autocast:
+    """Autocast to `dtype` (from autocast_dtype); None: disabled. A CUDA graph's capture needs cache_enabled off."""
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None,
+                          cache_enabled=cache_enabled)
 
 
 @dataclass(frozen=True)
@@ -715,8 +735,8 @@ class Placement:
     def batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images(images), labels.to(self.device, non_blocking=True)
 
-    def autocast(self) -> torch.autocast:
-        return autocast(self.device, self.dtype)
+    def autocast(self, cache_enabled: bool = True) -> torch.autocast:
+        return autocast(self.device, self.dtype, cache_enabled)
 
 
 def init_distributed(device_type: str) -> tuple[int, int]:

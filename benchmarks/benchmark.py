@@ -23,9 +23,10 @@ import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+import train_step
 import utils
 from benchmarks.bench_data import images_per_second, make_voc_tree
-from model.net import GCN, GCNConfig, cross_entropy_loss
+from model.net import GCN, GCNConfig, SegmentationLoss, cross_entropy_loss
 
 
 def synchronise(device: torch.device) -> None:
@@ -81,27 +82,31 @@ class LogitsOnly(nn.Module):
         return self.model(x)["out"]
 
 
-def build_models(backbone: str, num_classes: int, kernel_size: int) -> dict[str, nn.Module]:
+def build_models(backbone: str, num_classes: int, kernel_size: int, pad_scores: bool = True) -> dict[str, nn.Module]:
     seg = torchvision.models.segmentation
+    gcn = GCN(GCNConfig(num_classes, backbone, kernel_size))
+    if not pad_scores:
+        gcn.score_channel_multiple = 1
     return {
-        f"gcn_{backbone}": GCN(GCNConfig(num_classes, backbone, kernel_size)),
+        f"gcn_{backbone}": gcn,
         "fcn_resnet50": LogitsOnly(seg.fcn_resnet50(weights=None, weights_backbone=None, num_classes=num_classes)),
         "deeplabv3_resnet50": LogitsOnly(seg.deeplabv3_resnet50(weights=None, weights_backbone=None,
                                                                  num_classes=num_classes)),
     }
 
 
-def train_step_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, amp_dtype: torch.dtype | None):
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+def train_step_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, amp_dtype: torch.dtype | None,
+                  cuda_graph: bool = False) -> Callable[[], torch.Tensor]:
+    """train.py's step (train_step.py: fused SGD, poly schedule; captured in a CUDA graph with cuda_graph)."""
     device = images.device
-
-    def step() -> None:
-        with utils.autocast(device, amp_dtype):
-            loss = cross_entropy_loss(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return step
+    optimizer = train_step.build_sgd([{"params": list(model.parameters()), "lr": 1e-3}], 0.9, 1e-4, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: max(0.0, 1 - it / 10 ** 6) ** 0.9)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    step_class = train_step.CudaGraphStep if cuda_graph else train_step.EagerStep
+    placement = utils.Placement(device, images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last),
+                                amp_dtype)
+    step = step_class(model, optimizer, scheduler, scaler, SegmentationLoss().to(device), placement, None)
+    return lambda: step(images, labels)
 
 
 def count_train_flops(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
@@ -129,8 +134,10 @@ def benchmark_model(name: str, model: nn.Module, args: argparse.Namespace, devic
     runner = torch.compile(model) if args.compile else model
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    step = train_step_fn(runner, images, labels, amp_dtype)
-    step_s = median_seconds(step, device, args.warmup, args.repeats)
+    graph = args.cuda_graph and device.type == "cuda"  # elsewhere (gpu_checks.sh --cpu) the eager step
+    step = train_step_fn(runner, images, labels, amp_dtype, graph)
+    step_s = median_seconds(step, device, max(args.warmup, train_step.GRAPH_WARMUP_STEPS + 1 if graph else 0),
+                            args.repeats)
     if args.profile:
         print(f"{name}: the ops that take most of a training step's time\n{profile_table(step, device)}")
     result = {"model": name, "train_step_s": step_s, "train_images_per_s": args.batch_size / step_s,
@@ -190,7 +197,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval_size", type=int, default=512, help="inference resolution (square)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no_amp", action="store_true", help="CUDA: float32 instead of mixed precision")
+    parser.add_argument("--no_amp", action="store_true",
+                        help="float32 instead of train.py's amp (bf16/fp16 on CUDA, bf16 on CPUs with native bf16)")
+    parser.add_argument("--cuda_graph", action="store_true",
+                        help="CUDA: replay the step from a CUDA graph (elsewhere: ignored, eager)")
+    parser.add_argument("--no_pad_scores", dest="pad_scores", action="store_false",
+                        help="CUDA: score maps on num_classes channels, not padded to a multiple of 8")
     parser.add_argument("--no_channels_last", dest="channels_last", action="store_false")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models")
     parser.add_argument("--models", nargs="+", default=None, help="subset of models to time (default: all)")
@@ -214,7 +226,7 @@ def main(argv=None) -> dict:
     dtype = utils.autocast_dtype(device, not args.no_amp) or torch.float32
     rates = matmul_rates(device, dtype, args.matmul_size or (8192 if device.type == "cuda" else 2048), args.repeats)
     rate = max(rates.values())
-    models = build_models(args.backbone, args.num_classes, args.kernel_size)
+    models = build_models(args.backbone, args.num_classes, args.kernel_size, args.pad_scores)
     rows = [benchmark_model(name, model, args, device) for name, model in models.items()
             if args.models is None or name in args.models]
     gcn = rows[0] if rows[0]["model"].startswith("gcn") else None
@@ -228,7 +240,9 @@ def main(argv=None) -> dict:
                "matmul_tflops_by_kernel": {kernel: r / 1e12 for kernel, r in rates.items()},
                "batch_size": args.batch_size, "crop": args.crop, "eval_size": args.eval_size,
                "channels_last": args.channels_last,
-               "compile": args.compile, "models": rows}
+               "compile": args.compile, "cuda_graph": args.cuda_graph and device.type == "cuda",
+               "pad_scores": args.pad_scores and device.type == "cuda",
+               "models": rows}
     if gcn:
         summary["gcn_backbone_matmul_fraction"] = gcn["backbone_flops_per_step"] / gcn["train_step_s"] / rate
     if not args.skip_data:

@@ -26,6 +26,7 @@ HEADS = ("gcn", "conv", "stack", "1x1")
 UPSAMPLES = ("deconv", "bilinear")
 STAGES = ("layer1", "layer2", "layer3", "layer4")  # res2 .. res5 in the paper's naming
 MAX_KERNEL_SIZE = 255  # beyond any feature map of a 4096² crop at stride 32 (the paper's largest k is 15)
+SCORE_CHANNEL_MULTIPLE = 8  # on CUDA the score maps are computed on channels padded to this (tensor-core tiles)
 
 
 
@@ -306,6 +307,7 @@ class GCN(nn.Module):
         # Decoder: 3 fusions (res5->res4->res3->res2), then stride 4 -> 2 -> 1.
         self.upsamples = nn.ModuleList(Upsample2x(num_classes, config.upsample) for _ in range(5))
         self.decoder_refines = nn.ModuleList(refine() for _ in range(5))
+        self.score_channel_multiple: int | None = None  # None: SCORE_CHANNEL_MULTIPLE on CUDA, 1 on CPU
         self.reset_new_parameters()
         if config.frozen_bn:
             for norm in self._backbone_norms():
@@ -375,6 +377,28 @@ class GCN(nn.Module):
         for stage in STAGES:
             y = self.backbone[stage](y)
             features.append(y)
+        width = self.score_width(x)
+        if width == self.config.num_classes:
+            return self.decode(features, x)
+        # The heads, BR and decoder on zero-padded weights: every score map has `width` channels, the extra ones
+        # stay zero (zero weights and biases), gradients reach the real weights through the padding.
+        padded = {f"model.{name}": _pad_score_channels(p, self.config.num_classes, width)
+                  for name, p in self.named_parameters() if not name.startswith("backbone.")}
+        out = torch.func.functional_call(_Decoding(self), padded, (features, x))
+        return out[:, :self.config.num_classes]
+
+    def score_width(self, x: Tensor) -> int:
+        """The channels the score maps are computed on: num_classes, or on CUDA (outside export) num_classes
+        rounded up to a multiple of SCORE_CHANNEL_MULTIPLE, which spares cuDNN padding every 21-channel map
+        (docs/performance.md). `score_channel_multiple` overrides the multiple (1: no padding; tests pad on CPU)."""
+        multiple = self.score_channel_multiple
+        if multiple is None:
+            exporting = torch.onnx.is_in_onnx_export() or _exporting()
+            multiple = SCORE_CHANNEL_MULTIPLE if x.device.type == "cuda" and not exporting else 1
+        return -(-self.config.num_classes // multiple) * multiple
+
+    def decode(self, features: list[Tensor], x: Tensor) -> Tensor:
+        """Heads, BR and the coarse-to-fine decoder: the score map at the size of the input x."""
         scores = [refine(head(f)) for f, head, refine in zip(features, self.heads, self.head_refines)]
         # Coarse to fine: res5 -> res4 -> res3 -> res2 (stride 32 -> 4).
         out = scores[-1]
@@ -384,6 +408,26 @@ class GCN(nn.Module):
         half = (x.shape[-2] + 1) // 2, (x.shape[-1] + 1) // 2
         out = self.decoder_refines[3](self.upsamples[3](out, half))
         return self.decoder_refines[4](self.upsamples[4](out, tuple(x.shape[-2:])))
+
+
+class _Decoding(nn.Module):
+    """GCN.decode as a module call, so that torch.func.functional_call can run it on padded weights."""
+
+    def __init__(self, model: GCN) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: list[Tensor], x: Tensor) -> Tensor:
+        return self.model.decode(features, x)
+
+
+def _pad_score_channels(weight: Tensor, channels: int, width: int) -> Tensor:
+    """A head, BR or decoder parameter with its score-channel dimensions (the first two of a weight, the bias's
+    only one, wherever they hold `channels`) zero-padded to `width`."""
+    pad = [0, 0] * (weight.dim() - min(weight.dim(), 2))
+    for size in reversed(weight.shape[:2]):
+        pad += [0, width - channels if size == channels else 0]
+    return F.pad(weight, pad)
 
 
 def cross_entropy_loss(logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
@@ -407,8 +451,7 @@ def _pixel_weights(labels: Tensor, weight: Tensor | None, dtype: torch.dtype) ->
 
 def dice_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """1 - soft Dice, averaged over the classes present in labels; void pixels are ignored."""
-    intersection, total, pixels = _dice_terms(logits, labels)
-    return _dice_from_terms(intersection, total, pixels) if (pixels > 0).any() else logits.sum() * 0
+    return _dice_from_terms(*_dice_terms(logits, labels))
 
 
 def _dice_terms(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -421,9 +464,10 @@ def _dice_terms(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]
 
 
 def _dice_from_terms(intersection: Tensor, total: Tensor, pixels: Tensor) -> Tensor:
-    present = pixels > 0
+    present = (pixels > 0).to(total.dtype)
     dice = (2 * intersection + 1) / (total + 1)
-    return 1 - dice[present].mean()
+    # Without boolean indexing or a host test: no synchronisation (an all-void batch gives 0).
+    return (present * (1 - dice)).sum() / present.sum().clamp(min=1)
 
 
 class SegmentationLoss(nn.Module):

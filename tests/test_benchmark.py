@@ -12,6 +12,7 @@ import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+import utils
 from benchmarks import benchmark
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +39,8 @@ def test_benchmark_reports_consistent_figures_on_cpu(tmp_path, capsys):
     assert 2.8 * counter.get_total_flops() < gcn["backbone_flops_per_step"] < 3.0 * counter.get_total_flops()
     assert gcn["backbone_flops_per_step"] < gcn["flops_per_step"]  # heads and decoder count too
     assert set(summary["matmul_tflops_by_kernel"]) == {"torch.matmul", "conv1x1"}
-    assert 1e-4 < summary["matmul_tflops"] < 100 and summary["dtype"] == "torch.float32"
+    amp = utils.autocast_dtype(torch.device("cpu"), True) or torch.float32  # bf16 where the CPU has it natively
+    assert 1e-4 < summary["matmul_tflops"] < 100 and summary["dtype"] == str(amp)
     assert summary["data_images_per_s"] > 0 and gcn["inference_latency_s"] > 0
     printed = capsys.readouterr().out
     assert "gcn_resnet18" in printed and "data pipeline" in printed

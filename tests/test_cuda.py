@@ -1,6 +1,9 @@
-"""The CUDA code paths: bf16 autocast, fp16 with GradScaler, channels_last, torch.compile and SyncBatchNorm. They run
+"""The CUDA code paths: bf16 autocast, fp16 with GradScaler, channels_last, torch.compile, SyncBatchNorm, the
+training step captured in a CUDA graph and the score maps padded to a multiple of 8. They run
 where a GPU is present and are skipped, saying why, elsewhere (CI has none)."""
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
@@ -10,8 +13,9 @@ from torch import nn
 
 import predict
 import train
+import train_step
 import utils
-from model.net import GCN, GCNConfig, cross_entropy_loss
+from model.net import GCN, GCNConfig, SegmentationLoss, cross_entropy_loss
 from test_predict import reference_logits, smooth_image, write_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -92,3 +96,82 @@ def test_predict_on_the_gpu_agrees_with_the_float32_cpu_logits(tmp_path):
         decided = (top2[0] - top2[1] > 0.05 * logits.abs().max()).numpy()
         assert decided.mean() > 0.5
         assert (labels == logits.argmax(0).numpy())[decided].all()
+
+
+def two_steps(graph: bool, model: GCN, amp_dtype, grad_clip_norm=5.0):
+    """train.py's step for `model` (fused SGD with momentum and weight decay, poly schedule), eager or graphed."""
+    device = torch.device("cuda")
+    groups = model.parameter_groups()
+    optimizer = train_step.build_sgd([{"params": groups["backbone"], "lr": 0.01},
+                                      {"params": groups["heads"] + groups["decoder"], "lr": 0.1}], 0.9, 1e-4, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train.poly_lr_lambda(20, 0.9, 3))
+    step_class = train_step.CudaGraphStep if graph else train_step.EagerStep
+    return step_class(model, optimizer, scheduler, torch.amp.GradScaler("cuda", enabled=False),
+                      SegmentationLoss().cuda(), utils.Placement(device, True, amp_dtype), grad_clip_norm)
+
+
+@pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16])
+def test_the_graphed_step_follows_the_eager_trajectory(amp_dtype):
+    """Warm-up, capture and replays train like the eager step: same losses, learning rates and weights, step by
+    step over fresh batches (float32 with TF32 off: to rounding; bf16: closely)."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        torch.manual_seed(0)
+        eager_model = GCN(GCNConfig(5, "resnet18", kernel_size=7)).cuda().to(memory_format=torch.channels_last)
+        graph_model = copy.deepcopy(eager_model)
+        eager, graphed = two_steps(False, eager_model, amp_dtype), two_steps(True, graph_model, amp_dtype)
+        tolerance = 2e-3 if amp_dtype is None else 5e-2
+        for i in range(train_step.GRAPH_WARMUP_STEPS + 5):
+            images, labels = batch(torch.device("cuda"))
+            images, labels = images + 0.1 * i, (labels + i) % 5  # a new batch each step, copied into the graph's
+            expected, got = eager(images, labels).float(), graphed(images, labels).float()
+            assert torch.isfinite(got) and abs(got - expected) <= tolerance * abs(expected), i
+            graphed_lr, eager_lr = graphed.optimizer.param_groups[1]["lr"], eager.optimizer.param_groups[1]["lr"]
+            assert float(graphed_lr) == pytest.approx(eager_lr)
+        assert graphed.graph is not None
+        for (name, p), q in zip(eager_model.named_parameters(), graph_model.parameters()):
+            error = ((q - p).norm() / p.norm().clamp(min=1e-12)).item()
+            assert error < 10 * tolerance, name
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+
+def test_the_graphed_step_refuses_a_new_shape():
+    step = two_steps(True, GCN(GCNConfig(5, "resnet18", kernel_size=3)).cuda(), torch.bfloat16)
+    step(*batch(torch.device("cuda"), 64))
+    with pytest.raises(RuntimeError, match="static shapes"):
+        step(*batch(torch.device("cuda"), 96))
+
+
+def test_score_maps_are_padded_on_cuda_and_give_the_unpadded_logits():
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        model = GCN(GCNConfig(5, "resnet18", kernel_size=7)).cuda().eval()
+        images, _ = batch(torch.device("cuda"), size=67)
+        assert model.score_width(images) == 8
+        with torch.no_grad():
+            padded = model(images)
+            model.score_channel_multiple = 1
+            plain = model(images)
+        assert padded.shape == plain.shape == (2, 5, 67, 67)
+        assert ((padded - plain).norm() / plain.norm()).item() < 1e-4
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def test_a_cuda_graph_training_run_checkpoints_what_an_eager_run_resumes(experiment):
+    """cuda_graph on: the run captures its step, and its checkpoint holds plain learning rates, which an eager
+    optimiser (a resume with cuda_graph false: an execution setting) loads and steps with."""
+    model_dir = experiment(num_epochs=1, cuda_graph=True)
+    assert train.cli(["--model_dir", str(model_dir)]) == 0
+    assert "captured in a CUDA graph" in (model_dir / utils.TRAIN_LOG).read_text()
+    checkpoint = torch.load(model_dir / utils.LAST_CHECKPOINT, weights_only=True)
+    assert all(isinstance(g["lr"], float) for g in checkpoint["optimizer"]["param_groups"])
+    assert all(isinstance(lr, float) for lr in checkpoint["scheduler"]["_last_lr"])
+    model = GCN.from_checkpoint(checkpoint).cuda()
+    params = utils.load_params(model_dir, (train.DataConfig, train.GCNConfig))
+    optimizer = train.build_optimizer(model, params)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    step = two_steps(False, model, torch.bfloat16)
+    step.optimizer = optimizer
+    assert torch.isfinite(step(*batch(torch.device("cuda"))))

@@ -28,6 +28,10 @@ PALETTE = [list(c) for c in voc_palette(3)]  # what the `folder` data set draws 
 TIE = 1e-3  # pixels whose two best logits are closer than this may go either way between code paths
 
 
+# float32 (amp false): compared with float32 logits; bf16 is tested in tests/test_train_step.py
+TRAINING_PARAMS = {"tta_scales": [0.75, 1.0], "tta_flip": True, "learning_rate": 0.01, "amp": False}
+
+
 def write_checkpoint(path: Path, seed: int = 0, **extra) -> GCN:
     """A GCN-R18 (k = 3, 3 classes) with random weights and batch-norm statistics and logits of order 10, saved with
     the keys train.py writes (`extra` added); returns the model in eval mode."""
@@ -42,7 +46,7 @@ def write_checkpoint(path: Path, seed: int = 0, **extra) -> GCN:
             p.mul_(30)
     torch.save({"state_dict": model.state_dict(), "model_config": dataclasses.asdict(model.config),
                 "class_names": CLASS_NAMES, "palette": PALETTE,
-                "params": {"tta_scales": [0.75, 1.0], "tta_flip": True, "learning_rate": 0.01}, **extra}, path)
+                "params": TRAINING_PARAMS, **extra}, path)
     return model
 
 
@@ -132,7 +136,7 @@ def test_predictions_equal_evaluate_py_on_a_folder_data_set(checkpoint, tmp_path
     model_dir.mkdir()
     (model_dir / "params.json").write_text(json.dumps({
         "dataset": "folder", "data_dir": str(data), "num_classes": 3, "class_names": CLASS_NAMES, "num_workers": 0,
-        "backbone": "resnet18", "kernel_size": 3}))
+        "backbone": "resnet18", "kernel_size": 3, "amp": False}))
     (model_dir / utils.BEST_CHECKPOINT).write_bytes(path.read_bytes())
 
     evaluate.main(evaluate.parse_args(["--model_dir", str(model_dir), "--save_predictions", str(tmp_path / "eval"),

@@ -1,0 +1,133 @@
+"""The pieces of benchmarks/gpu_checks.sh that are Python: the data-rate check and the one JSON + Markdown report.
+
+    python -m benchmarks.gpu_report data --workers 4 8 16 --json OUT/data.json
+    python -m benchmarks.gpu_report report OUT_DIR   # reads OUT_DIR/benchmark_*.json, data.json, train_{eager,graph}/
+
+Runs on CPU too (gpu_checks.sh --cpu dry-runs everything at tiny sizes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+from benchmarks.bench_data import images_per_second, make_voc_tree
+
+TARGET_IMAGES_PER_S = 600  # what a GCN-R50 step at batch 8 × 512² can consume on an H200 (issue 19)
+
+
+def data_rates(workers: list[int], images: int, crop: int, batch_size: int) -> dict:
+    """Training-pipeline images/s (VOC-sized JPEGs) for each worker count, and per worker."""
+    with tempfile.TemporaryDirectory() as tmp:
+        voc = make_voc_tree(Path(tmp), images)
+        rates = {n: statistics.median(images_per_second(voc, n, repeats=2, batch_size=batch_size, crop_size=crop))
+                 for n in workers}
+    return {"cpu_cores": os.cpu_count(), "crop": crop, "batch_size": batch_size,
+            "target_images_per_s": TARGET_IMAGES_PER_S,
+            "images_per_s": {str(n): r for n, r in rates.items()},
+            "per_worker": {str(n): r / max(n, 1) for n, r in rates.items()}}
+
+
+def loss_curve(model_dir: Path) -> dict[int, float]:
+    """train/loss by iteration from a run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: PLC0415
+    events = EventAccumulator(str(model_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars("train/loss")} if "train/loss" in events.Tags()["scalars"] else {}
+
+
+def compare_curves(eager: dict[int, float], graph: dict[int, float]) -> dict:
+    """How closely the graphed run's loss curve follows the eager one's (same seed, same data)."""
+    steps = sorted(set(eager) & set(graph))
+    if not steps:
+        return {"points": 0, "close": False}
+    differences = [abs(graph[s] - eager[s]) / max(abs(eager[s]), 1e-12) for s in steps]
+    tail = steps[-max(1, len(steps) // 5):]
+    eager_tail, graph_tail = (statistics.mean(c[s] for s in tail) for c in (eager, graph))
+    return {"points": len(steps), "first_loss": [eager[steps[0]], graph[steps[0]]],
+            "last_loss": [eager[steps[-1]], graph[steps[-1]]], "tail_mean_loss": [eager_tail, graph_tail],
+            "max_relative_difference": max(differences), "median_relative_difference": statistics.median(differences),
+            # bf16 and cuDNN's non-deterministic kernels let the curves drift apart a little, not more
+            "close": abs(graph_tail - eager_tail) <= 0.1 * abs(eager_tail) and eager_tail < eager[steps[0]]}
+
+
+def report(out: Path) -> dict:
+    """Collect OUT_DIR's figures into gpu_checks.json and gpu_checks.md; returns the JSON."""
+    benchmarks = {path.stem.removeprefix("benchmark_"): json.loads(path.read_text())
+                  for path in sorted(out.glob("benchmark_*.json"))}
+    result: dict = {"device": next((b["device"] for b in benchmarks.values()), None), "benchmarks": {}}
+    for name, summary in benchmarks.items():
+        rows = {row["model"]: row for row in summary["models"]}
+        gcn = next((row for model, row in rows.items() if model.startswith("gcn")), None)
+        fcn = rows.get("fcn_resnet50")
+        result["benchmarks"][name] = {
+            "batch_size": summary["batch_size"], "cuda_graph": summary.get("cuda_graph"),
+            "pad_scores": summary.get("pad_scores"), "dtype": summary["dtype"],
+            "gcn_step_s": gcn and gcn["train_step_s"], "gcn_images_per_s": gcn and gcn["train_images_per_s"],
+            "gcn_peak_memory_gib": gcn and gcn["peak_memory_gib"],
+            "gcn_inference_latency_s": gcn and gcn.get("inference_latency_s"),
+            "fcn_step_s": fcn and fcn["train_step_s"],
+            "gcn_vs_fcn": gcn and fcn and gcn["train_step_s"] / fcn["train_step_s"]}
+    if (out / "data.json").exists():
+        result["data"] = json.loads((out / "data.json").read_text())
+    if (out / "train_eager").is_dir() and (out / "train_graph").is_dir():
+        result["training"] = compare_curves(loss_curve(out / "train_eager"), loss_curve(out / "train_graph"))
+    (out / "gpu_checks.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "gpu_checks.md").write_text(markdown(result))
+    return result
+
+
+def markdown(result: dict) -> str:
+    def cell(value, spec: str) -> str:
+        return "—" if value is None else format(value, spec)
+    lines = [f"Device: {result['device']}", "",
+             "| run | batch | graph | padded | GCN step ms | GCN img/s | fcn_resnet50 ms | GCN/FCN | GCN GiB |"
+             " latency ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, b in result["benchmarks"].items():
+        lines.append(f"| {name} | {b['batch_size']} | {b['cuda_graph']} | {b['pad_scores']} | "
+                     f"{cell(b['gcn_step_s'] and b['gcn_step_s'] * 1e3, '.1f')} | "
+                     f"{cell(b['gcn_images_per_s'], '.0f')} | "
+                     f"{cell(b['fcn_step_s'] and b['fcn_step_s'] * 1e3, '.1f')} | {cell(b['gcn_vs_fcn'], '.2f')} | "
+                     f"{cell(b['gcn_peak_memory_gib'], '.2f')} | "
+                     f"{cell(b['gcn_inference_latency_s'] and b['gcn_inference_latency_s'] * 1e3, '.1f')} |")
+    if "data" in result:
+        data = result["data"]
+        lines += ["", f"Data pipeline ({data['cpu_cores']} CPU cores, crop {data['crop']}, target "
+                      f"{data['target_images_per_s']} img/s):", "",
+                  "| workers | img/s | per worker |", "|---|---|---|"]
+        lines += [f"| {n} | {r:.0f} | {data['per_worker'][n]:.0f} |" for n, r in data["images_per_s"].items()]
+    if "training" in result:
+        t = result["training"]
+        lines += ["", f"Training from scratch (experiments/gpu_check), eager vs graph: {t['points']} loss points, "
+                      f"close: {t['close']}" + (f", last {t['last_loss'][0]:.4f} vs {t['last_loss'][1]:.4f}, tail "
+                                                f"mean {t['tail_mean_loss'][0]:.4f} vs {t['tail_mean_loss'][1]:.4f}, "
+                                                f"max relative difference {t['max_relative_difference']:.3f}"
+                                                if t["points"] else "")]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    data = commands.add_parser("data", help="the data-pipeline rate per worker count")
+    data.add_argument("--workers", type=int, nargs="+", default=[4, 8, 16])
+    data.add_argument("--images", type=int, default=96)
+    data.add_argument("--crop", type=int, default=512)
+    data.add_argument("--batch_size", type=int, default=8)
+    data.add_argument("--json", type=Path, required=True)
+    collect = commands.add_parser("report", help="gpu_checks.json + gpu_checks.md from an OUT_DIR")
+    collect.add_argument("out", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "data":
+        rates = data_rates(args.workers, args.images, args.crop, args.batch_size)
+        args.json.write_text(json.dumps(rates, indent=2) + "\n")
+        print(json.dumps(rates))
+    else:
+        print(markdown(report(args.out)))
+
+
+if __name__ == "__main__":
+    main()
