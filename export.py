@@ -25,13 +25,14 @@ from model.net import GCN, CheckpointMismatchError
 from model.transforms import IMAGENET_MEAN, IMAGENET_STD
 from trained_model import load_trained_model
 
-WEIGHTS_KEYS = ("state_dict", "model_config", "class_names", "palette", "params")
+WEIGHTS_KEYS = ("state_dict", "model_config", "class_names", "palette", "params", "pretrained_weights")
 CHECK_SHAPE = (2, 3, 97, 131)  # odd sizes: every decoder crop is exercised
 RTOL = ATOL = 1e-4  # ONNX Runtime vs PyTorch logits: |onnx - torch| <= ATOL + RTOL * |torch|, element-wise
 
 
 def weights_only(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """What using a model needs: state dict, config, class names, palette and (if present) the training params."""
+    """What using a model needs: state dict, config, class names, palette and (if present) the training params and
+    the record of the backbone's starting weights."""
     return {key: checkpoint[key] for key in WEIGHTS_KEYS if key in checkpoint}
 
 

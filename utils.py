@@ -444,6 +444,7 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
 
 
 TRAINING_STATE_KEYS = ("optimizer", "scheduler", "scaler", "progress", "params")  # train.py's, for resuming
+RECORD_KEYS = ("pretrained_weights",)  # provenance: the weights the backbone started from (null, or names to strings)
 
 
 def load_checkpoint(path: Path, model_config: type, data_config: type, progress: type | None = None) -> dict[str, Any]:
@@ -464,7 +465,7 @@ def load_checkpoint(path: Path, model_config: type, data_config: type, progress:
     if missing:
         raise CheckpointError(f"checkpoint {path} has no {', '.join(missing)}: not written by this train.py or "
                               f"export.py")
-    unknown = [repr(key) for key in checkpoint if key not in (*CHECKPOINT_KEYS, *TRAINING_STATE_KEYS)]
+    unknown = [repr(key) for key in checkpoint if key not in (*CHECKPOINT_KEYS, *TRAINING_STATE_KEYS, *RECORD_KEYS)]
     if unknown:
         raise CheckpointError(f"checkpoint {path} holds unknown key(s) {', '.join(unknown)}")
     _check_checkpoint(path, checkpoint, model_config, data_config, progress)
@@ -479,6 +480,10 @@ def _check_checkpoint(path: Path, checkpoint: dict[str, Any], model_config: type
     for key in ("model_config", "params", "progress", "optimizer", "scheduler", "scaler"):
         if key in checkpoint and not isinstance(checkpoint[key], dict):
             raise fail(key, f"is a {type(checkpoint[key]).__name__}, not a dict")
+    weights = checkpoint.get("pretrained_weights")
+    if weights is not None and not (isinstance(weights, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weights.items())):
+        raise fail("pretrained_weights", "is neither null nor a record of names to strings")
     state = checkpoint["state_dict"]
     if not isinstance(state, dict) or not state or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):

@@ -384,7 +384,8 @@ def full_checkpoint(**changes):
     """Every key a checkpoint may hold, all valid, with `changes` on top (None deletes a key)."""
     checkpoint = {"state_dict": tiny_model(0).state_dict(), "model_config": dict(CONFIG), "class_names": ["a", "b"],
                   "palette": [[0, 0, 0], [9, 9, 9]], "params": {"dataset": "voc", "seed": 3, "class_weights": [1, 2]},
-                  "progress": {"epoch": 3, "best_miou": 0.5}, "optimizer": {}, "scheduler": {}, "scaler": {}}
+                  "progress": {"epoch": 3, "best_miou": 0.5}, "optimizer": {}, "scheduler": {}, "scaler": {},
+                  "pretrained_weights": {"file": "/weights/resnet18.pth", "sha256": "0" * 64}}
     checkpoint.update(changes)
     return {k: v for k, v in checkpoint.items() if v is not None}
 
@@ -415,6 +416,8 @@ BAD_CHECKPOINTS = {
     "optimizer a list": ({"optimizer": [1]}, "optimizer is a list, not a dict"),
     "scheduler a tensor": ({"scheduler": torch.zeros(2)}, "scheduler is a Tensor, not a dict"),
     "scaler text": ({"scaler": "x"}, "scaler is a str, not a dict"),
+    "weights record a list": ({"pretrained_weights": ["x"]}, "pretrained_weights is neither null nor a record"),
+    "weights record of numbers": ({"pretrained_weights": {"file": 3}}, "pretrained_weights is neither null nor"),
 }
 
 
