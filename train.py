@@ -33,6 +33,7 @@ from model.transforms import denormalise
 
 OUTPUTS = (utils.LAST_CHECKPOINT, utils.BEST_CHECKPOINT, utils.METRICS_LAST, utils.METRICS_BEST,
            utils.COMPLETE_MARKER)  # a previous run's files
+CONFIGS = (DataConfig, GCNConfig, utils.TrainConfig, utils.EvalConfig)  # every room's settings
 STALE_WITH_A_NEW_RUN = ("events.out.tfevents.*", "metrics_*.json", "confusion_*.png")  # --force clears them too
 
 
@@ -105,13 +106,18 @@ def parse_args(argv: Sequence[str] | None):
     parser.add_argument("--force", action="store_true", help="start afresh, deleting the folder's previous run")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a params.json value (JSON), e.g. --set learning_rate=0.02; repeatable")
+    parser.add_argument("--params", default=None, metavar="FILE",
+                        help="read the settings from FILE instead of <model_dir>/params.json (a run's "
+                             "params_resolved.json works: it reruns that run's settings)")
+    parser.add_argument("--help-params", action=utils.ListSettings, configs=CONFIGS,
+                        help="list every params.json key: default, allowed values, meaning; then exit")
     return parser.parse_args(argv)
 
 
 def main(args) -> int:
     model_dir = Path(args.model_dir)
     overrides = utils.parse_overrides(args.set) | ({"data_dir": args.data_dir} if args.data_dir is not None else {})
-    params = utils.load_params(model_dir, (DataConfig, GCNConfig), overrides)
+    params = utils.load_params(model_dir, (DataConfig, GCNConfig), overrides, args.params and Path(args.params))
     try:
         str(model_dir.resolve()).encode("utf-8")
     except UnicodeEncodeError:
@@ -139,7 +145,19 @@ def train(params: utils.Params, overrides: dict, model_dir: Path, args, device: 
     if restore_file and args.force:
         raise utils.UserError(f"--force starts afresh, --restore_file {restore_file} resumes: pass one of them")
     if restore_file == "auto":
+        if not last.exists() and (model_dir / utils.COMPLETE_MARKER).exists():  # keep_checkpoints: best_weights
+            print(f"{model_dir}: nothing to do, this run is complete ({utils.COMPLETE_MARKER})")
+            return 0
         restore_file = "last" if last.exists() else None
+    checkpoint = None
+    if restore_file:  # the run's own settings, with this command's execution settings
+        path = utils.checkpoint_path(model_dir, restore_file)
+        checkpoint = utils.load_checkpoint(path)
+        if not {"optimizer", "scheduler", "scaler", "progress", "params"} <= checkpoint.keys():
+            raise utils.CheckpointError(f"cannot resume from {path}: it holds no training state (an export.py "
+                                        f"weights file, or best.pth.tar kept as weights only?)")
+        params, overrides = params.resumed(checkpoint["params"], checkpoint.get("overrides", {}), overrides,
+                                           str(path))
     previous_run = [name for name in OUTPUTS if (model_dir / name).exists()]
     if not restore_file and previous_run and not args.force:
         resume = "resume with --restore_file last, or " if last.exists() else ""
@@ -176,17 +194,8 @@ def train(params: utils.Params, overrides: dict, model_dir: Path, args, device: 
     loss_fn = SegmentationLoss(params.class_weights,
                                params.dice_weight if params.loss == "cross_entropy+dice" else 0.0).to(device)
     progress = Progress()
-    if restore_file:
-        path = utils.checkpoint_path(model_dir, restore_file)
-        checkpoint = utils.load_checkpoint(path)
+    if checkpoint is not None:
         utils.check_same_architecture(path, checkpoint["model_config"], model_config.architecture())
-        if not {"optimizer", "scheduler", "scaler", "progress"} <= checkpoint.keys():
-            raise utils.CheckpointError(f"cannot resume from {path}: it holds no training state (an export.py "
-                                        f"weights file?)")
-        changed = params.experiment_differences(checkpoint["params"])
-        if changed:
-            raise utils.UserError(f"{path} was trained with other settings: {', '.join(changed)} differ (params.json "
-                                  f"or --set); resume with the same ones, or start afresh with --force")
         model_without_ddp.load_state_dict(checkpoint["state_dict"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
@@ -228,11 +237,15 @@ def train(params: utils.Params, overrides: dict, model_dir: Path, args, device: 
         progress.seconds += time.monotonic() - clock
         clock = time.monotonic()
         if main_process:
-            utils.save_checkpoint({
+            state = {
                 "state_dict": model_without_ddp.state_dict(), "model_config": dataclasses.asdict(model_config),
                 "class_names": list(val_set.classes), "palette": [list(c) for c in val_set.palette],
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "progress": dataclasses.asdict(progress), "params": params.dict}, path)
+                "params": params.dict}  # export.py's weights-only format
+            if not (path.name == utils.BEST_CHECKPOINT and params.keep_checkpoints == "best_weights"):
+                state |= {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                          "scaler": scaler.state_dict(), "progress": dataclasses.asdict(progress),
+                          "overrides": overrides}
+            utils.save_checkpoint(state, path)
 
     def validate() -> bool:
         """Score the model on the val split and record it (best first, then last); False if stopped midway."""
@@ -288,6 +301,8 @@ def train(params: utils.Params, overrides: dict, model_dir: Path, args, device: 
         utils.write_json(model_dir / utils.COMPLETE_MARKER, {
             "epochs": progress.epoch, "iterations": progress.iteration, "best_miou": progress.best_miou,
             "best_epoch": progress.best_epoch, "wall_time_s": round(progress.seconds, 1)})
+        if params.keep_checkpoints == "best_weights":
+            last.unlink()
         writer.close()
     logging.info("Done: best val mIoU %.4f at epoch %d (%s)", progress.best_miou, progress.best_epoch,
                  model_dir / utils.BEST_CHECKPOINT)

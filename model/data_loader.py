@@ -51,26 +51,26 @@ class DataConfig:
     """Every data setting (params.json's data keys); each field's metadata says which values params.json may give
     (`execution`: how to run, not what; a resumed run may change it)."""
 
-    dataset: str = field(metadata={"choices": DATASET_NAMES})
+    dataset: str = field(metadata={"choices": DATASET_NAMES})  # the data set's layout (data/README.md)
     data_dir: str = field(metadata={"execution": True})  # root of the data set (ignored by synthetic)
     crop_size: int = field(default=512, metadata={"at_least": 1})  # square training crop, padded when larger
-    scale_range: list = field(default_factory=lambda: [0.5, 2.0], metadata={
+    scale_range: list = field(default_factory=lambda: [0.5, 2.0], metadata={  # random rescaling before the crop
         "items": (float, int), "length": 2, "above": 0, "rule": ("[low, high] with low <= high", _ascending_pair)})
-    flip: bool = True
+    flip: bool = True  # random horizontal flip
     color_jitter: float = field(default=0.0, metadata={"at_least": 0})  # brightness/contrast/saturation strength
-    num_workers: int = field(default=4, metadata={"at_least": 0, "execution": True})
-    train_split: str = "train"
-    val_split: str = "val"
+    num_workers: int = field(default=4, metadata={"at_least": 0, "execution": True})  # DataLoader processes
+    train_split: str = "train"  # split names (voc_aug: train_aug)
+    val_split: str = "val"  # the split validated during training
     mask_values: dict | None = field(default=None, metadata={  # folder: stored mask value -> class
         "rule": ('{"stored value 0..255": class index, ...}', _stored_values_to_classes)})
     val_fraction: float = field(default=0.2, metadata={"above": 0, "below": 1})  # folder without split lists
-    class_names: list | None = field(default=None, metadata={"items": (str,), "length": "num_classes"})
+    class_names: list | None = field(default=None, metadata={"items": (str,), "length": "num_classes"})  # folder
     split_sequences: dict | None = field(default=None, metadata={  # camvid: build each split from whole drives
         "rule": ('{"split": ["sequence", ...], ...} with no sequence in two splits', _disjoint_splits)})
-    synthetic_seed: int = 0
-    synthetic_image_size: int = field(default=128, metadata={"at_least": 8})
-    synthetic_train_images: int = field(default=1000, metadata={"at_least": 1})
-    synthetic_val_images: int = field(default=100, metadata={"at_least": 1})
+    synthetic_seed: int = 0  # the synthetic set's shapes and colours
+    synthetic_image_size: int = field(default=128, metadata={"at_least": 8})  # its square images' side
+    synthetic_train_images: int = field(default=1000, metadata={"at_least": 1})  # its split sizes
+    synthetic_val_images: int = field(default=100, metadata={"at_least": 1})  # its split sizes
 
 
 def _open(config: DataConfig, num_classes: int, split: str, transform: Transform) -> Dataset:

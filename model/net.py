@@ -33,12 +33,12 @@ class GCNConfig:
     Each field's metadata says which values params.json may give it (utils.Params checks them at load).
     """
 
-    num_classes: int = field(metadata={"at_least": 1})
-    backbone: str = field(default="resnet50", metadata={"choices": BACKBONES})
+    num_classes: int = field(metadata={"at_least": 1})  # void (255) aside
+    backbone: str = field(default="resnet50", metadata={"choices": BACKBONES})  # torchvision ResNet
     kernel_size: int = field(default=15, metadata={"at_least": 1, "odd": True})  # k of gcn (and conv/stack) heads
     head: str = field(default="gcn", metadata={"choices": HEADS})  # the paper's ablation alternatives
     boundary_refine: bool = True  # false removes all nine BR blocks
-    upsample: str = field(default="deconv", metadata={"choices": UPSAMPLES})
+    upsample: str = field(default="deconv", metadata={"choices": UPSAMPLES})  # learned (bilinear init) or fixed
     stack_channels: int | None = field(default=None, metadata={"at_least": 1})  # stack head width (None: input's)
     pretrained: bool | str = False  # ImageNet weights: true (torchvision download) or a local state-dict file
 
