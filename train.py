@@ -33,7 +33,7 @@ from model.transforms import denormalise
 
 OUTPUTS = (utils.LAST_CHECKPOINT, utils.BEST_CHECKPOINT, utils.METRICS_LAST, utils.METRICS_BEST,
            utils.COMPLETE_MARKER)  # a previous run's files
-CONFIGS = (DataConfig, GCNConfig, utils.TrainConfig, utils.EvalConfig)  # every room's settings
+CONFIGS = utils.experiment_configs((DataConfig, GCNConfig))  # every setting of an experiment
 STALE_WITH_A_NEW_RUN = ("events.out.tfevents.*", "metrics_*.json", "confusion_*.png")  # --force clears them too
 
 

@@ -304,7 +304,12 @@ def load_params(model_dir: Path, room_configs: Sequence[type], overrides: dict[s
                 params_file: Path | None = None) -> Params:
     """An experiment's params.json (or `params_file`) with its overrides, validated against the rooms' configs and
     the run's own."""
-    return Params.load(params_file or model_dir / PARAMS_FILE, (*room_configs, TrainConfig, EvalConfig), overrides)
+    return Params.load(params_file or model_dir / PARAMS_FILE, experiment_configs(room_configs), overrides)
+
+
+def experiment_configs(room_configs: Sequence[type]) -> tuple[type, ...]:
+    """The config dataclasses of an experiment: the rooms' (data, model) and the run's own (training, evaluation)."""
+    return (*room_configs, TrainConfig, EvalConfig)
 
 
 def settings_listing(config_classes: Sequence[type]) -> str:
