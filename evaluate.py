@@ -50,7 +50,8 @@ def evaluate(model: nn.Module, loader: DataLoader, params: utils.Params, device:
             image = image.contiguous(memory_format=torch.channels_last)
         with utils.autocast(device, amp_dtype):
             logits = predict_logits(model, image, params.tta_scales if tta else (1.0,), flip=tta and params.tta_flip,
-                                    window=params.crop_size if params.sliding_window else None)
+                                    window=params.crop_size if params.sliding_window else None,
+                                    gaussian=params.gaussian_windows)
         pred = logits.argmax(1)
         if dataset.has_labels:
             pixel_loss = F.cross_entropy(logits, label, ignore_index=IGNORE_INDEX, reduction="sum")

@@ -3,6 +3,7 @@ precision, distributed helpers and what every entry point shares on its command 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -21,7 +22,7 @@ import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -103,6 +104,7 @@ class EvalConfig:
         "items": (float, int), "above": 0})
     tta_flip: bool = True  # --tta also averages horizontal flips
     sliding_window: bool = False  # evaluate images larger than crop_size in overlapping windows
+    gaussian_windows: bool = False  # windows averaged with Gaussian weights (centres over borders), not uniform
 
 
 REQUIRED = dataclasses.MISSING
@@ -530,6 +532,19 @@ def set_logger(log_path: Path | None, level: int = logging.INFO) -> logging.Logg
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         logger.addHandler(handler)
     return logger
+
+
+@contextlib.contextmanager
+def errors_in_log(user_errors: tuple[type[BaseException], ...] = (UserError,)) -> Iterator[None]:
+    """Within: a user error also goes to the log files (train.log), not only to stderr, where run_cli prints it."""
+    try:
+        yield
+    except user_errors as exc:
+        record = logging.makeLogRecord({"levelno": logging.ERROR, "levelname": "ERROR", "msg": f"error: {exc}"})
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+        raise
 
 
 def run_record(params: Params, overrides: dict[str, Any], arguments: dict[str, Any],

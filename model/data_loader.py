@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from model.datasets import (CamVidSegmentation, CityscapesSegmentation, DatasetError, FolderSegmentation,
                             SyntheticSegmentation, VOCAugSegmentation, VOCSegmentation)
-from model.datasets.base import Transform, check_num_classes
+from model.datasets.base import Transform, check_num_classes, read_label
 from model.transforms import eval_transform, train_transform
 
 
@@ -44,6 +44,8 @@ def _stored_values_to_classes(value: dict) -> bool:
 
 
 DATASET_NAMES = ("voc", "voc_aug", "cityscapes", "camvid", "folder", "synthetic")
+SYNTHETIC_SPLITS = ("train", "val")
+LABEL_CHECK_SAMPLE = 64  # label files read before training starts (all of them in a smaller split)
 
 
 @dataclass
@@ -95,8 +97,22 @@ def _open(config: DataConfig, num_classes: int, split: str, transform: Transform
                                   config.class_names)
     if config.dataset != "synthetic":
         raise DatasetError(f"unknown dataset '{config.dataset}'; choose one of {', '.join(DATASET_NAMES)}")
+    if split not in SYNTHETIC_SPLITS:
+        raise DatasetError(f"the synthetic set has the splits {' and '.join(map(repr, SYNTHETIC_SPLITS))}, not "
+                           f"{split!r}")
     length = config.synthetic_train_images if split == "train" else config.synthetic_val_images
     return SyntheticSegmentation(split, transform, config.synthetic_seed, length, config.synthetic_image_size)
+
+
+def check_label_values(dataset: Dataset, sample: int = LABEL_CHECK_SAMPLE) -> None:
+    """Read the label files of `sample` images spread evenly over the split (all of them when fewer): a value that
+    is neither a class nor void is a DatasetError naming the file and the fix, before any training step."""
+    paths = getattr(dataset, "label_paths", None)
+    if not paths:  # generated data, or a split without ground truth
+        return
+    indices = sorted({i * len(paths) // sample for i in range(sample)}) if len(paths) > sample else range(len(paths))
+    for index in indices:
+        read_label(paths[index], dataset.lut, dataset.num_classes)
 
 
 def build_dataset(config: DataConfig, num_classes: int, split: str, train: bool) -> Dataset:

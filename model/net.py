@@ -163,7 +163,10 @@ class Upsample2x(nn.Module):
                 self.deconv.weight.copy_(bilinear_kernel(channels))
 
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
-        x = F.pad(x, (0, 1, 0, 1), mode="replicate")
+        # The last row and column replicated by concatenation: the same values as F.pad(mode="replicate"), whose
+        # backward inductor miscompiles on CPU (it assumes NCHW strides where the kernel returns channels_last).
+        x = torch.cat([x, x[..., -1:, :]], dim=-2)
+        x = torch.cat([x, x[..., :, -1:]], dim=-1)
         if self.deconv is None:  # align_corners=True from (h+1) to (2h+1) pixels maps fine i to coarse i/2 exactly
             y = F.interpolate(x, size=(2 * x.shape[-2] - 1, 2 * x.shape[-1] - 1), mode="bilinear",
                               align_corners=True)

@@ -121,6 +121,35 @@ def test_keep_best_weights_keeps_a_weights_only_best_and_no_last(experiment, cap
     assert "holds no training state" in capsys.readouterr().err
 
 
+def test_own_label_values_are_checked_before_training_and_later_errors_reach_train_log(tmp_path, capsys):
+    import numpy as np
+    from test_data import make_folder, save_index_png
+    make_folder(tmp_path / "own", [f"case_{i}" for i in range(8)])
+    for mask in (tmp_path / "own" / "masks").iterdir():  # stored as 0/128, as some tools write binary masks
+        save_index_png(mask, np.where(np.arange(140).reshape(10, 14) % 3 == 0, 128, 0).astype(np.uint8),
+                       palette=False)
+    model_dir = tmp_path / "exp"
+    model_dir.mkdir()
+    (model_dir / "params.json").write_text(json.dumps({
+        "dataset": "folder", "data_dir": str(tmp_path / "own"), "num_classes": 2, "crop_size": 8, "batch_size": 2,
+        "num_workers": 0, "backbone": "resnet18", "kernel_size": 3, "num_iterations": 1, "val_fraction": 0.25}))
+    assert run_train(model_dir) == 2
+    err = capsys.readouterr().err
+    assert "holds value(s) [128]" in err and "mask_values" in err and "Training" not in err
+    assert sorted(os.listdir(model_dir)) == ["params.json"]  # before any work
+    for image in (tmp_path / "own" / "images").iterdir():  # unreadable images only surface when loaded
+        image.write_bytes(b"not a png")
+    assert run_train(model_dir, "--set", 'mask_values={"0": 0, "128": 1}') == 2
+    assert "error: unreadable image" in (model_dir / utils.TRAIN_LOG).read_text()
+
+
+def test_compile_on_the_cpu_is_one_line_before_any_work(experiment, capsys):
+    model_dir = experiment()
+    assert run_train(model_dir, "--set", "compile=true") == 2
+    assert "compile: true is for CUDA" in capsys.readouterr().err
+    assert sorted(os.listdir(model_dir)) == ["params.json"]
+
+
 def test_help_params_lists_every_setting_from_the_dataclasses(capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.parse_args(["--help-params"])

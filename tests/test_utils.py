@@ -141,7 +141,7 @@ BAD_VALUES = {
     "dice_weight": [-1], "grad_clip_norm": [0, -5], "sync_bn": ["false"], "seed": [1.5], "val_every_epochs": [0],
     "amp": [0], "channels_last": [None], "compile": ["true"], "save_summary_steps": [0], "keep_checkpoints": ["best"],
     "num_logged_images": [-1], "tta_scales": [[], [0], [1, -1], [float("nan")]], "tta_flip": [2],
-    "sliding_window": [[]],
+    "sliding_window": [[]], "gaussian_windows": ["yes"],
 }
 
 
