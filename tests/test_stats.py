@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -135,3 +137,12 @@ def test_bad_model_dir_and_missing_data_are_one_line_errors(tmp_path, capsys):
     experiment = make_experiment(tmp_path, data_dir=str(tmp_path / "missing"))
     code, out, err = run(capsys, "--model_dir", str(experiment))
     assert code == 2 and err.strip().count("\n") == 0 and "missing" in err
+
+
+def test_help_is_whole_sentences():
+    for script, expected in (("data/stats.py", "median-frequency class weights ready for params.json's "
+                                               "`class_weights`."),
+                             ("export.py", "weights: a weights-only checkpoint")):
+        result = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True,
+                                check=True, env={**os.environ, "COLUMNS": "1000"})
+        assert expected in " ".join(result.stdout.split())

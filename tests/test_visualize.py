@@ -165,3 +165,17 @@ def test_confusion_matrix_figure_is_a_png(tmp_path, num_classes):
         assert width >= 900                  # room for 21 labelled columns
     with pytest.raises(ValueError):
         confusion_matrix_figure(matrix, names[:-1], tmp_path / "bad.png")
+
+
+@pytest.mark.parametrize("picture", ["overlay", "panels"])
+def test_the_legend_of_a_narrow_image_is_never_cut_off(picture):
+    from model.visualize import BACKGROUND, overlay_picture, prediction_picture
+    image = torch.zeros(3, 90, 6, dtype=torch.uint8)
+    pred = torch.zeros(90, 6, dtype=torch.long)
+    names, palette = ["a class with a long name"], [(200, 40, 40)]
+    drawn = (overlay_picture(image, pred, palette, names) if picture == "overlay"
+             else prediction_picture(image, pred, pred, palette, names))
+    legend = drawn[:, -40:, :]  # the legend's row, below the panels
+    assert (legend[:, :, -1] == torch.tensor(BACKGROUND, dtype=torch.uint8).view(3, 1)).all(), "text reaches the edge"
+    text = (legend != torch.tensor(BACKGROUND, dtype=torch.uint8).view(3, 1, 1)).any(0).any(0).nonzero()
+    assert drawn.shape[2] - text.max() <= 12  # the name ends near the widened edge: it was drawn whole
