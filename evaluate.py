@@ -53,8 +53,8 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: SegmentationLoss, 
         image, label = placement.batch(image, label)
         with placement.autocast():
             logits = padded_logits(lambda x: predict_logits(
-                model, x, config.tta_scales if tta else (1.0,), flip=tta and config.tta_flip, window=window),
-                image, config.eval_pad_size)
+                model, x, config.tta_scales if tta else (1.0,), flip=tta and config.tta_flip, window=window,
+                gaussian=config.gaussian_windows), image, config.eval_pad_size)
         pred = logits.argmax(1)
         if dataset.has_labels:
             loss_sums += criterion.sums(logits, label)

@@ -85,7 +85,9 @@ def parse_args(argv: Sequence[str] | None):
     parser = utils.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_dir", default="experiments/base_model", help="folder holding the checkpoint")
     parser.add_argument("--restore_file", default="best", help="best | last | path to a checkpoint")
-    parser.add_argument("--format", required=True, choices=("weights", "onnx"))
+    parser.add_argument("--format", required=True, choices=("weights", "onnx"),
+                        help="weights: a weights-only checkpoint (no optimiser, half the size) for predict.py and "
+                             "torch.hub; onnx: the network for ONNX Runtime (dynamic batch, height, width)")
     parser.add_argument("--out", default=None, metavar="FILE", help="output file (default: beside the checkpoint)")
     return parser.parse_args(argv)
 

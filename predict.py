@@ -113,6 +113,9 @@ def parse_args(argv: Sequence[str] | None):
     parser.add_argument("--tta", action="store_true", help="average over the checkpoint's tta_scales and flips")
     parser.add_argument("--window", type=int, default=None, metavar="N",
                         help="score images larger than N pixels in overlapping N×N windows")
+    parser.add_argument("--gaussian", action="store_true",
+                        help="with --window: Gaussian-weighted window average (default: the checkpoint's "
+                             "gaussian_windows, else uniform)")
     parser.add_argument("--batch_size", type=int, default=4, help="images of one size scored together")
     return parser.parse_intermixed_args(argv)  # inputs may come before and after options
 
@@ -146,7 +149,8 @@ def main(args) -> int:
             if images:
                 x = placement.images(normalise(torch.stack(list(images.values())).to(device)))
                 with placement.autocast():
-                    preds = predict_logits(model, x, scales, flip, args.window).argmax(1).cpu()
+                    preds = predict_logits(model, x, scales, flip, args.window,
+                                           args.gaussian or eval_config.gaussian_windows).argmax(1).cpu()
                 for (file, image), pred in zip(images.items(), preds):
                     visualize.save_label_png(pred, trained.palette, out / "labels" / names[file])
                     visualize.save_picture(visualize.overlay_picture(image, pred, trained.palette,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import hashlib
 import itertools
 import json
@@ -20,9 +21,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import utils
+from model.data_loader import DataConfig
+from model.net import GCNConfig
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 SEARCH_FILE = "search.json"
@@ -33,7 +36,10 @@ DEFAULT_LR_FACTORS = (0.1, 0.3, 1.0, 3.0)
 TAIL_LINES = 12
 MAX_NAME_LENGTH = 120
 KEY_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._+\-\[\],]")
+UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._+\-]")
+PAIR_SEPARATOR = "__"  # between key_value pairs in a child's folder name: no commas, which shells and tools split
+SPEC = utils.experiment_configs((DataConfig, GCNConfig))  # what train.py accepts, checked before any folder exists
+SWEEP_DEFAULTS = {"keep_checkpoints": "best_weights"}  # children keep their best weights only (unless the parent says)
 
 Grid = dict[str, list[Any]]
 
@@ -126,10 +132,14 @@ def load_grids(parent_dir: Path, param_options: list[str], parent_params: dict[s
 
 
 def child_name(combination: dict[str, Any]) -> str:
-    """A readable folder name, e.g. `head_conv,kernel_size_7`; unsafe characters become '_', and when that
-    (or truncation) loses information, a short hash keeps distinct combinations apart."""
-    literal = ",".join(f"{key}_{v if isinstance(v, str) else json.dumps(v, separators=(',', ':'), sort_keys=True)}"
-                       for key, v in combination.items())
+    """A readable folder name, e.g. `head_conv__kernel_size_7` (a list: `scale_range_0.5-2.0`); unsafe characters
+    become '_', and when that (or truncation) loses information, a short hash keeps distinct combinations apart."""
+    def text(value: Any) -> str:
+        if isinstance(value, list) and all(isinstance(v, (int, float, str)) for v in value):
+            return "-".join(map(text, value))
+        return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+    literal = PAIR_SEPARATOR.join(f"{key}_{text(value)}" for key, value in combination.items())
     name = UNSAFE_NAME_CHARS.sub("_", literal)
     if name != literal or len(name) > MAX_NAME_LENGTH:
         digest = hashlib.sha1(json.dumps(combination, sort_keys=True).encode()).hexdigest()[:8]
@@ -144,8 +154,28 @@ def plan_children(parent_dir: Path, parent_params: dict[str, Any], grids: list[G
         name = child_name(combination)
         if name.lower() in children:
             raise SweepError(f"the sweep defines {name!r} twice (a repeated value, or overlapping grids?)")
-        children[name.lower()] = Child(parent_dir / name, {**parent_params, **combination})
+        children[name.lower()] = Child(parent_dir / name, {**SWEEP_DEFAULTS, **parent_params, **combination})
     return list(children.values())
+
+
+def check_against_spec(parent_dir: Path, parent_params: dict[str, Any], grids: list[Grid], children: list[Child],
+                       spec: Sequence[type], data_dir: str | None) -> None:
+    """Every swept key and every child's settings as train.py would check them (utils.Params): a typo or a value
+    not allowed is a SweepError before any folder exists."""
+    settings = utils.experiment_settings(spec)
+    for key in dict.fromkeys(k for grid in grids for k in grid):
+        if key not in settings:
+            close = difflib.get_close_matches(key, settings, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SweepError(f"the sweep ({SEARCH_FILE} or --param) sweeps {key!r}, which is not a params.json "
+                             f"key{hint}; train.py --help-params lists them")
+    data_dir_override = {"data_dir": data_dir} if data_dir is not None else {}
+    try:
+        utils.Params(parent_params, spec, str(parent_dir / utils.PARAMS_FILE), data_dir_override)
+        for child in children:
+            utils.Params(child.params, spec, f"sweep child {child.directory.name}", data_dir_override)
+    except utils.ParamsError as exc:
+        raise SweepError(str(exc)) from None
 
 
 def prepare_child(child: Child) -> str:
@@ -158,7 +188,8 @@ def prepare_child(child: Child) -> str:
         child.directory.mkdir(parents=True, exist_ok=True)
         params_path.write_text(json.dumps(child.params, indent=4) + "\n")
         (child.directory / ".gitignore").write_text(CHILD_GITIGNORE)
-    elif (existing := load_json(params_path)) != child.params:
+    elif (existing := load_json(params_path)) != child.params and (
+            not isinstance(existing, dict) or {**SWEEP_DEFAULTS, **existing} != child.params):  # an older sweep's
         existing = existing if isinstance(existing, dict) else {}
         changed = sorted(k for k in existing.keys() | child.params.keys() if existing.get(k) != child.params.get(k))
         raise SweepError(f"{params_path} differs from the sweep's settings in {', '.join(changed)}; "
@@ -249,8 +280,11 @@ def report(outcomes: list[Outcome]) -> None:
         say("\n".join([f"\nFAILED: {outcome.child.directory}", *(f"  | {line}" for line in outcome.detail)]), err=True)
 
 
-def main(argv: list[str] | None = None, train_script: Path = TRAIN_SCRIPT) -> int:
-    """Run the sweep; returns the exit status (0 all complete, 1 a child failed, 2 bad input, 128+N signal N)."""
+def main(argv: list[str] | None = None, train_script: Path = TRAIN_SCRIPT, spec: Sequence[type] | None = SPEC) -> int:
+    """Run the sweep; returns the exit status (0 all complete, 1 a child failed, 2 bad input, 128+N signal N).
+
+    `spec`: the config dataclasses every child's settings are checked against (None: no check, for stand-ins of
+    train.py with settings of their own)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parent_dir", required=True, help="folder with the base params.json (and search.json)")
     parser.add_argument("--data_dir", help="forwarded to train.py")
@@ -258,10 +292,10 @@ def main(argv: list[str] | None = None, train_script: Path = TRAIN_SCRIPT) -> in
                         help="sweep KEY over these values (JSON where they parse, else strings); repeatable")
     parser.add_argument("--gpus", help="run one child per GPU at once, e.g. 0,1,2,3 (default: one at a time)")
     args = parser.parse_args(argv)
-    return utils.run_cli(lambda: sweep(args, train_script), (SweepError,))
+    return utils.run_cli(lambda: sweep(args, train_script, spec), (SweepError,))
 
 
-def sweep(args: argparse.Namespace, train_script: Path) -> int:
+def sweep(args: argparse.Namespace, train_script: Path, spec: Sequence[type] | None) -> int:
     """Plan the children of --parent_dir, train them and report; the exit status (128+N if stopped by signal N)."""
     parent_dir = Path(args.parent_dir)
     gpus = None if args.gpus is None else [gpu.strip() for gpu in args.gpus.split(",")]
@@ -270,7 +304,10 @@ def sweep(args: argparse.Namespace, train_script: Path) -> int:
     parent_params = load_json(parent_dir / utils.PARAMS_FILE)
     if not isinstance(parent_params, dict):
         raise SweepError(f"{parent_dir / utils.PARAMS_FILE} must hold a JSON object")
-    children = plan_children(parent_dir, parent_params, load_grids(parent_dir, args.param, parent_params))
+    grids = load_grids(parent_dir, args.param, parent_params)
+    children = plan_children(parent_dir, parent_params, grids)
+    if spec is not None:
+        check_against_spec(parent_dir, parent_params, grids, children, spec, args.data_dir)
     say(f"sweep of {len(children)} children in {parent_dir}")
     runner = Sweep(Path(train_script), args.data_dir, gpus)
     outcomes = runner.run(children)

@@ -28,14 +28,15 @@ from tqdm import tqdm
 import utils
 from evaluate import evaluate
 from model import visualize
-from model.data_loader import (DataConfig, DatasetError, EpochSampler, build_dataloader, build_dataset, eval_loader,
-                               worker_death)
+from model.data_loader import (DataConfig, DatasetError, EpochSampler, build_dataloader, build_dataset,
+                               check_label_values, eval_loader, worker_death)
 from model.net import GCN, CheckpointMismatchError, GCNConfig, PretrainedWeightsError, SegmentationLoss
 from model.transforms import denormalise
 from train_step import EagerStep, LossMonitor, build_sgd, build_step, host_learning_rates
 
 OUTPUTS = (utils.LAST_CHECKPOINT, utils.BEST_CHECKPOINT, utils.METRICS_LAST, utils.METRICS_BEST,
            utils.COMPLETE_MARKER)  # a previous run's files
+CONFIGS = utils.experiment_configs((DataConfig, GCNConfig))  # every setting of an experiment
 STALE_WITH_A_NEW_RUN = ("events.out.tfevents.*", "metrics_*.json", "confusion_*.png")  # --force clears them too
 
 
@@ -103,6 +104,11 @@ def parse_args(argv: Sequence[str] | None):
     parser.add_argument("--force", action="store_true", help="start afresh, deleting the folder's previous run")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a params.json value (JSON), e.g. --set learning_rate=0.02; repeatable")
+    parser.add_argument("--params", default=None, metavar="FILE",
+                        help="read the settings from FILE instead of <model_dir>/params.json (a run's "
+                             "params_resolved.json works: it reruns that run's settings)")
+    parser.add_argument("--help-params", action=utils.ListSettings, configs=CONFIGS,
+                        help="list every params.json key: default, allowed values, meaning; then exit")
     return parser.parse_args(argv)
 
 
@@ -110,16 +116,28 @@ def main(args) -> int:
     """Check every input, build the run (data, model, optimiser, schedule, loss, resumed state), train it."""
     model_dir = Path(args.model_dir)
     overrides = utils.parse_overrides(args.set) | ({"data_dir": args.data_dir} if args.data_dir is not None else {})
-    params = utils.load_params(model_dir, (DataConfig, GCNConfig), overrides)
+    params = utils.load_params(model_dir, (DataConfig, GCNConfig), overrides, args.params and Path(args.params))
     check_folder_name(model_dir)
+    if args.restore_file == "auto" and completed_without_last(model_dir):
+        print(f"{model_dir}: nothing to do, this run is complete ({utils.COMPLETE_MARKER})")
+        return 0
     restore_file = choose_restore_file(model_dir, args.restore_file, args.force)
+    checkpoint, checkpoint_file = None, restore_file and utils.checkpoint_path(model_dir, restore_file)
+    if checkpoint_file:
+        checkpoint, params, overrides = resume_settings(checkpoint_file, params, overrides)
     data_config, model_config = params.config(DataConfig), params.config(GCNConfig)
     config, eval_config = params.config(utils.TrainConfig), params.config(utils.EvalConfig)
     device, rank, world_size = start_processes()
+    if config.compile and device.type == "cpu":
+        raise utils.ParamsError("compile: true is for CUDA; on the CPU, compiling the training step takes minutes "
+                                "for about 10 % less time per step, and this project does not test it: set compile "
+                                "to false (--set compile=false)")
     placement = utils.Placement(device, config.channels_last, utils.autocast_dtype(device, config.amp))
 
     train_set = build_dataset(data_config, model_config.num_classes, data_config.train_split, train=True)
     val_set = build_dataset(data_config, model_config.num_classes, data_config.val_split, train=False)
+    for dataset in (train_set, val_set):
+        check_label_values(dataset)  # now, rather than at the first batch of training or validation
     if len(train_set) < config.batch_size * world_size:
         raise utils.ParamsError(f"batch_size {config.batch_size} × {world_size} process(es) exceeds the "
                                 f"{len(train_set)} training images")
@@ -140,11 +158,12 @@ def main(args) -> int:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     step = build_step(config, model, optimizer, scheduler, scaler, criterion, placement, world_size)
     monitor = LossMonitor(config.save_summary_steps, world_size, device)
+    record = checkpoint_record(val_set, params, overrides, net)
     run = Run(model_dir, config, eval_config, net, model, step, optimizer, scheduler, scaler, monitor, criterion,
-              sampler, train_loader, val_loader, placement, total_iterations, checkpoint_record(val_set, params, net),
-              rank, world_size, data_config.crop_size if eval_config.sliding_window else None)
-    if restore_file:
-        restore(run, utils.checkpoint_path(model_dir, restore_file), params)
+              sampler, train_loader, val_loader, placement, total_iterations, record, rank, world_size,
+              data_config.crop_size if eval_config.sliding_window else None)
+    if checkpoint is not None:
+        restore(run, checkpoint, checkpoint_file)
     if run_is_complete(run):
         print(f"{model_dir}: nothing to do, this run already trained its {total_iterations} iterations")
         return 0
@@ -158,6 +177,7 @@ def main(args) -> int:
             utils.write_json(model_dir / utils.RESOLVED_PARAMS_FILE, utils.run_record(
                 params, overrides, vars(args), device) | {"pretrained_weights": net.pretrained_weights})
             utils.set_logger(model_dir / utils.TRAIN_LOG)
+            exit_stack.enter_context(utils.errors_in_log((utils.UserError, DatasetError, PretrainedWeightsError)))
             run.writer = exit_stack.enter_context(contextlib.closing(SummaryWriter(model_dir)))
         if restore_file:
             logging.info("Resumed from %s: epoch %d, iteration %d, best mIoU %.4f", restore_file,
@@ -198,6 +218,8 @@ def train(run: Run) -> int:
         utils.write_json(run.model_dir / utils.COMPLETE_MARKER, {
             "epochs": progress.epoch, "iterations": progress.iteration, "best_miou": progress.best_miou,
             "best_epoch": progress.best_epoch, "wall_time_s": round(progress.seconds, 1)})
+        if run.config.keep_checkpoints == "best_weights":
+            (run.model_dir / utils.LAST_CHECKPOINT).unlink()
     logging.info("Done: best val mIoU %.4f at epoch %d (%s)", progress.best_miou, progress.best_epoch,
                  run.model_dir / utils.BEST_CHECKPOINT)
     return 0
@@ -281,25 +303,19 @@ def save(run: Run, name: str) -> None:
     now = time.monotonic()
     run.progress.seconds += now - run.clock
     run.clock = now
-    if run.main_process:
-        utils.save_checkpoint({
-            "state_dict": run.net.state_dict(), "model_config": dataclasses.asdict(run.net.config), **run.record,
-            "optimizer": host_learning_rates(run.optimizer.state_dict()),
-            "scheduler": host_learning_rates(run.scheduler.state_dict()),
-            "scaler": run.scaler.state_dict(), "progress": dataclasses.asdict(run.progress)}, run.model_dir / name)
+    if not run.main_process:
+        return
+    state = {"state_dict": run.net.state_dict(), "model_config": dataclasses.asdict(run.net.config), **run.record}
+    if not (name == utils.BEST_CHECKPOINT and run.config.keep_checkpoints == "best_weights"):  # else weights only
+        state |= {"optimizer": host_learning_rates(run.optimizer.state_dict()),
+                  "scheduler": host_learning_rates(run.scheduler.state_dict()),
+                  "scaler": run.scaler.state_dict(), "progress": dataclasses.asdict(run.progress)}
+    utils.save_checkpoint(state, run.model_dir / name)
 
 
-def restore(run: Run, path: Path, params: utils.Params) -> None:
-    """Load a checkpoint's weights and training state into `run`, refusing one trained with other settings."""
-    checkpoint = utils.load_checkpoint(path, GCNConfig, DataConfig, Progress)
+def restore(run: Run, checkpoint: dict[str, Any], path: Path) -> None:
+    """Load a checkpoint's weights and training state (resume_settings's) into `run`."""
     utils.check_same_architecture(path, checkpoint["model_config"], run.net.config.architecture())
-    if not set(utils.TRAINING_STATE_KEYS) <= checkpoint.keys():
-        raise utils.CheckpointError(f"cannot resume from {path}: it holds no training state (an export.py "
-                                    f"weights file?)")
-    changed = params.experiment_differences(checkpoint["params"])
-    if changed:
-        raise utils.UserError(f"{path} was trained with other settings: {', '.join(changed)} differ (params.json "
-                              f"or --set); resume with the same ones, or start afresh with --force")
     GCN.check_checkpoint(checkpoint, f"checkpoint {path}")
     run.net.load_state_dict(checkpoint["state_dict"])
     for key, target in (("optimizer", run.optimizer), ("scheduler", run.scheduler), ("scaler", run.scaler)):
@@ -352,11 +368,11 @@ def poly_lr_lambda(total_iterations: int, power: float, warmup: int):
     return factor
 
 
-def checkpoint_record(dataset: Dataset, params: utils.Params, net: GCN) -> dict[str, Any]:
-    """What a checkpoint holds beside weights and training state: class names, palette, the run's settings and
-    the weights the backbone started from."""
+def checkpoint_record(dataset: Dataset, params: utils.Params, overrides: dict[str, Any], net: GCN) -> dict[str, Any]:
+    """What a checkpoint holds beside weights and training state: class names, palette, the run's settings (and
+    which of them came from --set, so that a resume need not retype them) and the backbone's starting weights."""
     return {"class_names": list(dataset.classes), "palette": [list(c) for c in dataset.palette],
-            "params": params.dict, "pretrained_weights": net.pretrained_weights}
+            "params": params.dict, "overrides": overrides, "pretrained_weights": net.pretrained_weights}
 
 
 # ----------------------------------------------------------------------------------------------- the run folder
@@ -374,6 +390,23 @@ def choose_restore_file(model_dir: Path, restore_file: str | None, force: bool) 
         raise utils.UserError(f"{model_dir} holds a previous run ({', '.join(previous_run)}): {resume}pass --force "
                               f"to delete it and start afresh")
     return restore_file
+
+
+def completed_without_last(model_dir: Path) -> bool:
+    """Whether the folder holds a complete run whose last.pth.tar is gone (keep_checkpoints: best_weights)."""
+    return not (model_dir / utils.LAST_CHECKPOINT).exists() and (model_dir / utils.COMPLETE_MARKER).exists()
+
+
+def resume_settings(path: Path, params: utils.Params, overrides: dict[str, Any]
+                    ) -> tuple[dict[str, Any], utils.Params, dict[str, Any]]:
+    """The checkpoint to resume from, and the settings the run continues with: the checkpoint's own (its --set
+    included, not retyped), with this command's settings that may change on resume; a contradiction is refused."""
+    checkpoint = utils.load_checkpoint(path, GCNConfig, DataConfig, Progress)
+    if not set(utils.TRAINING_STATE_KEYS) <= checkpoint.keys():
+        raise utils.CheckpointError(f"cannot resume from {path}: it holds no training state (an export.py weights "
+                                    f"file, or best.pth.tar kept as weights only?)")
+    params, overrides = params.resumed(checkpoint["params"], checkpoint.get("overrides", {}), overrides, str(path))
+    return checkpoint, params, overrides
 
 
 def run_is_complete(run: Run) -> bool:

@@ -23,7 +23,7 @@ import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -46,6 +46,7 @@ CHECKPOINT_KEYS = ("state_dict", "model_config", "class_names", "palette")  # wh
 # objective (class-weighted cross entropy, + Dice if asked), so that val/loss and train/loss compare.
 SCALAR_METRICS = ("miou", "pixel_accuracy", "mean_accuracy", "fw_iou", "boundary_accuracy", "interior_accuracy",
                   "loss")
+RUN_RECORD_KEYS = {"params", "overrides", "command"}  # params_resolved.json: the settings beside the run record
 
 
 class UserError(ValueError):
@@ -54,6 +55,9 @@ class UserError(ValueError):
 
 class ParamsError(UserError):
     """params.json (or a --set override) is missing, unreadable, or holds an unknown key or a value not allowed."""
+
+
+KEEP_CHECKPOINTS = ("all", "best_weights")  # what a finished run keeps (TrainConfig.keep_checkpoints)
 
 
 class CheckpointError(UserError):
@@ -86,31 +90,35 @@ class TrainConfig:
     `may_change_on_resume` marks settings that say how to run, not what: a resumed run may change them.
     """
 
-    learning_rate: float = field(default=0.01, metadata={"above": 0})  # backbone lr, per process batch
+    learning_rate: float = field(default=0.01, metadata={"above": 0})  # backbone lr (batch of batch_size per process)
     head_lr_multiplier: float = field(default=10.0, metadata={"above": 0})  # heads, BR and decoder learn faster
-    momentum: float = field(default=0.9, metadata={"at_least": 0, "below": 1})
-    weight_decay: float = field(default=1e-4, metadata={"at_least": 0})
+    momentum: float = field(default=0.9, metadata={"at_least": 0, "below": 1})  # SGD
+    weight_decay: float = field(default=1e-4, metadata={"at_least": 0})  # SGD
     batch_size: int = field(default=8, metadata={  # images per process and step
         "at_least": 1, "with": ("crop_size", _batch_norm_needs, _batch_norm_has_statistics)})
-    num_epochs: int = field(default=30, metadata={"at_least": 1})
-    num_iterations: int | None = field(default=None, metadata={"at_least": 1})  # overrides num_epochs
+    num_epochs: int = field(default=30, metadata={"at_least": 1})  # budget in epochs...
+    num_iterations: int | None = field(default=None, metadata={"at_least": 1})  # ...or iterations (overrides it)
     lr_power: float = field(default=0.9, metadata={"at_least": 0})  # poly decay, stepped every iteration
-    warmup_iterations: int = field(default=0, metadata={"at_least": 0})
-    loss: str = field(default="cross_entropy", metadata={"choices": ("cross_entropy", "cross_entropy+dice")})
-    class_weights: list | None = field(default=None, metadata={
+    warmup_iterations: int = field(default=0, metadata={"at_least": 0})  # linear warm-up
+    loss: str = field(default="cross_entropy", metadata={  # +dice: small foregrounds, binary tasks
+        "choices": ("cross_entropy", "cross_entropy+dice")})
+    class_weights: list | None = field(default=None, metadata={  # per-class cross-entropy weights (data/stats.py)
         "items": (float, int), "length": "num_classes", "at_least": 0})
-    dice_weight: float = field(default=1.0, metadata={"at_least": 0})
-    grad_clip_norm: float | None = field(default=None, metadata={"above": 0})
-    sync_bn: bool = False
+    dice_weight: float = field(default=1.0, metadata={"at_least": 0})  # the Dice term's weight with +dice
+    grad_clip_norm: float | None = field(default=None, metadata={"above": 0})  # clip the gradient norm (from scratch)
+    sync_bn: bool = False  # SyncBatchNorm under torchrun
     seed: int = field(default=230, metadata={"at_least": 0, "at_most": MAX_SEED})  # init, data order, augmentation
-    val_every_epochs: int = field(default=1, metadata={"at_least": 1})
-    amp: bool = field(default=True, metadata={  # bf16/fp16 on CUDA, bf16 on CPUs with native bf16
+    val_every_epochs: int = field(default=1, metadata={"at_least": 1})  # validation interval; the last is validated
+    amp: bool = field(default=True, metadata={  # bf16 autocast on CUDA (fp16 without bf16) and on native-bf16 CPUs
         "may_change_on_resume": True})
-    channels_last: bool = field(default=True, metadata={"may_change_on_resume": True})
-    compile: bool = field(default=False, metadata={"may_change_on_resume": True})
-    # CUDA: capture the training step in a CUDA graph (train_step.py). Off until verified on a GPU.
-    cuda_graph: bool = field(default=False, metadata={"may_change_on_resume": True})
-    save_summary_steps: int = field(default=20, metadata={"at_least": 1, "may_change_on_resume": True})
+    channels_last: bool = field(default=True, metadata={"may_change_on_resume": True})  # NHWC memory format
+    compile: bool = field(default=False, metadata={"may_change_on_resume": True})  # torch.compile (CUDA only)
+    cuda_graph: bool = field(default=False, metadata={  # CUDA: replay the step from a CUDA graph (unverified: off)
+        "may_change_on_resume": True})
+    save_summary_steps: int = field(default=20, metadata={  # logging (and divergence check) interval
+        "at_least": 1, "may_change_on_resume": True})
+    keep_checkpoints: str = field(default="all", metadata={  # best_weights: best as weights only, no last once done
+        "choices": KEEP_CHECKPOINTS, "may_change_on_resume": True})
 
     @property
     def dice_term_weight(self) -> float:
@@ -122,13 +130,16 @@ class TrainConfig:
 class EvalConfig:
     """The evaluation settings (params.json's evaluation keys)."""
 
-    num_logged_images: int = field(default=4, metadata={"at_least": 0, "may_change_on_resume": True})
-    tta_scales: list = field(default_factory=lambda: [0.75, 1.0, 1.25], metadata={
+    num_logged_images: int = field(default=4, metadata={  # validation pictures (TensorBoard, evaluate.py)
+        "at_least": 0, "may_change_on_resume": True})
+    tta_scales: list = field(default_factory=lambda: [0.75, 1.0, 1.25], metadata={  # --tta's scales
         "items": (float, int), "above": 0, "at_most": 8})
-    tta_flip: bool = True
-    sliding_window: bool = False
+    tta_flip: bool = True  # --tta also averages horizontal flips
+    sliding_window: bool = False  # evaluate images larger than crop_size in overlapping windows
+    gaussian_windows: bool = False  # windows averaged with Gaussian weights (centres over borders), not uniform
     eval_pad_size: int | None = field(default=None, metadata={"at_least": 1})  # pad inputs to this size to score them
-    boundary_distance: str = field(default="chebyshev", metadata={"choices": ("chebyshev", "euclidean")})
+    boundary_distance: str = field(default="chebyshev", metadata={  # the boundary band's metric (Table 5)
+        "choices": ("chebyshev", "euclidean")})
     boundary_void: str = field(default="label", metadata={"choices": ("label", "ignored")})  # void makes a boundary?
 
 
@@ -170,7 +181,9 @@ class Setting:
         if "choices" in rules:
             text = "one of " + ", ".join(json.dumps(c) for c in rules["choices"])
         elif "items" in rules:
-            count = f"{self._length(values)} " if "length" in rules else "one or more "
+            length = rules.get("length")
+            count = (f"{length} " if isinstance(length, str) and length not in values  # e.g. 'num_classes numbers'
+                     else f"{self._length(values)} " if length is not None else "one or more ")
             item = _TYPE_WORDS[rules["items"][0]].split(" ", 1)[1]
             text = f"a list of {count}{item}s{self._bounds()}"
             if rules.get("length") in values:
@@ -264,6 +277,7 @@ class Params:
     def __init__(self, values: dict[str, Any], config_classes: Sequence[type], source: str = "params",
                  overrides: dict[str, Any] | None = None) -> None:
         self._settings = experiment_settings(config_classes)
+        self._config_classes = tuple(config_classes)
         overrides = overrides or {}
         self._check_keys(values, source)
         self._check_keys(overrides, "--set")
@@ -284,7 +298,9 @@ class Params:
     @classmethod
     def load(cls, path: str | os.PathLike, config_classes: Sequence[type],
              overrides: dict[str, Any] | None = None) -> Params:
-        """params.json at `path` with `overrides` (e.g. --set key=value) on top, all validated before any work."""
+        """params.json at `path` with `overrides` (e.g. --set key=value) on top, all validated before any work.
+
+        A run's params_resolved.json is valid input too: its recorded settings are used (the run record aside)."""
         path = Path(path)
         if not path.is_file():
             raise ParamsError(f"{path}: no such params file")
@@ -294,6 +310,8 @@ class Params:
             raise ParamsError(f"{path}: not valid JSON ({exc})") from exc
         if not isinstance(values, dict):
             raise ParamsError(f"{path}: expected a JSON object of key/value pairs")
+        if isinstance(values.get("params"), dict) and RUN_RECORD_KEYS <= values.keys():  # a params_resolved.json
+            values = values["params"]
         return cls(values, config_classes, str(path), overrides)
 
     def _check_keys(self, values: dict[str, Any], source: str) -> None:
@@ -307,11 +325,29 @@ class Params:
         """One config dataclass (DataConfig, GCNConfig, TrainConfig, EvalConfig), filled from these settings."""
         return config_class(**{f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(config_class)})
 
-    def experiment_differences(self, other: dict[str, Any]) -> list[str]:
-        """The keys (those that may change on resume aside) whose values differ from `other`, e.g. a checkpoint's
-        params."""
-        return [k for k, s in self._settings.items()
-                if not s.may_change_on_resume and other.get(k, s.default) != getattr(self, k)]
+    def resumed(self, saved: dict[str, Any], saved_overrides: dict[str, Any], overrides: dict[str, Any],
+                source: str) -> tuple[Params, dict[str, Any]]:
+        """The settings a resumed run continues with: the checkpoint's `saved` ones (`saved_overrides`: the --set
+        values they include), with these params' execution settings (how to run: workers, speed, logging).
+
+        Refused (ParamsError, naming the keys): a --set, or a params.json value the run did not get from --set,
+        that contradicts the checkpoint. Returns the params and the run's overrides, accumulated.
+        """
+        recorded = {k: saved.get(k, getattr(self, k) if s.default is REQUIRED else copy.deepcopy(s.default))
+                    for k, s in self._settings.items() if not s.may_change_on_resume}
+        conflicts = []
+        for key, value in recorded.items():
+            source_of_key = "--set" if key in overrides else self._sources.get(key, "defaults")
+            from_the_run = key in saved_overrides and key not in overrides  # the run's own --set, not retyped
+            if getattr(self, key) != value and not from_the_run:
+                conflicts.append(f"{key}={json.dumps(value)} ({source_of_key}: {json.dumps(getattr(self, key))})")
+        if conflicts:
+            raise ParamsError(f"{source} was trained with other settings: {', '.join(conflicts)}; resume without "
+                              f"changing them (the checkpoint's settings are used), or start afresh with --force")
+        execution = {k: getattr(self, k) for k, s in self._settings.items() if s.may_change_on_resume}
+        resumed = Params({**recorded, **execution}, self._config_classes, source)
+        resumed._sources = {k: self._sources.get(k, source) for k in execution} | dict.fromkeys(recorded, source)
+        return resumed, {**saved_overrides, **overrides}
 
     @property
     def dict(self) -> dict[str, Any]:
@@ -319,10 +355,57 @@ class Params:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
 
-def load_params(model_dir: Path, configs: Sequence[type], overrides: dict[str, Any] | None = None) -> Params:
-    """An experiment's params.json with its overrides, validated against `configs` (e.g. DataConfig, GCNConfig)
-    and the training and evaluation configs."""
-    return Params.load(model_dir / PARAMS_FILE, (*configs, TrainConfig, EvalConfig), overrides)
+def load_params(model_dir: Path, configs: Sequence[type], overrides: dict[str, Any] | None = None,
+                params_file: Path | None = None) -> Params:
+    """An experiment's params.json (or `params_file`) with its overrides, validated against `configs` (e.g.
+    DataConfig, GCNConfig) and the training and evaluation configs."""
+    return Params.load(params_file or model_dir / PARAMS_FILE, experiment_configs(configs), overrides)
+
+
+def experiment_configs(configs: Sequence[type]) -> tuple[type, ...]:
+    """The config dataclasses of an experiment: `configs` (data, model) and the training and evaluation ones."""
+    return (*configs, TrainConfig, EvalConfig)
+
+
+def settings_listing(config_classes: Sequence[type]) -> str:
+    """Every params.json key of these config dataclasses, one line each: its default, the values it allows and its
+    meaning (the comment beside the field), grouped by dataclass (train.py --help-params)."""
+    lines = []
+    for config_class in config_classes:
+        comments = field_comments(config_class)
+        lines.append(f"{config_class.__name__} ({config_class.__module__.replace('.', '/')}.py):")
+        for name, setting in settings_of(config_class).items():
+            default = "required" if setting.default is REQUIRED else f"default {json.dumps(setting.default)}"
+            execution = "; may change on resume" if setting.may_change_on_resume else ""
+            meaning = f": {comments[name]}" if name in comments else ""
+            lines.append(f"  {name} ({default}; {setting.describe({})}{execution}){meaning}")
+    return "\n".join(lines)
+
+
+def field_comments(config_class: type) -> dict[str, str]:
+    """Each field's comment in the dataclass's source (`name: type = ...  # meaning`, the first comment of the
+    field's statement); {} where the source is not available."""
+    import inspect  # noqa: PLC0415 -- only for the settings listing
+    import tokenize  # noqa: PLC0415
+
+    try:
+        source = inspect.getsource(config_class)
+    except (OSError, TypeError):
+        return {}
+    comments: dict[str, str] = {}
+    statement: list[tokenize.TokenInfo] = []
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type in (tokenize.NEWLINE, tokenize.ENDMARKER):
+            names = [t for t in statement if t.type not in (tokenize.COMMENT, tokenize.NL, tokenize.INDENT,
+                                                              tokenize.DEDENT)]
+            found = [t.string.lstrip("# ").strip() for t in statement if t.type == tokenize.COMMENT]
+            if len(names) > 1 and names[0].type == tokenize.NAME and names[1].string == ":" and found:
+                comments[names[0].string] = found[0]
+            statement = []
+        else:
+            statement.append(token)
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    return {k: v for k, v in comments.items() if k in fields}
 
 
 # ----------------------------------------------------------------------------------------------- command lines
@@ -333,6 +416,18 @@ class ArgumentParser(argparse.ArgumentParser):
     def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action:
         aliases = [n.replace("_", "-") for n in names if n.startswith("--") and "_" in n]
         return super().add_argument(*names, *aliases, **kwargs)
+
+
+class ListSettings(argparse.Action):
+    """--help-params: print settings_listing(configs) and exit, like --help."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, configs: Sequence[type], **kwargs: Any) -> None:
+        super().__init__(option_strings, argparse.SUPPRESS, nargs=0, default=argparse.SUPPRESS, **kwargs)
+        self.configs = configs
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: Any) -> None:
+        print(settings_listing(self.configs))
+        parser.exit()
 
 
 def parse_overrides(assignments: Sequence[str]) -> dict[str, Any]:
@@ -444,7 +539,9 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
 
 
 TRAINING_STATE_KEYS = ("optimizer", "scheduler", "scaler", "progress", "params")  # train.py's, for resuming
-RECORD_KEYS = ("pretrained_weights",)  # provenance: the weights the backbone started from (null, or names to strings)
+# What a checkpoint may hold beside: the --set settings of the run (a subset of params) and where the backbone's
+# weights came from (null, or names to strings).
+RECORD_KEYS = ("overrides", "pretrained_weights")
 
 
 def load_checkpoint(path: Path, model_config: type, data_config: type, progress: type | None = None) -> dict[str, Any]:
@@ -477,7 +574,7 @@ def _check_checkpoint(path: Path, checkpoint: dict[str, Any], model_config: type
     def fail(key: str, problem: str) -> CheckpointError:
         return CheckpointError(f"checkpoint {path}: {key} {problem}")
 
-    for key in ("model_config", "params", "progress", "optimizer", "scheduler", "scaler"):
+    for key in ("model_config", "params", "overrides", "progress", "optimizer", "scheduler", "scaler"):
         if key in checkpoint and not isinstance(checkpoint[key], dict):
             raise fail(key, f"is a {type(checkpoint[key]).__name__}, not a dict")
     weights = checkpoint.get("pretrained_weights")
@@ -499,9 +596,10 @@ def _check_checkpoint(path: Path, checkpoint: dict[str, Any], model_config: type
             isinstance(c, (list, tuple)) and len(c) == 3 and all(_is_instance(v, (int,)) and 0 <= v <= 255 for v in c)
             for c in palette)):
         raise fail("palette", f"is not a list of {num_classes} RGB triples of 0..255 (num_classes = {num_classes})")
-    if "params" in checkpoint:
-        settings = experiment_settings((data_config, model_config, TrainConfig, EvalConfig))
-        check_values(checkpoint["params"], settings, f"checkpoint {path}: params", complete=False, context=config)
+    settings = experiment_settings(experiment_configs((data_config, model_config)))
+    for key in ("params", "overrides"):
+        if key in checkpoint:
+            check_values(checkpoint[key], settings, f"checkpoint {path}: {key}", complete=False, context=config)
     if progress is not None and "progress" in checkpoint:
         check_values(checkpoint["progress"], settings_of(progress), f"checkpoint {path}: progress", complete=False)
 
@@ -662,6 +760,19 @@ def set_logger(log_path: Path | None, level: int = logging.INFO) -> logging.Logg
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         logger.addHandler(handler)
     return logger
+
+
+@contextlib.contextmanager
+def errors_in_log(user_errors: tuple[type[BaseException], ...] = (UserError,)) -> Iterator[None]:
+    """Within: a user error also goes to the log files (train.log), not only to stderr, where run_cli prints it."""
+    try:
+        yield
+    except user_errors as exc:
+        record = logging.makeLogRecord({"levelno": logging.ERROR, "levelname": "ERROR", "msg": f"error: {exc}"})
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+        raise
 
 
 def run_record(params: Params, overrides: dict[str, Any], arguments: dict[str, Any],

@@ -142,7 +142,7 @@ def browse(params: utils.Params, model_dir: Path, count: int) -> list[Path]:
 
 
 def parse_args(argv: Sequence[str] | None):
-    parser = utils.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = utils.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))  # the first sentence
     parser.add_argument("--model_dir", required=True, help="experiment folder holding params.json")
     parser.add_argument("--data_dir", default=None, help="overrides params.json's data_dir")
     parser.add_argument("--split", nargs="+", default=None,

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from model.datasets import (CamVidSegmentation, CityscapesSegmentation, DatasetError, FolderSegmentation,
                             SyntheticSegmentation, VOCAugSegmentation, VOCSegmentation)
-from model.datasets.base import Transform, check_num_classes
+from model.datasets.base import Transform, check_num_classes, read_label
 from model.transforms import eval_transform, train_transform
 
 
@@ -53,6 +53,8 @@ def _gigabytes(num_bytes: float) -> str:
 
 SYNTHETIC_SPLITS = ("train", "val")
 DATASET_NAMES = ("voc", "voc_aug", "cityscapes", "camvid", "folder", "synthetic")
+SYNTHETIC_SPLITS = ("train", "val")
+LABEL_CHECK_SAMPLE = 64  # label files read before training starts (all of them in a smaller split)
 
 
 @dataclass
@@ -60,30 +62,31 @@ class DataConfig:
     """Every data setting (params.json's data keys); each field's metadata says which values params.json may give
     (`may_change_on_resume`: how to run, not what)."""
 
-    dataset: str = field(metadata={"choices": DATASET_NAMES})
+    dataset: str = field(metadata={"choices": DATASET_NAMES})  # the data set's layout (data/README.md)
     data_dir: str = field(metadata={"may_change_on_resume": True})  # root of the data set (ignored by synthetic)
     crop_size: int = field(default=512, metadata={  # square training crop, padded when larger
         "at_least": 1, "at_most": MAX_IMAGE_SIZE, "memory": lambda v: f"{_gigabytes(v * v * 3 * 4)} per float image"})
-    scale_range: list = field(default_factory=lambda: [0.5, 2.0], metadata={
+    scale_range: list = field(default_factory=lambda: [0.5, 2.0], metadata={  # random rescaling before the crop
         "items": (float, int), "length": 2, "above": 0, "at_most": 8,
         "rule": ("[low, high] with low <= high", _ascending_pair)})
-    flip: bool = True
+    flip: bool = True  # random horizontal flip
     color_jitter: float = field(default=0.0, metadata={"at_least": 0, "at_most": 1})  # brightness/contrast/saturation
-    num_workers: int = field(default=4, metadata={"at_least": 0, "may_change_on_resume": True})
-    train_split: str = "train"
-    val_split: str = "val"
+    num_workers: int = field(default=4, metadata={"at_least": 0, "may_change_on_resume": True})  # DataLoader processes
+    train_split: str = "train"  # split names (voc_aug: train_aug)
+    val_split: str = "val"  # the split validated during training
     mask_values: dict | None = field(default=None, metadata={  # folder: stored mask value -> class
         "rule": ('{"stored value 0..255": class index, ...}', _stored_values_to_classes)})
     val_fraction: float = field(default=0.2, metadata={"above": 0, "below": 1})  # folder without split lists
-    class_names: list | None = field(default=None, metadata={"items": (str,), "length": "num_classes"})
+    class_names: list | None = field(default=None, metadata={"items": (str,), "length": "num_classes"})  # folder
     split_sequences: dict | None = field(default=None, metadata={  # camvid: build each split from whole drives
         "rule": ('{"split": ["sequence", ...], ...} with no sequence in two splits', _disjoint_splits)})
-    synthetic_seed: int = field(default=0, metadata={"at_least": 0, "at_most": 2**32 - 1})
-    synthetic_image_size: int = field(default=128, metadata={
+    synthetic_seed: int = field(default=0, metadata={  # the synthetic set's shapes and colours
+        "at_least": 0, "at_most": 2**32 - 1})
+    synthetic_image_size: int = field(default=128, metadata={  # its square images' side
         "at_least": 8, "at_most": MAX_IMAGE_SIZE,
         "memory": lambda v: f"{_gigabytes(v * v * SYNTHETIC_BYTES_PER_PIXEL)} to draw one image"})
-    synthetic_train_images: int = field(default=1000, metadata={"at_least": 1})
-    synthetic_val_images: int = field(default=100, metadata={"at_least": 1})
+    synthetic_train_images: int = field(default=1000, metadata={"at_least": 1})  # its split sizes
+    synthetic_val_images: int = field(default=100, metadata={"at_least": 1})  # its split sizes
 
 
 def _open(config: DataConfig, num_classes: int, split: str, transform: Transform) -> Dataset:
@@ -108,10 +111,22 @@ def _open(config: DataConfig, num_classes: int, split: str, transform: Transform
                                   config.class_names)
     if config.dataset != "synthetic":
         raise DatasetError(f"unknown dataset '{config.dataset}'; choose one of {', '.join(DATASET_NAMES)}")
-    if split not in SYNTHETIC_SPLITS:  # any other name would silently be another val set
-        raise DatasetError(f"dataset 'synthetic' has the splits {', '.join(SYNTHETIC_SPLITS)}, not {split!r}")
+    if split not in SYNTHETIC_SPLITS:
+        raise DatasetError(f"the synthetic set has the splits {' and '.join(map(repr, SYNTHETIC_SPLITS))}, not "
+                           f"{split!r}")
     length = config.synthetic_train_images if split == "train" else config.synthetic_val_images
     return SyntheticSegmentation(split, transform, config.synthetic_seed, length, config.synthetic_image_size)
+
+
+def check_label_values(dataset: Dataset, sample: int = LABEL_CHECK_SAMPLE) -> None:
+    """Read the label files of `sample` images spread evenly over the split (all of them when fewer): a value that
+    is neither a class nor void is a DatasetError naming the file and the fix, before any training step."""
+    paths = getattr(dataset, "label_paths", None)
+    if not paths:  # generated data, or a split without ground truth
+        return
+    indices = sorted({i * len(paths) // sample for i in range(sample)}) if len(paths) > sample else range(len(paths))
+    for index in indices:
+        read_label(paths[index], dataset.lut, dataset.num_classes)
 
 
 def build_dataset(config: DataConfig, num_classes: int, split: str, train: bool) -> Dataset:

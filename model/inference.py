@@ -12,31 +12,49 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from model.transforms import normalise
 
 
-def sliding_window_logits(model: nn.Module, image: Tensor, window: int) -> Tensor:
-    """Logits of a large image from overlapping window×window tiles (stride 2/3 of the window), averaged."""
-    _, _, h, w = image.shape
+WINDOW_BATCH = 8  # windows scored in one forward pass
+
+
+def window_weights(window: int, gaussian: bool) -> Tensor:
+    """The window×window weight of each window's logits: ones (a uniform average), or a Gaussian of σ = window/8
+    about the centre (as nnU-Net and MONAI), which trusts a window's centre over its borders; max 1."""
+    if not gaussian:
+        return torch.ones(window, window)
+    offsets = torch.arange(window, dtype=torch.float64) - (window - 1) / 2
+    profile = torch.exp(-offsets ** 2 / (2 * (window / 8) ** 2))
+    return (profile[:, None] * profile[None, :] / profile.max() ** 2).float()
+
+
+def sliding_window_logits(model: nn.Module, image: Tensor, window: int, gaussian: bool = False,
+                          batch: int = WINDOW_BATCH) -> Tensor:
+    """Logits of a large image from overlapping window×window tiles (stride 2/3 of the window), averaged (weighted
+    by window_weights); `batch` windows (of every image of the batch) go through the model at once."""
+    n, _, h, w = image.shape
     padded = F.pad(image, (0, max(window - w, 0), 0, max(window - h, 0)))
     ph, pw = padded.shape[-2:]
     stride = max(window * 2 // 3, 1)
-    rows = sorted({*range(0, ph - window, stride), ph - window})
-    cols = sorted({*range(0, pw - window, stride), pw - window})
-    logits = counts = None
-    for top in rows:
-        for left in cols:
-            tile = model(padded[..., top:top + window, left:left + window]).float()
-            if logits is None:
-                logits = tile.new_zeros(tile.shape[0], tile.shape[1], ph, pw)
-                counts = tile.new_zeros(1, 1, ph, pw)
-            logits[..., top:top + window, left:left + window] += tile
-            counts[..., top:top + window, left:left + window] += 1
-    return (logits / counts)[..., :h, :w]
+    origins = [(top, left) for top in sorted({*range(0, ph - window, stride), ph - window})
+               for left in sorted({*range(0, pw - window, stride), pw - window})]
+    weight = window_weights(window, gaussian).to(image.device)
+    logits = weights = None
+    for start in range(0, len(origins), batch):
+        chunk = origins[start:start + batch]
+        tiles = torch.cat([padded[..., top:top + window, left:left + window] for top, left in chunk])
+        scores = model(tiles).float().unflatten(0, (len(chunk), n))
+        if logits is None:
+            logits = scores.new_zeros(n, scores.shape[2], ph, pw)
+            weights = scores.new_zeros(1, 1, ph, pw)
+        for (top, left), tile in zip(chunk, scores):
+            logits[..., top:top + window, left:left + window] += tile * weight
+            weights[..., top:top + window, left:left + window] += weight
+    return (logits / weights)[..., :h, :w]
 
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, image: Tensor, scales: Sequence[float] = (1.0,), flip: bool = False,
-                   window: int | None = None) -> Tensor:
+                   window: int | None = None, gaussian: bool = False) -> Tensor:
     """Float logits N×C×H×W at the image's own resolution, averaged over scales (and horizontal flips) if asked;
-    images larger than `window` are scored in overlapping windows.
+    images larger than `window` are scored in overlapping windows (Gaussian-weighted if `gaussian`).
 
     Each scale resizes to a whole number of pixels (antialiased when shrinking, as training's random scaling) and
     maps the logits back from exactly that size, so pixel centres line up at any scale.
@@ -50,7 +68,7 @@ def predict_logits(model: nn.Module, image: Tensor, scales: Sequence[float] = (1
         for flipped in (False, True) if flip else (False,):
             x = scaled.flip(-1) if flipped else scaled
             big = window is not None and max(x.shape[-2:]) > window
-            logits = sliding_window_logits(model, x, window) if big else model(x).float()
+            logits = sliding_window_logits(model, x, window, gaussian) if big else model(x).float()
             logits = logits.flip(-1) if flipped else logits
             if logits.shape[-2:] != size:
                 logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
@@ -70,7 +88,7 @@ def padded_logits(score: Callable[[Tensor], Tensor], image: Tensor, size: int | 
 
 @torch.no_grad()
 def segment(model: nn.Module, image: Image.Image | Tensor, scales: Sequence[float] = (1.0,), flip: bool = False,
-            window: int | None = None) -> Tensor:
+            window: int | None = None, gaussian: bool = False) -> Tensor:
     """The label map (H×W int64, on the CPU) of one image: a PIL image (any mode; converted to RGB as the data
     sets do), a uint8 RGB 3×H×W tensor, or a float one in [0, 1] (torchvision's to_tensor/to_image convention).
 
@@ -85,5 +103,5 @@ def segment(model: nn.Module, image: Image.Image | Tensor, scales: Sequence[floa
     elif image.dtype != torch.uint8:
         raise ValueError(f"expected a uint8 (0..255) or float (0..1) image, got {image.dtype}")
     device = next(model.parameters()).device
-    logits = predict_logits(model.eval(), normalise(image.to(device))[None], scales, flip, window)
+    logits = predict_logits(model.eval(), normalise(image.to(device))[None], scales, flip, window, gaussian)
     return logits.argmax(1)[0].cpu()

@@ -37,14 +37,14 @@ class GCNConfig:
     Each field's metadata says which values params.json may give it (utils.Params checks them at load).
     """
 
-    num_classes: int = field(metadata={"at_least": 1, "at_most": 255})  # labels are uint8, 255 is void
-    backbone: str = field(default="resnet50", metadata={"choices": BACKBONES})
+    num_classes: int = field(metadata={"at_least": 1, "at_most": 255})  # void (255) aside: labels are uint8
+    backbone: str = field(default="resnet50", metadata={"choices": BACKBONES})  # torchvision ResNet
     kernel_size: int = field(default=15, metadata={  # k of gcn (and conv/stack) heads
         "at_least": 1, "odd": True, "at_most": MAX_KERNEL_SIZE,
         "memory": lambda k: f"a gcn head on res5 holds {2 * 2048 * k * 4 / 1e9:.3g} GB of weights per class"})
     head: str = field(default="gcn", metadata={"choices": HEADS})  # the paper's ablation alternatives
     boundary_refine: bool = True  # false removes all nine BR blocks
-    upsample: str = field(default="deconv", metadata={"choices": UPSAMPLES})
+    upsample: str = field(default="deconv", metadata={"choices": UPSAMPLES})  # learned (bilinear init) or fixed
     stack_channels: int | None = field(default=None, metadata={  # stack head width (None: input's)
         "at_least": 1, "at_most": 4096, "memory": lambda c: f"each 3×3 layer would hold {c * c * 36 / 1e9:.3g} GB"})
     # ImageNet weights: false, true (torchvision's DEFAULT), a torchvision weight name ("IMAGENET1K_V1") or a file
@@ -175,7 +175,10 @@ class Upsample2x(nn.Module):
                 self.deconv.weight.copy_(bilinear_kernel(channels))
 
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
-        x = F.pad(x, (0, 1, 0, 1), mode="replicate")
+        # The last row and column replicated by concatenation: the same values as F.pad(mode="replicate"), whose
+        # backward inductor miscompiles on CPU (it assumes NCHW strides where the kernel returns channels_last).
+        x = torch.cat([x, x[..., -1:, :]], dim=-2)
+        x = torch.cat([x, x[..., :, -1:]], dim=-1)
         if self.deconv is None:  # align_corners=True from (h+1) to (2h+1) pixels maps fine i to coarse i/2 exactly
             y = F.interpolate(x, size=(2 * x.shape[-2] - 1, 2 * x.shape[-1] - 1), mode="bilinear",
                               align_corners=True)

@@ -6,6 +6,7 @@ Small images are enlarged by an integer nearest-neighbour factor, so every label
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -217,7 +218,8 @@ def _canvas_with_legend(lay: Layout, legend: list[tuple[str, tuple[int, int, int
     legend_rows = _legend_rows(legend, font, lay)
     legend_top = panels_top + lay.panel_height + lay.gap
     row_height = lay.font_size + lay.gap // 2
-    canvas = Image.new("RGB", (lay.width, legend_top + len(legend_rows) * row_height + lay.gap), BACKGROUND)
+    canvas = Image.new("RGB", (_canvas_width(legend_rows, font, lay), legend_top + len(legend_rows) * row_height
+                               + lay.gap), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     _draw_legend(draw, legend_rows, legend_top, font, lay)
     return canvas, draw, font
@@ -252,6 +254,13 @@ def _legend_rows(entries: list[tuple[str, tuple[int, int, int]]], font, lay: Lay
         rows[-1].append((x, name, color))
         x += width
     return rows if rows[0] else []
+
+
+def _canvas_width(rows: list[list[tuple]], font, lay: Layout) -> int:
+    """The picture's width, widened where one legend entry is wider than a narrow image (never cut off)."""
+    ends = [x + lay.font_size + 4 + int(math.ceil(font.getlength(name))) + lay.gap
+            for row in rows for x, name, _ in row]
+    return max([lay.width, *ends])
 
 
 def _draw_legend(draw: ImageDraw.ImageDraw, rows: list[list[tuple]], top: int, font, lay: Layout) -> None:

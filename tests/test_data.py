@@ -17,6 +17,7 @@ from torchvision import tv_tensors
 from torch.utils.data import RandomSampler, SequentialSampler
 
 from data import build_voc_aug
+from model import data_loader
 from model.data_loader import DataConfig, DatasetError, EpochSampler, build_dataloader, build_dataset
 from model.datasets.synthetic import void_borders
 from model.datasets.voc import voc_palette
@@ -566,3 +567,31 @@ def test_a_process_exits_while_its_loader_workers_are_alive():
     exited = subprocess.run([sys.executable, "-c", LOADER_ALIVE_AT_EXIT], cwd=REPO, capture_output=True, text=True,
                             timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert (exited.returncode, exited.stdout) == (0, "exiting\n"), exited.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- split names and label values before training
+
+def test_split_names_a_data_set_lacks_are_one_line(tmp_path):
+    with pytest.raises(DatasetError, match=r"^the synthetic set has the splits 'train' and 'val', not 'test'$"):
+        build(params(dataset="synthetic", data_dir="", num_classes=5), "test", False)
+    with pytest.raises(DatasetError, match=r"dataset 'voc' has no split 'train_aug' .*set train_split to \"train\""):
+        build(params(dataset="voc", data_dir=str(tmp_path), num_classes=21), "train_aug", True)
+
+
+def test_label_values_are_checked_on_a_sample_naming_mask_values(tmp_path, monkeypatch):
+    make_folder(tmp_path, [f"case_{i:03d}" for i in range(100)])
+    p = params(dataset="folder", data_dir=str(tmp_path), num_classes=2, mask_values={"0": 0, "255": 1})
+    dataset = build(p, "train", False)
+    data_loader.check_label_values(dataset)  # a valid data set passes
+    bad = dataset.label_paths[0]  # the first file is always in the sample
+    save_index_png(bad, np.full((10, 14), 7, np.uint8), palette=False)
+    with pytest.raises(DatasetError, match=rf"label {bad} holds value\(s\) \[7\] .* with mask_values, e"):
+        data_loader.check_label_values(dataset)
+    read = []
+    monkeypatch.setattr(data_loader, "read_label", lambda path, lut, n: read.append(path))
+    data_loader.check_label_values(dataset, sample=30)
+    assert len(read) == len(set(read)) == 30 and len(dataset) == 80  # spread over the split, not its start
+    assert read[-1] in dataset.label_paths[-3:]
+    read.clear()
+    data_loader.check_label_values(dataset, sample=100)
+    assert read == dataset.label_paths  # a small split: every file

@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import search_hyperparams as sh
+from conftest import TINY
 import synthesize_results as sr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,21 +118,22 @@ def child_params(parent: Path, name: str) -> dict:
 def test_two_learning_rates_train_then_rerun_skips(tmp_path, stub, capsys):
     parent = make_parent(tmp_path, {"learning_rate": 0.1, "num_epochs": 3}, {"learning_rate": [0.01, 0.001]})
     data_dir = tmp_path / "my data"
-    assert sh.main(["--parent_dir", str(parent), "--data_dir", str(data_dir)], train_script=stub) == 0
+    assert sh.main(["--parent_dir", str(parent), "--data_dir", str(data_dir)], train_script=stub, spec=None) == 0
 
     names = ["learning_rate_0.01", "learning_rate_0.001"]
     calls = invocations(parent)
     assert sorted(c["run"] for c in calls) == sorted(names)
     for call in calls:
         assert call["argv"] == ["--model_dir", str(parent / call["run"]), "--data_dir", str(data_dir)]
-    assert child_params(parent, "learning_rate_0.01") == {"learning_rate": 0.01, "num_epochs": 3}
-    assert child_params(parent, "learning_rate_0.001") == {"learning_rate": 0.001, "num_epochs": 3}
+    lean = {"keep_checkpoints": "best_weights"}  # a sweep's default
+    assert child_params(parent, "learning_rate_0.01") == {**lean, "learning_rate": 0.01, "num_epochs": 3}
+    assert child_params(parent, "learning_rate_0.001") == {**lean, "learning_rate": 0.001, "num_epochs": 3}
     for name in names:
         assert (parent / name / "train_complete.json").exists()
         assert "training done" in (parent / name / "stdout.log").read_text()
 
     capsys.readouterr()
-    assert sh.main(["--parent_dir", str(parent)], train_script=stub) == 0
+    assert sh.main(["--parent_dir", str(parent)], train_script=stub, spec=None) == 0
     assert len(invocations(parent)) == 2, "finished children must not be trained again"
     out = capsys.readouterr().out
     assert out.count("already complete, skipped") == 2
@@ -142,7 +145,7 @@ def test_children_are_ignored_by_git_and_the_parent_is_not(tmp_path, stub):
     (repo / "experiments").mkdir(parents=True)
     (repo / ".gitignore").write_text((REPO / ".gitignore").read_text())
     parent = make_parent(repo / "experiments", {"learning_rate": 0.1}, {"learning_rate": [0.01]})
-    assert sh.main(["--parent_dir", str(parent)], train_script=stub) == 0
+    assert sh.main(["--parent_dir", str(parent)], train_script=stub, spec=None) == 0
     assert (parent / "learning_rate_0.01" / "params.json").exists()
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
     status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=repo,
@@ -153,7 +156,7 @@ def test_children_are_ignored_by_git_and_the_parent_is_not(tmp_path, stub):
 
 def test_failing_child_is_reported_and_others_finish(tmp_path, stub, capsys):
     parent = make_parent(tmp_path, {"learning_rate": 0.01}, {"stub": ["fail", "ok"]})
-    assert sh.main(["--parent_dir", str(parent)], train_script=stub) == 1
+    assert sh.main(["--parent_dir", str(parent)], train_script=stub, spec=None) == 1
 
     assert (parent / "stub_ok" / "train_complete.json").exists()
     assert not (parent / "stub_fail" / "train_complete.json").exists()
@@ -167,10 +170,10 @@ def test_failing_child_is_reported_and_others_finish(tmp_path, stub, capsys):
 
 def test_interrupted_child_is_resumed_with_restore_file_last(tmp_path, stub):
     parent = make_parent(tmp_path, {"learning_rate": 0.01}, {"stub": ["crash_once"]})
-    assert sh.main(["--parent_dir", str(parent)], train_script=stub) == 1
+    assert sh.main(["--parent_dir", str(parent)], train_script=stub, spec=None) == 1
     assert (parent / "stub_crash_once" / "last.pth.tar").exists()
 
-    assert sh.main(["--parent_dir", str(parent)], train_script=stub) == 0
+    assert sh.main(["--parent_dir", str(parent)], train_script=stub, spec=None) == 0
     calls = invocations(parent)
     assert [c["argv"][2:] for c in calls] == [[], ["--restore_file", "last"]]
     assert (parent / "stub_crash_once" / "train_complete.json").exists()
@@ -185,7 +188,7 @@ def test_shell_metacharacters_are_passed_literally(tmp_path, stub):
     cwd = os.getcwd()
     os.chdir(tmp_path)  # a shell would have run `touch` here
     try:
-        assert sh.main(["--parent_dir", str(parent), *options], train_script=stub) == 0
+        assert sh.main(["--parent_dir", str(parent), *options], train_script=stub, spec=None) == 0
     finally:
         os.chdir(cwd)
 
@@ -195,46 +198,46 @@ def test_shell_metacharacters_are_passed_literally(tmp_path, stub):
     assert all(child.parent == parent for child in children)
     assert sorted(child_params(parent, c.name)["note"] for c in children) == sorted(nasty)
     for child in children:
-        assert set(child.name) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._+-[],")
+        assert set(child.name) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._+-")
         assert (child / "train_complete.json").exists()
 
 
 def test_gpus_run_children_at_once_each_on_one_gpu(tmp_path, stub):
     parent = make_parent(tmp_path, {"learning_rate": 0.01, "stub": "rendezvous"}, {"learning_rate": [0.01, 0.02]})
-    assert sh.main(["--parent_dir", str(parent), "--gpus", "3,5"], train_script=stub) == 0
+    assert sh.main(["--parent_dir", str(parent), "--gpus", "3,5"], train_script=stub, spec=None) == 0
     assert sorted(c["cuda"] for c in invocations(parent)) == ["3", "5"]
 
 
 def test_without_gpus_the_environment_is_left_alone(tmp_path, stub, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
     parent = make_parent(tmp_path, {"learning_rate": 0.01}, {"learning_rate": [0.01, 0.02]})
-    assert sh.main(["--parent_dir", str(parent)], train_script=stub) == 0
+    assert sh.main(["--parent_dir", str(parent)], train_script=stub, spec=None) == 0
     assert [c["cuda"] for c in invocations(parent)] == ["7", "7"]
 
 
 def test_default_sweep_is_learning_rate_around_the_parents(tmp_path, stub):
     parent = make_parent(tmp_path, {"learning_rate": 0.01})
-    assert sh.main(["--parent_dir", str(parent)], train_script=stub) == 0
+    assert sh.main(["--parent_dir", str(parent)], train_script=stub, spec=None) == 0
     expected = ["learning_rate_0.001", "learning_rate_0.003", "learning_rate_0.01", "learning_rate_0.03"]
     assert sorted(p.name for p in parent.iterdir() if p.is_dir()) == sorted(expected)
-    assert child_params(parent, "learning_rate_0.003") == {"learning_rate": 0.003}
+    assert child_params(parent, "learning_rate_0.003") == {"keep_checkpoints": "best_weights", "learning_rate": 0.003}
 
 
 def test_param_option_adds_to_every_search_grid(tmp_path, stub):
     search = [{"head": ["1x1"], "kernel_size": [1]}, {"head": ["gcn"], "kernel_size": [3, 5]}]
     parent = make_parent(tmp_path, {"learning_rate": 0.01, "head": "gcn", "kernel_size": 15}, search)
     argv = ["--parent_dir", str(parent), "--param", "learning_rate=1e-3", "--param", "kernel_size=7"]
-    assert sh.main(argv, train_script=stub) == 0
+    assert sh.main(argv, train_script=stub, spec=None) == 0
     assert sorted(p.name for p in parent.iterdir() if p.is_dir()) == [
-        "head_1x1,kernel_size_7,learning_rate_0.001", "head_gcn,kernel_size_7,learning_rate_0.001"]
+        "head_1x1__kernel_size_7__learning_rate_0.001", "head_gcn__kernel_size_7__learning_rate_0.001"]
 
 
 def test_changed_parent_params_do_not_overwrite_a_trained_child(tmp_path, stub, capsys):
     parent = make_parent(tmp_path, {"learning_rate": 0.01, "num_epochs": 1}, {"learning_rate": [0.01]})
-    assert sh.main(["--parent_dir", str(parent)], train_script=stub) == 0
+    assert sh.main(["--parent_dir", str(parent)], train_script=stub, spec=None) == 0
     (parent / "params.json").write_text(json.dumps({"learning_rate": 0.01, "num_epochs": 5}))
 
-    assert sh.main(["--parent_dir", str(parent)], train_script=stub) == 1
+    assert sh.main(["--parent_dir", str(parent)], train_script=stub, spec=None) == 1
     assert child_params(parent, "learning_rate_0.01")["num_epochs"] == 1
     assert len(invocations(parent)) == 1
     assert "differs from the sweep's settings in num_epochs" in capsys.readouterr().err
@@ -243,7 +246,7 @@ def test_changed_parent_params_do_not_overwrite_a_trained_child(tmp_path, stub, 
 def signal_sweep(parent: Path, stub: Path, signals: list[signal.Signals], prelude: str = "pass") -> tuple[int, bytes]:
     """Run a sweep in a subprocess (after `prelude`), send it `signals` once its first child waits; (status, stderr)."""
     code = (f"import signal, sys; from pathlib import Path; import search_hyperparams as sh; {prelude}; "
-            f"sys.exit(sh.main(['--parent_dir', {str(parent)!r}], train_script=Path({str(stub)!r})))")
+            f"sys.exit(sh.main(['--parent_dir', {str(parent)!r}], train_script=Path({str(stub)!r}), spec=None))")
     sweep = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 60
@@ -305,9 +308,10 @@ def test_parse_param_option(option, expected):
 @pytest.mark.parametrize("combination, name", [
     ({"learning_rate": 0.01}, "learning_rate_0.01"),
     ({"learning_rate": 1e-05}, "learning_rate_1e-05"),
-    ({"head": "conv", "kernel_size": 7}, "head_conv,kernel_size_7"),
+    ({"head": "conv", "kernel_size": 7}, "head_conv__kernel_size_7"),
     ({"boundary_refine": False}, "boundary_refine_false"),
-    ({"scale_range": [0.5, 2.0]}, "scale_range_[0.5,2.0]"),
+    ({"scale_range": [0.5, 2.0]}, "scale_range_0.5-2.0"),
+    ({"loss": "cross_entropy+dice", "class_weights": None}, "loss_cross_entropy+dice__class_weights_null"),
 ])
 def test_child_name_is_readable(combination, name):
     assert sh.child_name(combination) == name
@@ -336,7 +340,7 @@ def test_bad_search_json_is_one_clear_error(tmp_path, stub, capsys, search, mess
     parent.mkdir()
     (parent / "params.json").write_text(json.dumps({"learning_rate": 0.01}))
     (parent / "search.json").write_text(search)
-    assert sh.main(["--parent_dir", str(parent)], train_script=stub) == 2
+    assert sh.main(["--parent_dir", str(parent)], train_script=stub, spec=None) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not invocations(parent)
@@ -350,15 +354,38 @@ def test_bad_search_json_is_one_clear_error(tmp_path, stub, capsys, search, mess
 ])
 def test_bad_command_line_is_one_clear_error(tmp_path, stub, capsys, argv, message):
     parent = make_parent(tmp_path, {"learning_rate": 0.01})
-    assert sh.main(["--parent_dir", str(parent), *argv], train_script=stub) == 2
+    assert sh.main(["--parent_dir", str(parent), *argv], train_script=stub, spec=None) == 2
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, search, message", [
+    (["--param", "learnig_rate=0.1,0.2"], None,
+     "sweeps 'learnig_rate', which is not a params.json key (did you mean 'learning_rate'?)"),
+    ([], {"kernel_sise": [3, 5]}, "sweeps 'kernel_sise', which is not a params.json key (did you mean 'kernel_size'?)"),
+    (["--param", "kernel_size=3,4"], None, "sweep child kernel_size_4: 'kernel_size' is 4; expected an odd integer"),
+    (["--param", "head=gcn,gnc"], None, "sweep child head_gnc: 'head' is \"gnc\"; expected one of"),
+])
+def test_sweep_keys_and_values_are_checked_before_any_folder_exists(tmp_path, stub, capsys, argv, search, message):
+    parent = make_parent(tmp_path, TINY, search)
+    before = sorted(os.listdir(parent))
+    assert sh.main(["--parent_dir", str(parent), *argv], train_script=stub) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert sorted(os.listdir(parent)) == before and not invocations(parent)
+
+
+def test_a_bad_parent_params_json_is_named(tmp_path, stub, capsys):
+    parent = make_parent(tmp_path, {**TINY, "momentum": 1.5})
+    assert sh.main(["--parent_dir", str(parent), "--param", "seed=1,2"], train_script=stub) == 2
+    assert f"error: {parent / 'params.json'}: 'momentum' is 1.5" in capsys.readouterr().err
+    assert sorted(os.listdir(parent)) == ["params.json"]
+
+
 def test_missing_parent_params_and_no_learning_rate(tmp_path, stub, capsys):
-    assert sh.main(["--parent_dir", str(tmp_path / "nowhere")], train_script=stub) == 2
+    assert sh.main(["--parent_dir", str(tmp_path / "nowhere")], train_script=stub, spec=None) == 2
     assert f"{tmp_path / 'nowhere' / 'params.json'} does not exist" in capsys.readouterr().err
     parent = make_parent(tmp_path, {"num_epochs": 1})
-    assert sh.main(["--parent_dir", str(parent)], train_script=stub) == 2
+    assert sh.main(["--parent_dir", str(parent)], train_script=stub, spec=None) == 2
     assert "has no positive 'learning_rate'" in capsys.readouterr().err
 
 
@@ -366,13 +393,13 @@ def test_missing_parent_params_and_no_learning_rate(tmp_path, stub, capsys):
 
 ABLATIONS = REPO / "experiments" / "ablations"
 EXPECTED_RUNS = {  # folder prefix -> child folders (one per row of the paper's table)
-    "table1_kernel_size": ["head_1x1,kernel_size_1"] + [f"head_gcn,kernel_size_{k}" for k in range(3, 16, 2)],
-    "table2_gcn_vs_conv": [f"head_{h},kernel_size_{k}" for h in ("gcn", "conv") for k in (3, 5, 7, 9)],
+    "table1_kernel_size": ["head_1x1__kernel_size_1"] + [f"head_gcn__kernel_size_{k}" for k in range(3, 16, 2)],
+    "table2_gcn_vs_conv": [f"head_{h}__kernel_size_{k}" for h in ("gcn", "conv") for k in (3, 5, 7, 9)],
     "table3_stack": [f"kernel_size_{k}" for k in (3, 5, 7, 9, 11)],
     "table4_stack_channels": [f"stack_channels_{m}" for m in (2048, 1024, 210)],
-    "table5_boundary_refine": ["head_1x1,kernel_size_1,boundary_refine_false",
-                               "head_gcn,kernel_size_15,boundary_refine_false",
-                               "head_gcn,kernel_size_15,boundary_refine_true"],
+    "table5_boundary_refine": ["head_1x1__kernel_size_1__boundary_refine_false",
+                               "head_gcn__kernel_size_15__boundary_refine_false",
+                               "head_gcn__kernel_size_15__boundary_refine_true"],
 }
 ABLATION_KEYS = {"head", "kernel_size", "boundary_refine", "stack_channels"}
 
@@ -414,6 +441,8 @@ def test_real_train_py_demo_sweep_and_synthesis(tmp_path, capsys):
     for child in children:
         assert json.loads((child / "train_complete.json").read_text())["epochs"] == 1
         assert (child / "train.log").stat().st_size > 0
+        assert not (child / "last.pth.tar").exists()  # lean by default: best weights only
+        assert "optimizer" not in torch.load(child / "best.pth.tar", weights_only=True)
 
     assert sh.main(["--parent_dir", str(parent)]) == 0
     assert "2 skipped" in capsys.readouterr().out

@@ -3,6 +3,7 @@ absent-class warnings, --browse pictures, one-line errors."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -141,3 +142,12 @@ def test_the_readme_runs_the_data_scripts_as_modules(module):
     result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and "usage:" in result.stdout, result.stderr
+
+
+def test_help_is_whole_sentences():
+    for command, expected in ((["-m", "data.stats"], "median-frequency class weights ready for params.json's "
+                                                     "`class_weights`."),
+                              (["export.py"], "weights: a weights-only checkpoint")):
+        result = subprocess.run([sys.executable, *command, "--help"], cwd=REPO, capture_output=True, text=True,
+                                check=True, env={**os.environ, "COLUMNS": "1000"})
+        assert expected in " ".join(result.stdout.split())

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,6 +18,7 @@ import evaluate
 import train
 import utils
 from model.net import SegmentationLoss
+from test_data import make_folder, save_index_png
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,16 +69,101 @@ def test_set_overrides_change_the_run_and_are_recorded(experiment):
     assert json.loads((model_dir / "params.json").read_text())["batch_size"] == 4  # the definition is untouched
 
 
-def test_resuming_with_settings_that_change_the_experiment_is_refused(experiment, capsys):
-    model_dir = experiment(num_epochs=1)
-    assert run_train(model_dir, "--set", "num_iterations=2") == 0
-    saved = (model_dir / utils.LAST_CHECKPOINT).read_bytes()
-    assert run_train(model_dir, "--restore_file", "last", "--set", "learning_rate=0.5") == 2
+def stop_after_first_step(monkeypatch) -> None:
+    """Make the next in-process run stop after its first step, as SIGTERM would (saving last.pth.tar)."""
+    original, sent = train.synchronise, []
+
+    def synchronise(loss, stop, world_size):
+        if not sent:
+            sent.append(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)  # StopSignal's handler only raises its flag
+        return original(loss, True, world_size)
+    monkeypatch.setattr(train, "synchronise", synchronise)
+
+
+def test_resume_keeps_the_runs_own_settings_and_refuses_only_a_contradiction(experiment, capsys, monkeypatch,
+                                                                             tmp_path):
+    model_dir = experiment()
+    with monkeypatch.context() as patch:
+        stop_after_first_step(patch)
+        assert run_train(model_dir, "--set", "num_iterations=3", "--set", "color_jitter=0.1") == 128 + signal.SIGTERM
+    assert run_train(model_dir, "--restore_file", "last", "--set", "color_jitter=0.2") == 2
+    assert "was trained with other settings: color_jitter=0.1 (--set: 0.2)" in capsys.readouterr().err
+    (model_dir / "params.json").write_text(json.dumps({**read_json(model_dir / "params.json"), "momentum": 0.5}))
+    assert run_train(model_dir, "--restore_file", "last") == 2  # params.json edited since: refused, naming it
+    assert f"momentum=0.9 ({model_dir / 'params.json'}: 0.5)" in capsys.readouterr().err
+    (model_dir / "params.json").write_text(json.dumps({**read_json(model_dir / "params.json"), "momentum": 0.9}))
+    # No --set retyped; one that agrees and an execution setting are fine
+    assert run_train(model_dir, "--restore_file", "last", "--set", "color_jitter=0.1", "--set", "num_workers=1") == 0
+    record = read_json(model_dir / utils.RESOLVED_PARAMS_FILE)
+    assert record["params"]["num_iterations"] == 3 and record["params"]["color_jitter"] == 0.1
+    assert record["params"]["num_workers"] == 1
+    assert record["overrides"] == {"num_iterations": 3, "color_jitter": 0.1, "num_workers": 1}
+    assert read_json(model_dir / utils.COMPLETE_MARKER)["iterations"] == 3
+
+    # The resolved settings fed back: a fresh folder reruns the same run, bitwise (CPU)
+    rerun = tmp_path / "rerun"
+    assert run_train(rerun, "--params", str(model_dir / utils.RESOLVED_PARAMS_FILE)) == 0
+    assert read_json(rerun / utils.RESOLVED_PARAMS_FILE)["params"] == record["params"]
+    first, second = weights(model_dir / utils.LAST_CHECKPOINT), weights(rerun / utils.LAST_CHECKPOINT)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_keep_best_weights_keeps_a_weights_only_best_and_no_last(experiment, capsys):
+    model_dir = experiment(num_iterations=2, keep_checkpoints="best_weights")
+    assert run_train(model_dir) == 0
+    assert not (model_dir / utils.LAST_CHECKPOINT).exists()
+    best = torch.load(model_dir / utils.BEST_CHECKPOINT, weights_only=True)
+    assert sorted(best) == sorted([*utils.CHECKPOINT_KEYS, "params"])  # no optimiser: half the size
+    assert evaluate.cli(["--model_dir", str(model_dir), "--restore_file", "best"]) == 0
+    capsys.readouterr()
+    assert run_train(model_dir, "--restore_file", "auto") == 0  # a sweep or a requeued job: nothing to do
+    assert "nothing to do" in capsys.readouterr().out
+    assert run_train(model_dir, "--restore_file", "best") == 2
+    assert "holds no training state" in capsys.readouterr().err
+
+
+def test_own_label_values_are_checked_before_training_and_later_errors_reach_train_log(tmp_path, capsys):
+    make_folder(tmp_path / "own", [f"case_{i}" for i in range(8)])
+    for mask in (tmp_path / "own" / "masks").iterdir():  # stored as 0/128, as some tools write binary masks
+        save_index_png(mask, np.where(np.arange(140).reshape(10, 14) % 3 == 0, 128, 0).astype(np.uint8),
+                       palette=False)
+    model_dir = tmp_path / "exp"
+    model_dir.mkdir()
+    (model_dir / "params.json").write_text(json.dumps({
+        "dataset": "folder", "data_dir": str(tmp_path / "own"), "num_classes": 2, "crop_size": 8, "batch_size": 2,
+        "num_workers": 0, "backbone": "resnet18", "kernel_size": 3, "num_iterations": 1, "val_fraction": 0.25}))
+    assert run_train(model_dir) == 2
     err = capsys.readouterr().err
-    assert "was trained with other settings: learning_rate, num_iterations differ" in err
-    assert run_train(model_dir, "--restore_file", "last", "--set", "num_iterations=2",
-                     "--set", "num_workers=1") == 0  # how to run (workers) may change, what to run may not
-    assert (model_dir / utils.LAST_CHECKPOINT).read_bytes() == saved  # it was complete: nothing rewritten
+    assert "holds value(s) [128]" in err and "mask_values" in err and "Training" not in err
+    assert sorted(os.listdir(model_dir)) == ["params.json"]  # before any work
+    for image in (tmp_path / "own" / "images").iterdir():  # unreadable images only surface when loaded
+        image.write_bytes(b"not a png")
+    assert run_train(model_dir, "--set", 'mask_values={"0": 0, "128": 1}') == 2
+    assert "error: unreadable image" in (model_dir / utils.TRAIN_LOG).read_text()
+
+
+def test_compile_on_the_cpu_is_one_line_before_any_work(experiment, capsys):
+    model_dir = experiment()
+    assert run_train(model_dir, "--set", "compile=true") == 2
+    assert "compile: true is for CUDA" in capsys.readouterr().err
+    assert sorted(os.listdir(model_dir)) == ["params.json"]
+
+
+def test_help_params_lists_every_setting_from_the_dataclasses(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["--help-params"])
+    assert exit_info.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    for config_class in train.CONFIGS:
+        comments = utils.field_comments(config_class)
+        for name, setting in utils.settings_of(config_class).items():
+            line = next(line for line in lines if line.startswith(f"  {name} ("))
+            default = "required" if setting.default is utils.REQUIRED else f"default {json.dumps(setting.default)}"
+            assert line.startswith(f"  {name} ({default}; {setting.describe({})}"), line
+            assert line.endswith(f": {comments[name]}"), f"{name} has no comment in {config_class.__name__}"
+    assert sum(line.startswith("  ") for line in lines) == len(utils.experiment_settings(train.CONFIGS))
+    assert "  kernel_size (default 15; an odd integer >= 1): k of gcn (and conv/stack) heads" in lines
 
 
 @pytest.mark.parametrize("content, expected", [
@@ -120,9 +208,11 @@ def test_refusals_touch_nothing(experiment, tmp_path, capsys):
     assert run_train(model_dir, "--force", "--restore_file", "auto") == 2
     assert "pass one of them" in capsys.readouterr().err
     (model_dir / utils.LAST_CHECKPOINT).rename(tmp_path / "last")
+    (model_dir / utils.COMPLETE_MARKER).rename(tmp_path / "complete")
     assert run_train(model_dir, "--restore_file", "auto") == 2  # nothing to resume, but a best to keep
     assert "holds a previous run (best.pth.tar, " in capsys.readouterr().err
     (tmp_path / "last").rename(model_dir / utils.LAST_CHECKPOINT)
+    (tmp_path / "complete").rename(model_dir / utils.COMPLETE_MARKER)
     assert run_train(model_dir, "--force", "--data_dir", str(tmp_path / "typo"), "--set", "dataset=\"voc\"") == 2
     assert "VOC data_dir not found" in capsys.readouterr().err  # --force checks its input before deleting
     assert run_train(model_dir, "--restore_file", "last") == 0  # resuming a finished run changes nothing
@@ -130,7 +220,7 @@ def test_refusals_touch_nothing(experiment, tmp_path, capsys):
     (model_dir / "params.json").write_text(json.dumps({**json.loads((model_dir / "params.json").read_text()),
                                                        "kernel_size": 5}))
     assert run_train(model_dir, "--restore_file", "last") == 2
-    assert "kernel_size=3 (this model: 5)" in capsys.readouterr().err
+    assert f"kernel_size=3 ({model_dir / 'params.json'}: 5)" in capsys.readouterr().err
     corrupt = tmp_path / "corrupt.pth.tar"
     corrupt.write_bytes(before[utils.LAST_CHECKPOINT][:1000])
     assert run_train(model_dir, "--restore_file", str(corrupt)) == 2

@@ -141,10 +141,10 @@ BAD_VALUES = {
     "batch_size": [0, -2], "num_epochs": [0], "num_iterations": [-5, 0], "lr_power": [-1],
     "warmup_iterations": [-1], "loss": ["dice", "cross entropy"], "class_weights": [["a"] * 5, [1, 2], [-1] * 5],
     "dice_weight": [-1], "grad_clip_norm": [0, -5], "sync_bn": ["false"], "seed": [1.5, -1, 2**32, 2**70],
-    "val_every_epochs": [0],
-    "amp": [0], "channels_last": [None], "compile": ["true"], "save_summary_steps": [0],
-    "num_logged_images": [-1], "tta_scales": [[], [0], [1, -1], [float("nan")], [1, 1e6]], "tta_flip": [2],
-    "sliding_window": [[]],
+    "val_every_epochs": [0], "amp": [0], "channels_last": [None], "compile": ["true"], "save_summary_steps": [0],
+    "keep_checkpoints": ["best"], "num_logged_images": [-1],
+    "tta_scales": [[], [0], [1, -1], [float("nan")], [1, 1e6]], "tta_flip": [2],
+    "sliding_window": [[]], "gaussian_windows": ["yes"],
     "frozen_bn": ["yes"], "eval_pad_size": [0, 1.5], "boundary_distance": ["manhattan"], "boundary_void": [True],
 }
 
@@ -204,11 +204,28 @@ def test_a_setting_declared_in_two_rooms_is_refused():
         utils.experiment_settings((Demo, Other))
 
 
-def test_experiment_differences_ignore_settings_that_may_change_on_resume():
-    params = Params({**MINIMAL, "learning_rate": 0.02, "num_workers": 2, "amp": False}, EXPERIMENT)
-    saved = {**MINIMAL, "learning_rate": 0.01, "num_workers": 0, "data_dir": ""}
-    assert params.experiment_differences(saved) == ["learning_rate"]
-    assert params.experiment_differences({**saved, "learning_rate": 0.02}) == []
+def test_resumed_params_are_the_checkpoints_with_this_runs_execution_settings():
+    saved = {**MINIMAL, "learning_rate": 0.01, "crop_size": 64, "num_workers": 0, "momentum": 0.5}
+    params = Params({**MINIMAL, "learning_rate": 0.01, "num_workers": 2}, EXPERIMENT, "p.json", {"amp": False})
+    resumed, overrides = params.resumed(saved, {"crop_size": 64, "momentum": 0.5}, {"amp": False}, "last.pth")
+    assert resumed.crop_size == 64 and resumed.momentum == 0.5  # the run's own --set, not retyped
+    assert resumed.num_workers == 2 and resumed.amp is False  # how to run: this command's
+    assert overrides == {"crop_size": 64, "momentum": 0.5, "amp": False}
+    with pytest.raises(ParamsError, match=r"^last\.pth was trained with other settings: crop_size=64 \(--set: 32\);"):
+        Params({**MINIMAL, "learning_rate": 0.01}, EXPERIMENT, "p.json", {"crop_size": 32}).resumed(
+            saved, {"crop_size": 64, "momentum": 0.5}, {"crop_size": 32}, "last.pth")
+    with pytest.raises(ParamsError, match=r"crop_size=64 \(defaults: 512\), momentum=0\.5 \(defaults: 0\.9\)"):
+        params.resumed(saved, {}, {}, "last.pth")  # not from the run's --set: params.json was edited since
+    with pytest.raises(ParamsError, match=r"learning_rate=0\.01 \(p\.json: 0\.02\)"):
+        Params({**MINIMAL, "learning_rate": 0.02}, EXPERIMENT, "p.json").resumed(saved, {"crop_size": 64,
+                                                                                    "momentum": 0.5}, {}, "x")
+
+
+def test_a_resolved_params_file_is_valid_params_input(tmp_path):
+    params = Params({**MINIMAL, "learning_rate": 0.02}, EXPERIMENT, "p.json")
+    path = tmp_path / utils.RESOLVED_PARAMS_FILE
+    path.write_text(json.dumps(utils.run_record(params, {"learning_rate": 0.02}, {}, torch.device("cpu"))))
+    assert Params.load(path, EXPERIMENT).dict == params.dict
 
 
 # ---------------------------------------------------------------- command lines

@@ -10,7 +10,8 @@ from model.datasets.base import IGNORE_INDEX
 from model.datasets.voc import VOC_CLASSES, voc_palette
 from model.transforms import colorize
 from model.visualize import (BACKGROUND, VOID_COLOR, WRONG_COLOR, confusion_matrix_figure, error_mask,
-                             legend_entries, picture_layout, prediction_picture, row_normalised, save_picture)
+                             legend_entries, overlay_picture, picture_layout, prediction_picture, row_normalised,
+                             save_picture)
 
 PALETTE = voc_palette(21)
 
@@ -167,3 +168,16 @@ def test_confusion_matrix_figure_is_a_png(tmp_path, num_classes):
         assert width >= 900                  # room for 21 labelled columns
     with pytest.raises(ValueError):
         confusion_matrix_figure(matrix, names[:-1], tmp_path / "bad.png")
+
+
+@pytest.mark.parametrize("picture", ["overlay", "panels"])
+def test_the_legend_of_a_narrow_image_is_never_cut_off(picture):
+    image = torch.zeros(3, 90, 6, dtype=torch.uint8)
+    pred = torch.zeros(90, 6, dtype=torch.long)
+    names, palette = ["a class with a long name"], [(200, 40, 40)]
+    drawn = (overlay_picture(image, pred, palette, names) if picture == "overlay"
+             else prediction_picture(image, pred, pred, palette, names))
+    legend = drawn[:, -40:, :]  # the legend's row, below the panels
+    assert (legend[:, :, -1] == torch.tensor(BACKGROUND, dtype=torch.uint8).view(3, 1)).all(), "text reaches the edge"
+    text = (legend != torch.tensor(BACKGROUND, dtype=torch.uint8).view(3, 1, 1)).any(0).any(0).nonzero()
+    assert drawn.shape[2] - text.max() <= 12  # the name ends near the widened edge: it was drawn whole

@@ -124,7 +124,8 @@ def read_label(path: Path, lut: np.ndarray, num_classes: int) -> np.ndarray:
     if mapped.min() == INVALID:
         bad = np.unique(raw[mapped == INVALID])[:5].tolist()
         raise DatasetError(f"label {path} holds value(s) {bad} that are not classes 0..{num_classes - 1} "
-                           f"or {IGNORE_INDEX} (void)")
+                           f"or {IGNORE_INDEX} (void); for your own masks (dataset 'folder') map each stored value "
+                           f"to a class with mask_values, e.g. {{\"0\": 0, \"{bad[0]}\": 1}}, or check num_classes")
     return mapped.astype(np.uint8)
 
 

@@ -37,6 +37,9 @@ class VOCSegmentation(SegmentationDataset):
     def __init__(self, root: Path, split: str, transform: Transform, label_dir: str = "SegmentationClass",
                  list_name: str | None = None) -> None:
         require_dir(root, "VOC data_dir", "python data/download.py voc")
+        if split == "train_aug" and list_name is None:
+            raise DatasetError("dataset 'voc' has no split 'train_aug' (SBD + VOC train is dataset 'voc_aug'): set "
+                               "train_split to \"train\", or dataset to \"voc_aug\"")
         list_path = root / "ImageSets" / "Segmentation" / f"{list_name or split}.txt"
         names = read_list(list_path)
         images = [root / "JPEGImages" / f"{name}.jpg" for name in names]
