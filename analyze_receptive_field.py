@@ -25,6 +25,7 @@ from model.data_loader import DataConfig, DatasetError, build_dataset
 from model.datasets.base import read_image
 from model.net import GCN, GCNConfig
 from model.transforms import denormalise, normalise
+from trained_model import load_trained_model
 
 RES5_STRIDE = 32  # torchvision ResNet: res-5 feature j sits on image pixel 32·j (README: Pixel-exact geometry)
 
@@ -179,9 +180,8 @@ def main(args) -> dict[str, Any]:
     comparison: list[tuple[str, Analysis, int]] = []
     results = {}
     for model_dir in map(Path, args.model_dir):
-        path = utils.checkpoint_path(model_dir, args.restore_file)
-        checkpoint = utils.load_checkpoint(path)
-        model = GCN.from_checkpoint(checkpoint).eval()
+        trained = load_trained_model(utils.checkpoint_path(model_dir, args.restore_file))
+        model, path = trained.net, trained.path
         kernel = head_kernel(model.config)
         records = []
         for name, image in images:
@@ -195,7 +195,7 @@ def main(args) -> dict[str, Any]:
                 if not records:  # each model's first image and pixel
                     comparison.append((label, analysis, kernel))
                 records.append({"image": name, "pixel": [row, col],
-                                "class": checkpoint["class_names"][analysis.gradients.class_index],
+                                "class": trained.class_names[analysis.gradients.class_index],
                                 "input_radius_px": analysis.input_radius, "res5_radius_cells": analysis.res5_radius})
         result = {"checkpoint": str(path), "head": model.config.head, "kernel_size": kernel, "mass": args.mass,
                   "res5_stride": RES5_STRIDE, "pixels": records,

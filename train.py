@@ -74,6 +74,7 @@ class Run:
     placement: utils.Placement  # device, memory layout and autocast of every forward pass
     total_iterations: int
     record: dict[str, Any]  # what every checkpoint holds beside the states: class names, palette, params
+    overrides: dict[str, Any]  # the run's --set settings, kept with the training state: a resume need not retype them
     rank: int = 0
     world_size: int = 1
     window: int | None = None  # validation's sliding window (None: whole images)
@@ -127,23 +128,10 @@ def main(args) -> int:
         checkpoint, params, overrides = resume_settings(checkpoint_file, params, overrides)
     data_config, model_config = params.config(DataConfig), params.config(GCNConfig)
     config, eval_config = params.config(utils.TrainConfig), params.config(utils.EvalConfig)
-    device, rank, world_size = start_processes()
-    if config.compile and device.type == "cpu":
-        raise utils.ParamsError("compile: true is for CUDA; on the CPU, compiling the training step takes minutes "
-                                "for about 10 % less time per step, and this project does not test it: set compile "
-                                "to false (--set compile=false)")
+    device, rank, world_size = start_processes(config)
     placement = utils.Placement(device, config.channels_last, utils.autocast_dtype(device, config.amp))
 
-    train_set = build_dataset(data_config, model_config.num_classes, data_config.train_split, train=True)
-    val_set = build_dataset(data_config, model_config.num_classes, data_config.val_split, train=False)
-    for dataset in (train_set, val_set):
-        check_label_values(dataset)  # now, rather than at the first batch of training or validation
-    if len(train_set) < config.batch_size * world_size:
-        raise utils.ParamsError(f"batch_size {config.batch_size} × {world_size} process(es) exceeds the "
-                                f"{len(train_set)} training images")
-    sampler = EpochSampler(len(train_set), config.batch_size, config.seed, rank, world_size)
-    train_loader = build_dataloader(train_set, config.batch_size, sampler, data_config.num_workers, drop_last=True)
-    val_loader = eval_loader(val_set, data_config.num_workers, rank, world_size)
+    sampler, train_loader, val_loader = build_data(data_config, model_config.num_classes, config, rank, world_size)
     total_iterations = config.num_iterations or config.num_epochs * (sampler.per_rank // config.batch_size)
 
     torch.manual_seed(config.seed)  # the model's initialisation; the data pipeline seeds every sample itself
@@ -158,9 +146,9 @@ def main(args) -> int:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     step = build_step(config, model, optimizer, scheduler, scaler, criterion, placement, world_size)
     monitor = LossMonitor(config.save_summary_steps, world_size, device)
-    record = checkpoint_record(val_set, params, overrides, net)
     run = Run(model_dir, config, eval_config, net, model, step, optimizer, scheduler, scaler, monitor, criterion,
-              sampler, train_loader, val_loader, placement, total_iterations, record, rank, world_size,
+              sampler, train_loader, val_loader, placement, total_iterations,
+              checkpoint_record(val_loader.dataset, params, net), overrides, rank, world_size,
               data_config.crop_size if eval_config.sliding_window else None)
     if checkpoint is not None:
         restore(run, checkpoint, checkpoint_file)
@@ -183,7 +171,8 @@ def main(args) -> int:
             logging.info("Resumed from %s: epoch %d, iteration %d, best mIoU %.4f", restore_file,
                          run.progress.epoch, run.progress.iteration, run.progress.best_miou)
         logging.info("Training %s on %s (%d images, %d batches/epoch) for %d iterations on %s × %d", model_dir,
-                     data_config.dataset, len(train_set), run.batches_per_epoch, total_iterations, device, world_size)
+                     data_config.dataset, len(train_loader.dataset), run.batches_per_epoch, total_iterations, device,
+                     world_size)
         return train(run)
 
 
@@ -309,7 +298,8 @@ def save(run: Run, name: str) -> None:
     if not (name == utils.BEST_CHECKPOINT and run.config.keep_checkpoints == "best_weights"):  # else weights only
         state |= {"optimizer": host_learning_rates(run.optimizer.state_dict()),
                   "scheduler": host_learning_rates(run.scheduler.state_dict()),
-                  "scaler": run.scaler.state_dict(), "progress": dataclasses.asdict(run.progress)}
+                  "scaler": run.scaler.state_dict(), "progress": dataclasses.asdict(run.progress),
+                  "overrides": run.overrides}
     utils.save_checkpoint(state, run.model_dir / name)
 
 
@@ -334,15 +324,36 @@ def check_folder_name(model_dir: Path) -> None:
                               f"there); rename it") from None
 
 
-def start_processes() -> tuple[torch.device, int, int]:
-    """This process's device, rank and the number of processes (several under torchrun); CUDA tuned for speed."""
+def start_processes(config: utils.TrainConfig) -> tuple[torch.device, int, int]:
+    """This process's device, rank and the number of processes (several under torchrun); CUDA tuned for speed.
+    `compile: true` is refused on the CPU, where compiling takes minutes and is not tested."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if config.compile and device.type == "cpu":
+        raise utils.ParamsError("compile: true is for CUDA; on the CPU, compiling the training step takes minutes "
+                                "for about 10 % less time per step, and this project does not test it: set compile "
+                                "to false (--set compile=false)")
     rank, world_size = utils.init_distributed(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
     return device, rank, world_size
+
+
+def build_data(data_config: DataConfig, num_classes: int, config: utils.TrainConfig, rank: int,
+               world_size: int) -> tuple[EpochSampler, DataLoader, DataLoader]:
+    """The training sampler and loader and the validation loader; every label value is checked now, rather than
+    at the first batch of training or validation."""
+    train_set = build_dataset(data_config, num_classes, data_config.train_split, train=True)
+    val_set = build_dataset(data_config, num_classes, data_config.val_split, train=False)
+    for dataset in (train_set, val_set):
+        check_label_values(dataset)
+    if len(train_set) < config.batch_size * world_size:
+        raise utils.ParamsError(f"batch_size {config.batch_size} × {world_size} process(es) exceeds the "
+                                f"{len(train_set)} training images")
+    sampler = EpochSampler(len(train_set), config.batch_size, config.seed, rank, world_size)
+    return (sampler, build_dataloader(train_set, config.batch_size, sampler, data_config.num_workers, drop_last=True),
+            eval_loader(val_set, data_config.num_workers, rank, world_size))
 
 
 def build_net(config: GCNConfig, sync_bn: bool) -> GCN:
@@ -368,11 +379,11 @@ def poly_lr_lambda(total_iterations: int, power: float, warmup: int):
     return factor
 
 
-def checkpoint_record(dataset: Dataset, params: utils.Params, overrides: dict[str, Any], net: GCN) -> dict[str, Any]:
-    """What a checkpoint holds beside weights and training state: class names, palette, the run's settings (and
-    which of them came from --set, so that a resume need not retype them) and the backbone's starting weights."""
+def checkpoint_record(dataset: Dataset, params: utils.Params, net: GCN) -> dict[str, Any]:
+    """What every checkpoint holds beside the weights (export.py's weights-only files too): class names, palette,
+    the run's settings and the weights the backbone started from."""
     return {"class_names": list(dataset.classes), "palette": [list(c) for c in dataset.palette],
-            "params": params.dict, "overrides": overrides, "pretrained_weights": net.pretrained_weights}
+            "params": params.dict, "pretrained_weights": net.pretrained_weights}
 
 
 # ----------------------------------------------------------------------------------------------- the run folder

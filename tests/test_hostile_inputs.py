@@ -203,7 +203,7 @@ def test_metrics_of_a_foreign_checkpoint_never_replace_the_folders_own(tmp_path)
 
 def test_a_split_the_synthetic_data_set_lacks_is_refused():
     config = DataConfig(dataset="synthetic", data_dir="")
-    with pytest.raises(DatasetError, match="has the splits train, val, not 'vall'"):
+    with pytest.raises(DatasetError, match="has the splits 'train' and 'val', not 'vall'"):
         build_dataset(config, 5, "vall", train=False)
 
 

@@ -141,7 +141,8 @@ BAD_VALUES = {
     "batch_size": [0, -2], "num_epochs": [0], "num_iterations": [-5, 0], "lr_power": [-1],
     "warmup_iterations": [-1], "loss": ["dice", "cross entropy"], "class_weights": [["a"] * 5, [1, 2], [-1] * 5],
     "dice_weight": [-1], "grad_clip_norm": [0, -5], "sync_bn": ["false"], "seed": [1.5, -1, 2**32, 2**70],
-    "val_every_epochs": [0], "amp": [0], "channels_last": [None], "compile": ["true"], "save_summary_steps": [0],
+    "val_every_epochs": [0], "amp": [0], "channels_last": [None], "compile": ["true"], "cuda_graph": [1],
+    "save_summary_steps": [0],
     "keep_checkpoints": ["best"], "num_logged_images": [-1],
     "tta_scales": [[], [0], [1, -1], [float("nan")], [1, 1e6]], "tta_flip": [2],
     "sliding_window": [[]], "gaussian_windows": ["yes"],
@@ -528,7 +529,11 @@ def test_set_logger_appends_without_duplicates_and_creates_no_empty_file(tmp_pat
 
 def test_mixed_precision_is_decided_in_one_place(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert utils.autocast_dtype(cpu, True) is None and utils.autocast_dtype(cuda, False) is None
+    assert utils.autocast_dtype(cuda, False) is None and utils.autocast_dtype(cpu, False) is None
+    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: False)
+    assert utils.autocast_dtype(cpu, True) is None
+    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: True)
+    assert utils.autocast_dtype(cpu, True) == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert utils.autocast_dtype(cuda, True) == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
