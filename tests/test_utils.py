@@ -48,7 +48,7 @@ def write_json(path, values) -> str:
 
 # ---------------------------------------------------------------- Params
 
-def test_params_fills_defaults_and_builds_room_configs(tmp_path):
+def test_params_fills_defaults_and_builds_each_config(tmp_path):
     params = Params.load(write_json(tmp_path / "params.json", {"dataset": "voc", "crop_size": 321}), (Demo,))
     assert params.dict == {**DEFAULTS, "dataset": "voc", "crop_size": 321}
     assert params.crop_size == 321 and params.dataset == "voc"
@@ -196,7 +196,7 @@ def test_a_bad_key_that_another_refers_to_is_named_first():
         Params({**MINIMAL, "num_classes": "five", "class_weights": [1.0]}, EXPERIMENT, "p.json")
 
 
-def test_a_setting_declared_in_two_rooms_is_refused():
+def test_a_setting_declared_in_two_configs_is_refused():
     @dataclass
     class Other:
         crop_size: int = 3
