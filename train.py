@@ -1,13 +1,15 @@
 """Train the GCN of an experiment folder: python train.py --model_dir experiments/demo
 
 Everything the run produces lands in --model_dir: train.log, params_resolved.json, last.pth.tar / best.pth.tar,
-metrics JSON, TensorBoard events. Several GPUs or nodes: torchrun --nproc_per_node N train.py --model_dir ...
+metrics JSON, TensorBoard events; `tracker: "tensorboard+mlflow"` copies the scalars to MLflow too.
+Several GPUs or nodes: torchrun --nproc_per_node N train.py --model_dir ...
 SIGTERM/SIGINT (Ctrl-C, pre-emption) saves a resumable checkpoint and exits 128+N; --restore_file last resumes.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import signal
@@ -22,9 +24,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+import tracking
 import utils
 from evaluate import evaluate
 from model import visualize
@@ -37,7 +39,8 @@ from train_step import EagerStep, LossMonitor, build_sgd, build_step, host_learn
 OUTPUTS = (utils.LAST_CHECKPOINT, utils.BEST_CHECKPOINT, utils.METRICS_LAST, utils.METRICS_BEST,
            utils.COMPLETE_MARKER)  # a previous run's files
 CONFIGS = utils.experiment_configs((DataConfig, GCNConfig))  # every setting of an experiment
-STALE_WITH_A_NEW_RUN = ("events.out.tfevents.*", "metrics_*.json", "confusion_*.png")  # --force clears them too
+STALE_WITH_A_NEW_RUN = ("events.out.tfevents.*", "metrics_*.json", "confusion_*.png",  # --force clears them too
+                        tracking.MLFLOW_RUN_FILE)
 
 
 @dataclass
@@ -80,7 +83,7 @@ class Run:
     window: int | None = None  # validation's sliding window (None: whole images)
     progress: Progress = field(default_factory=Progress)
     stop: utils.StopSignal = field(default_factory=utils.StopSignal)
-    writer: SummaryWriter | None = None  # the main process's TensorBoard writer
+    tracker: tracking.Tracker | None = None  # the main process's TensorBoard (and MLflow) logging
     clock: float = field(default_factory=time.monotonic)  # when progress.seconds was last brought up to date
 
     @property
@@ -128,6 +131,7 @@ def main(args) -> int:
         checkpoint, params, overrides = resume_settings(checkpoint_file, params, overrides)
     data_config, model_config = params.config(DataConfig), params.config(GCNConfig)
     config, eval_config = params.config(utils.TrainConfig), params.config(utils.EvalConfig)
+    tracking.check_tracker(config)
     device, rank, world_size = start_processes(config)
     placement = utils.Placement(device, config.channels_last, utils.autocast_dtype(device, config.amp))
 
@@ -166,7 +170,7 @@ def main(args) -> int:
                 params, overrides, vars(args), device) | {"pretrained_weights": net.pretrained_weights})
             utils.set_logger(model_dir / utils.TRAIN_LOG)
             exit_stack.enter_context(utils.errors_in_log((utils.UserError, DatasetError, PretrainedWeightsError)))
-            run.writer = exit_stack.enter_context(contextlib.closing(SummaryWriter(model_dir)))
+            run.tracker = exit_stack.enter_context(tracking.open_tracker(model_dir, config, params.dict))
         if restore_file:
             logging.info("Resumed from %s: epoch %d, iteration %d, best mIoU %.4f", restore_file,
                          run.progress.epoch, run.progress.iteration, run.progress.best_miou)
@@ -207,6 +211,7 @@ def train(run: Run) -> int:
         utils.write_json(run.model_dir / utils.COMPLETE_MARKER, {
             "epochs": progress.epoch, "iterations": progress.iteration, "best_miou": progress.best_miou,
             "best_epoch": progress.best_epoch, "wall_time_s": round(progress.seconds, 1)})
+        run.tracker.finish(json.loads((run.model_dir / utils.METRICS_BEST).read_text()), progress.iteration)
         if run.config.keep_checkpoints == "best_weights":
             (run.model_dir / utils.LAST_CHECKPOINT).unlink()
     logging.info("Done: best val mIoU %.4f at epoch %d (%s)", progress.best_miou, progress.best_epoch,
@@ -224,7 +229,7 @@ def train_one_epoch(run: Run) -> bool:
     tick = time.time()
     stop_now = False
     for images, labels in tqdm(run.train_loader, desc=f"epoch {progress.epoch + 1}/{run.num_epochs}",
-                               disable=run.writer is None, dynamic_ncols=True, leave=False):
+                               disable=run.tracker is None, dynamic_ncols=True, leave=False):
         if stop_now:  # checked here, not after the step: a stop during an epoch's last step lets it finish
             run.monitor.read(True, progress.iteration, progress.epoch)
             return False
@@ -232,12 +237,11 @@ def train_one_epoch(run: Run) -> bool:
         progress.iteration += 1
         progress.batch_in_epoch += 1
         stop_now = synchronise(run.monitor, bool(run.stop.signum), progress, run.world_size)
-        if run.writer is not None and progress.iteration % config.save_summary_steps == 0:
+        if run.tracker is not None and progress.iteration % config.save_summary_steps == 0:
             rate = config.batch_size * run.world_size * config.save_summary_steps / (time.time() - tick)
             tick = time.time()
-            for name, value in (("loss", run.monitor.last_loss), ("lr", float(run.optimizer.param_groups[0]["lr"])),
-                                ("images_per_s", rate)):
-                run.writer.add_scalar(f"train/{name}", value, progress.iteration)
+            run.tracker.scalars({"train/loss": run.monitor.last_loss, "train/images_per_s": rate,
+                                 "train/lr": float(run.optimizer.param_groups[0]["lr"])}, progress.iteration)
         if progress.iteration >= run.total_iterations:
             break
     run.monitor.read(False, progress.iteration, progress.epoch)
@@ -268,7 +272,7 @@ def validate(run: Run) -> bool:
             utils.write_json(run.model_dir / utils.METRICS_BEST, metrics)
     if run.main_process:
         utils.write_json(run.model_dir / utils.METRICS_LAST, metrics)
-        log_validation(run.writer, metrics, pictures, progress)
+        log_validation(run.tracker, metrics, pictures, progress)
     save(run, utils.LAST_CHECKPOINT)
     return True
 
@@ -430,7 +434,7 @@ def run_is_complete(run: Run) -> bool:
 def claim_run_folder(model_dir: Path, fresh: bool):
     """Hold the folder's lock; clear what killed writers left and, for a fresh run, the previous run's outputs."""
     with utils.RunLock(model_dir):
-        utils.remove_stale_temporary_files(model_dir, (*OUTPUTS, utils.RESOLVED_PARAMS_FILE))
+        utils.remove_stale_temporary_files(model_dir, (*OUTPUTS, utils.RESOLVED_PARAMS_FILE, tracking.MLFLOW_RUN_FILE))
         if fresh:
             stale = [model_dir / name for name in OUTPUTS]
             for pattern in STALE_WITH_A_NEW_RUN:
@@ -461,19 +465,15 @@ def any_rank(flag: bool, world_size: int, device: torch.device) -> bool:
 
 # ----------------------------------------------------------------------------------------------- reporting
 
-def log_validation(writer: SummaryWriter, metrics: dict, pictures: list[torch.Tensor], progress: Progress) -> None:
-    """The validation's line in train.log and its TensorBoard scalars, per-class IoU and pictures."""
+def log_validation(tracker: tracking.Tracker, metrics: dict, pictures: list[torch.Tensor],
+                   progress: Progress) -> None:
+    """The validation's line in train.log and its scalars (per-class IoU too) and pictures."""
     logging.info("Epoch %d: val mIoU %.4f (best %.4f at epoch %d), pixel acc %.4f, loss %.4f", progress.epoch,
                  metrics["miou"], progress.best_miou, progress.best_epoch, metrics["pixel_accuracy"], metrics["loss"])
-    for key in utils.SCALAR_METRICS:
-        if metrics.get(key) is not None:
-            writer.add_scalar(f"val/{key}", metrics[key], progress.iteration)
-    for name, iou in metrics["per_class_iou"].items():
-        if iou is not None:
-            writer.add_scalar(f"val_iou/{name}", iou, progress.iteration)
-    for i, picture in enumerate(pictures):
-        writer.add_image(f"val_image/{i}", picture, progress.iteration)
-    writer.flush()
+    tracker.scalars({f"val/{key}": metrics[key] for key in utils.SCALAR_METRICS if metrics.get(key) is not None}
+                    | {f"val_iou/{name}": iou for name, iou in metrics["per_class_iou"].items() if iou is not None},
+                    progress.iteration)
+    tracker.pictures("val_image", pictures, progress.iteration)
 
 
 def stopped(run: Run) -> int:

@@ -143,7 +143,7 @@ BAD_VALUES = {
     "dice_weight": [-1], "grad_clip_norm": [0, -5], "sync_bn": ["false"], "seed": [1.5, -1, 2**32, 2**70],
     "val_every_epochs": [0], "amp": [0], "channels_last": [None], "compile": ["true"], "cuda_graph": [1],
     "save_summary_steps": [0],
-    "keep_checkpoints": ["best"], "num_logged_images": [-1],
+    "keep_checkpoints": ["best"], "tracker": ["mlflow", None], "tracking_uri": [None, 3], "num_logged_images": [-1],
     "tta_scales": [[], [0], [1, -1], [float("nan")], [1, 1e6]], "tta_flip": [2],
     "sliding_window": [[]], "gaussian_windows": ["yes"],
     "frozen_bn": ["yes"], "eval_pad_size": [0, 1.5], "boundary_distance": ["manhattan"], "boundary_void": [True],
