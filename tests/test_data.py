@@ -19,6 +19,7 @@ from torch.utils.data import RandomSampler, SequentialSampler
 from data import build_voc_aug
 from model import data_loader
 from model.data_loader import DataConfig, DatasetError, EpochSampler, build_dataloader, build_dataset
+from model.datasets import synthetic
 from model.datasets.synthetic import void_borders
 from model.datasets.voc import voc_palette
 from model.transforms import IMAGENET_MEAN, IMAGENET_STD, colorize, denormalise, train_transform
@@ -300,6 +301,45 @@ def test_synthetic_void_borders_match_a_brute_force_reference():
             if (window != label[y, x]).any():
                 expected[y, x] = 255
     assert np.array_equal(void_borders(label), expected)
+
+
+def render_testing_every_pixel(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """synthetic.render as it was first written: every clutter piece and shape tested at every pixel."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    coarse = rng.uniform(60, 190, (4, 4, 1)) + rng.uniform(-15, 15, (4, 4, 3))
+    cells = np.clip((np.arange(size) * 4) // size, 0, 3)
+    image = coarse[cells[:, None], cells[None, :]].astype(np.float32)
+    image = (image + np.roll(image, size // 8, 0) + np.roll(image, size // 8, 1)) / 3
+    for _ in range(rng.integers(4, 12)):
+        grey = rng.uniform(30, 230) + rng.uniform(-12, 12, 3)
+        cx, cy = rng.uniform(0, size, 2)
+        u, v = synthetic._rotated(x - cx, y - cy, rng.uniform(0, np.pi))
+        if rng.random() < 0.6:
+            clutter = (np.abs(u) <= rng.uniform(0.025, 0.15) * size) & (np.abs(v) <= rng.uniform(1, 4))
+        else:
+            clutter = u ** 2 + v ** 2 <= (2 * rng.uniform(1, 4)) ** 2
+        image[clutter] = grey
+    label = np.zeros((size, size), dtype=np.uint8)
+    for _ in range(rng.integers(1, 5)):
+        kind = int(rng.integers(1, 5))
+        cx, cy = rng.uniform(0.1, 0.9, 2) * size
+        radius, aspect, angle = rng.uniform(0.12, 0.3) * size, rng.uniform(0.6, 1.0), rng.uniform(0, 2 * np.pi)
+        u, v = synthetic._rotated(x - cx, y - cy, angle)
+        inside = synthetic._shape_mask(kind, u, v, radius, aspect)
+        color = synthetic.OBJECT_COLORS[kind - 1] + rng.uniform(-25, 25, 3)
+        shade = synthetic._texture(kind, u, v, rng.uniform(3, 7), rng.uniform(0, 2 * np.pi))
+        image[inside] = shade[inside, None] * color
+        label[inside] = kind
+    image += rng.normal(0, synthetic.NOISE_STD, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8), void_borders(label)
+
+
+@pytest.mark.parametrize("size", [17, 48, 64, 101, 256])
+def test_synthetic_images_drawn_in_bounding_boxes_equal_every_pixel_tested(size):
+    for seed in range(20):
+        image, label = synthetic.render(np.random.default_rng(seed), size)
+        expected_image, expected_label = render_testing_every_pixel(np.random.default_rng(seed), size)
+        assert np.array_equal(image, expected_image) and np.array_equal(label, expected_label), (size, seed)
 
 
 # ---------------------------------------------------------------- augmentation

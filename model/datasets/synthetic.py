@@ -21,6 +21,7 @@ SYNTHETIC_PALETTE = [(0, 0, 0), (220, 50, 50), (50, 180, 60), (50, 80, 220), (22
 OBJECT_COLORS = np.array(SYNTHETIC_PALETTE[1:], dtype=np.float32)
 NOISE_STD = 8.0
 BORDER_RADIUS = 1  # a pixel is void when its (2r+1)² neighbourhood spans more than one class
+SHAPE_REACH = 1.2  # every shape lies within this many radii of its centre (the box's corners: 0.8·√2 ≈ 1.13)
 
 
 def _shape_mask(kind: int, u: np.ndarray, v: np.ndarray, radius: float, aspect: float) -> np.ndarray:
@@ -56,6 +57,14 @@ def _rotated(dx: np.ndarray, dy: np.ndarray, angle: float) -> tuple[np.ndarray, 
     return dx * np.cos(angle) + dy * np.sin(angle), -dx * np.sin(angle) + dy * np.cos(angle)
 
 
+def _around(cx: float, cy: float, reach: float, size: int) -> tuple[slice, slice]:
+    """The rows and columns of a size × size image within `reach` of (cx, cy), and a pixel more: an object drawn
+    there alone gets exactly the pixels it would get tested everywhere."""
+    def span(centre: float) -> slice:
+        return slice(max(0, int(np.floor(centre - reach)) - 1), min(size, int(np.ceil(centre + reach)) + 2))
+    return span(cy), span(cx)
+
+
 def _background(rng: np.random.Generator, size: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """A blocky greyish colour field with desaturated clutter (bars and blobs)."""
     coarse = rng.uniform(60, 190, (4, 4, 1)) + rng.uniform(-15, 15, (4, 4, 3))
@@ -65,12 +74,18 @@ def _background(rng: np.random.Generator, size: int, x: np.ndarray, y: np.ndarra
     for _ in range(rng.integers(4, 12)):
         grey = rng.uniform(30, 230) + rng.uniform(-12, 12, 3)
         cx, cy = rng.uniform(0, size, 2)
-        u, v = _rotated(x - cx, y - cy, rng.uniform(0, np.pi))
+        angle = rng.uniform(0, np.pi)
         if rng.random() < 0.6:  # a bar
-            clutter = (np.abs(u) <= rng.uniform(0.025, 0.15) * size) & (np.abs(v) <= rng.uniform(1, 4))
+            half_length, half_width = rng.uniform(0.025, 0.15) * size, rng.uniform(1, 4)
+            box = _around(cx, cy, np.hypot(half_length, half_width), size)
+            u, v = _rotated(x[box] - cx, y[box] - cy, angle)
+            clutter = (np.abs(u) <= half_length) & (np.abs(v) <= half_width)
         else:  # a blob
-            clutter = u ** 2 + v ** 2 <= (2 * rng.uniform(1, 4)) ** 2
-        image[clutter] = grey
+            blob_radius = 2 * rng.uniform(1, 4)
+            box = _around(cx, cy, blob_radius, size)
+            u, v = _rotated(x[box] - cx, y[box] - cy, angle)
+            clutter = u ** 2 + v ** 2 <= blob_radius ** 2
+        image[box][clutter] = grey
     return image
 
 
@@ -83,12 +98,13 @@ def render(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]
         kind = int(rng.integers(1, len(SYNTHETIC_CLASSES)))
         cx, cy = rng.uniform(0.1, 0.9, 2) * size
         radius, aspect, angle = rng.uniform(0.12, 0.3) * size, rng.uniform(0.6, 1.0), rng.uniform(0, 2 * np.pi)
-        u, v = _rotated(x - cx, y - cy, angle)
+        box = _around(cx, cy, SHAPE_REACH * radius, size)
+        u, v = _rotated(x[box] - cx, y[box] - cy, angle)
         inside = _shape_mask(kind, u, v, radius, aspect)
         color = OBJECT_COLORS[kind - 1] + rng.uniform(-25, 25, 3)
         shade = _texture(kind, u, v, rng.uniform(3, 7), rng.uniform(0, 2 * np.pi))
-        image[inside] = shade[inside, None] * color
-        label[inside] = kind
+        image[box][inside] = shade[inside, None] * color
+        label[box][inside] = kind
     image += rng.normal(0, NOISE_STD, image.shape)
     return np.clip(image, 0, 255).astype(np.uint8), void_borders(label)
 
