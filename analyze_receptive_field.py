@@ -24,7 +24,7 @@ import utils
 from model.data_loader import DataConfig, DatasetError, build_dataset
 from model.datasets.base import read_image
 from model.net import GCN, GCNConfig
-from model.transforms import denormalise, normalise
+from model.transforms import denormalise
 from trained_model import load_trained_model
 
 RES5_STRIDE = 32  # torchvision ResNet: res-5 feature j sits on image pixel 32·j (README: Pixel-exact geometry)
@@ -153,11 +153,11 @@ def parse_pixel(text: str) -> tuple[int, int]:
 def load_images(paths: Sequence[str], model_dir: Path) -> list[tuple[str, Tensor]]:
     """(name, normalised 1×3×H×W) of each image file, or of the first val image of the experiment."""
     if paths:
-        return [(Path(p).stem, normalise(read_image(Path(p)))[None]) for p in paths]
+        return [(Path(p).stem, utils.normalise(read_image(Path(p)))[None]) for p in paths]
     params = utils.load_params(model_dir, (DataConfig, GCNConfig))
     dataset = build_dataset(params.config(DataConfig), params.num_classes, params.val_split, train=False)
     image, _ = dataset[0]
-    return [(Path(str(dataset.names[0])).name, image[None])]
+    return [(Path(str(dataset.names[0])).name, utils.normalise(image)[None])]
 
 
 def parse_args(argv: Sequence[str] | None):

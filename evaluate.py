@@ -23,7 +23,6 @@ from model.datasets.base import is_safe_id
 from model.inference import padded_logits, predict_logits
 from model.metrics import SegmentationMetrics
 from model.net import CheckpointMismatchError, GCNConfig, PretrainedWeightsError, SegmentationLoss
-from model.transforms import denormalise
 from trained_model import load_trained_model
 
 WORST_MARK = "  <- worst"  # flags the lowest-IoU classes of the per-class table: 1 in 4, at most 3
@@ -39,7 +38,8 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: SegmentationLoss, 
     {} for a split without labels, None if `should_stop` said so before the end.
 
     With `tta`, logits are averaged over config's scales and flips; images larger than `window` are scored in
-    overlapping windows. `on_image(index, image, label, pred)` is called for every image (e.g. to save predictions).
+    overlapping windows. `on_image(index, image, label, pred)` is called for every image (e.g. to save predictions),
+    with the uint8 image as the loader gave it.
     """
     model.eval()
     dataset = loader.dataset
@@ -50,6 +50,7 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: SegmentationLoss, 
     for index, (image, label) in zip(loader.sampler, loader):
         if should_stop is not None and should_stop():
             return None
+        picture_source = image
         image, label = placement.batch(image, label)
         with placement.autocast():
             logits = padded_logits(lambda x: predict_logits(
@@ -61,7 +62,7 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: SegmentationLoss, 
             labelled += (label != IGNORE_INDEX).sum()
             metrics.update(pred, label)
         if on_image is not None:
-            on_image(index, image[0], label[0], pred[0])
+            on_image(index, picture_source[0], label[0], pred[0])
     if not dataset.has_labels:
         return {}
     metrics.all_reduce()
@@ -121,7 +122,7 @@ def prediction_saver(out_dir: Path, dataset: Dataset, dataset_name: str, num_pic
         name = str(dataset.names[index])
         visualize.save_label_png(pred.cpu(), dataset.palette, prediction_path(out_dir, dataset_name, name))
         if num_pictures is None or index < num_pictures:  # the name was checked by prediction_path
-            picture = visualize.prediction_picture(denormalise(image.cpu()), label.cpu() if dataset.has_labels else
+            picture = visualize.prediction_picture(image, label.cpu() if dataset.has_labels else
                                                    None, pred.cpu(), dataset.palette, dataset.classes)
             visualize.save_picture(picture, out_dir / "pictures" / f"{name}.png")
     return save

@@ -22,7 +22,6 @@ import torch
 
 import utils
 from model.net import GCN, CheckpointMismatchError
-from model.transforms import IMAGENET_MEAN, IMAGENET_STD
 from trained_model import load_trained_model
 
 WEIGHTS_KEYS = ("state_dict", "model_config", "class_names", "palette", "params", "pretrained_weights")
@@ -104,7 +103,7 @@ def main(args) -> Path:
         return out
     out = out or stem.with_suffix(".onnx")
     metadata = {"class_names": json.dumps(trained.class_names), "palette": json.dumps(trained.palette),
-                "mean": json.dumps(IMAGENET_MEAN), "std": json.dumps(IMAGENET_STD)}
+                "mean": json.dumps(utils.IMAGENET_MEAN), "std": json.dumps(utils.IMAGENET_STD)}
     diff = export_onnx(trained.net, out, metadata)
     print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB; ONNX Runtime vs PyTorch max abs diff {diff:.1e} "
           f"at {CHECK_SHAPE})")

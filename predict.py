@@ -25,7 +25,6 @@ from model.datasets.base import DatasetError, read_image
 from model.datasets.folder import IMAGE_SUFFIXES
 from model.inference import predict_logits
 from model.net import CheckpointMismatchError
-from model.transforms import normalise
 from trained_model import load_trained_model
 
 GLOB_CHARS = "*?["
@@ -147,7 +146,7 @@ def main(args) -> int:
                 bar.write(line, file=sys.stderr)
             errors += unreadable
             if images:
-                x = placement.images(normalise(torch.stack(list(images.values())).to(device)))
+                x = placement.images(torch.stack(list(images.values())))
                 with placement.autocast():
                     preds = predict_logits(model, x, scales, flip, args.window,
                                            args.gaussian or eval_config.gaussian_windows).argmax(1).cpu()

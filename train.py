@@ -33,7 +33,6 @@ from model import visualize
 from model.data_loader import (DataConfig, DatasetError, EpochSampler, build_dataloader, build_dataset,
                                check_label_values, eval_loader, worker_death)
 from model.net import GCN, CheckpointMismatchError, GCNConfig, PretrainedWeightsError, SegmentationLoss
-from model.transforms import denormalise
 from train_step import EagerStep, LossMonitor, build_sgd, build_step, host_learning_rates
 
 OUTPUTS = (utils.LAST_CHECKPOINT, utils.BEST_CHECKPOINT, utils.METRICS_LAST, utils.METRICS_BEST,
@@ -287,7 +286,7 @@ class PictureKeeper(list):
     def __call__(self, _index: int, image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor) -> None:
         if len(self) < self.limit:
             self.append(visualize.prediction_picture(
-                denormalise(image.cpu()), label.cpu() if self.dataset.has_labels else None, pred.cpu(),
+                image, label.cpu() if self.dataset.has_labels else None, pred.cpu(),
                 self.dataset.palette, self.dataset.classes))
 
 

@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import difflib
 import fcntl
+import functools
 import io
 import json
 import logging
@@ -835,10 +836,27 @@ def autocast(device: torch.device, dtype: torch.dtype | None, cache_enabled: boo
                           cache_enabled=cache_enabled)
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the input normalisation of torchvision's ImageNet backbones (RGB in 0..1)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@functools.cache
+def _mean_std_255(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(torch.tensor(values, device=device).view(3, 1, 1) * 255 for values in (IMAGENET_MEAN, IMAGENET_STD))
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB (3×H×W or N×3×H×W) -> float32 normalised with the ImageNet mean/std, what the network expects;
+    on the images' device, in their memory layout."""
+    mean, std = _mean_std_255(images.device)
+    return images.to(torch.float32).sub_(mean).div_(std)
+
+
 @dataclass(frozen=True)
 class Placement:
     """How the network runs: on `device`, in channels-last memory if asked, under autocast to `dtype` (from
-    autocast_dtype; None: float32). Training, evaluation and prediction feed it alike."""
+    autocast_dtype; None: float32). Training, evaluation and prediction feed it alike: the data loaders' uint8
+    images travel as they are (a quarter of float32's bytes) and are normalised on the device."""
 
     device: torch.device
     channels_last: bool = False
@@ -850,11 +868,15 @@ class Placement:
                          torch.contiguous_format)
 
     def images(self, images: torch.Tensor) -> torch.Tensor:
+        """N×3×H×W on the device in the network's layout: uint8 normalised there, float taken as normalised."""
         images = images.to(self.device, non_blocking=True)
-        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return normalise(images) if images.dtype == torch.uint8 else images
 
     def batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images(images), labels.to(self.device, non_blocking=True)
+        """images as `images` does; labels (uint8 from the data loaders) as int64 class indices on the device."""
+        return self.images(images), labels.to(self.device, non_blocking=True).long()
 
     def autocast(self, cache_enabled: bool = True) -> torch.autocast:
         return autocast(self.device, self.dtype, cache_enabled)

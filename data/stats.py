@@ -24,7 +24,6 @@ from model import IGNORE_INDEX, visualize
 from model.data_loader import DataConfig, DatasetError, EpochSampler, SeededItems, build_dataset
 from model.datasets.base import SegmentationDataset, image_size, read_label
 from model.net import GCNConfig
-from model.transforms import denormalise
 
 
 @dataclass
@@ -135,7 +134,7 @@ def browse(params: utils.Params, model_dir: Path, count: int) -> list[Path]:
     items, paths = SeededItems(dataset), []
     for number, key in zip(range(count), EpochSampler(len(dataset), 1, params.seed)):
         image, label = items[key]
-        picture = visualize.sample_picture(denormalise(image), label, dataset.palette, dataset.classes)
+        picture = visualize.sample_picture(image, label, dataset.palette, dataset.classes)
         paths.append(model_dir / "browse" / f"{number:02d}_{dataset.names[key[0]]}.png")
         visualize.save_picture(picture, paths[-1])
     return paths

@@ -1,7 +1,8 @@
 """Joint image/label transforms (torchvision.transforms.v2 on tv_tensors), normalisation and pictures.
 
-Geometry runs on uint8 tensors; the image becomes float only for the final normalisation, after which the
-crop is padded to its full size with 0 (the ImageNet mean) in the image and 255 (void) in the label.
+Everything runs on uint8 tensors, and items stay uint8: a crop is padded to its full size with the mean colour in
+the image and 255 (void) in the label, and the image is normalised on the device (utils.Placement), after the
+DataLoader sent a quarter of float32's bytes.
 """
 from __future__ import annotations
 
@@ -14,11 +15,9 @@ from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
 from model import IGNORE_INDEX
+from utils import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-_MEAN_255 = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
-_STD_255 = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
+MEAN_COLOR = tuple(round(255 * m) for m in IMAGENET_MEAN)  # (124, 116, 104): within 0.01 of 0 once normalised
 
 
 class RandomScale(v2.Transform):
@@ -64,20 +63,9 @@ class RandomCropAtMost(v2.Transform):
         return self._call_kernel(TF.crop, inpt, **params)
 
 
-def _normalise_into(out: Tensor, image: Tensor) -> Tensor:
-    """Write uint8 `image` into float `out` (same shape) normalised with the ImageNet mean/std, in place."""
-    out.copy_(image)
-    return out.sub_(_MEAN_255.to(out.device)).div_(_STD_255.to(out.device))
-
-
-def normalise(image: Tensor) -> Tensor:
-    """uint8 RGB (3×H×W or N×3×H×W) -> float32 normalised with the ImageNet mean/std: what the network expects."""
-    return _normalise_into(torch.empty(image.shape, dtype=torch.float32, device=image.device), image)
-
-
-class NormaliseAndPad(v2.Transform):
-    """uint8 image -> float32 normalised and padded to size × size at a random offset (0 = the mean after
-    normalisation); mask -> int64 padded with 255. Returns plain tensors. size None: no padding."""
+class PadToSize(v2.Transform):
+    """uint8 image padded to size × size at a random offset with MEAN_COLOR; mask -> uint8 padded with 255.
+    Returns plain uint8 tensors. size None: no padding."""
 
     def __init__(self, size: int | None = None) -> None:
         super().__init__()
@@ -92,16 +80,19 @@ class NormaliseAndPad(v2.Transform):
             top = int(torch.randint(0, out_h - height + 1, ()))
             left = int(torch.randint(0, out_w - width + 1, ()))
         window = (slice(top, top + height), slice(left, left + width))
-        out_image = _fill_margins(torch.empty(3, out_h, out_w, dtype=torch.float32), window, 0.0)
-        out_label = _fill_margins(torch.empty(out_h, out_w, dtype=torch.int64), window, IGNORE_INDEX)
-        _normalise_into(out_image[(slice(None), *window)], image.as_subclass(Tensor))
+        out_image = _fill_margins(torch.empty(3, out_h, out_w, dtype=torch.uint8), window, _MEAN_COLOR_PIXEL)
+        out_label = _fill_margins(torch.empty(out_h, out_w, dtype=torch.uint8), window, IGNORE_INDEX)
+        out_image[(slice(None), *window)] = image.as_subclass(Tensor)
         out_label[window] = label.as_subclass(Tensor)
         return out_image, out_label
 
 
-def _fill_margins(out: Tensor, window: tuple[slice, slice], value: float) -> Tensor:
-    """Fill everything of `out` (…×H×W) outside the rows/columns `window` with `value` (each element written
-    once)."""
+_MEAN_COLOR_PIXEL = torch.tensor(MEAN_COLOR, dtype=torch.uint8).view(3, 1, 1)
+
+
+def _fill_margins(out: Tensor, window: tuple[slice, slice], value: int | Tensor) -> Tensor:
+    """Fill everything of `out` (…×H×W) outside the rows/columns `window` with `value` (a number, or one per
+    channel: C×1×1), each element written once."""
     rows, cols = window
     out[..., :rows.start, :] = value
     out[..., rows.stop:, :] = value
@@ -112,20 +103,20 @@ def _fill_margins(out: Tensor, window: tuple[slice, slice], value: float) -> Ten
 
 def train_transform(crop_size: int, scale_range: Sequence[float], flip: bool,
                     color_jitter: float) -> v2.Compose:
-    """Random scale, random crop padded to crop_size (image 0 after normalisation, label 255), flip, jitter."""
+    """Random scale, random crop padded to crop_size (image MEAN_COLOR, label 255), flip, jitter."""
     steps: list[v2.Transform] = [RandomScale(scale_range), RandomCropAtMost(crop_size)]
     if flip:
         steps.append(v2.RandomHorizontalFlip())
     if color_jitter > 0:
         steps.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter,
                                     hue=min(0.5, color_jitter / 4)))
-    steps.append(NormaliseAndPad(crop_size))
+    steps.append(PadToSize(crop_size))
     return v2.Compose(steps)
 
 
 def eval_transform() -> v2.Compose:
-    """The whole image at its original resolution, normalised; no augmentation."""
-    return v2.Compose([NormaliseAndPad()])
+    """The whole image at its original resolution (uint8 image and label); no augmentation."""
+    return v2.Compose([PadToSize()])
 
 
 def denormalise(image: Tensor) -> Tensor:

@@ -22,7 +22,9 @@ from model.data_loader import DataConfig, DatasetError, EpochSampler, build_data
 from model.datasets import synthetic
 from model.datasets.synthetic import void_borders
 from model.datasets.voc import voc_palette
-from model.transforms import IMAGENET_MEAN, IMAGENET_STD, colorize, denormalise, train_transform
+from model.transforms import MEAN_COLOR, colorize, denormalise, train_transform
+import utils
+from utils import IMAGENET_MEAN, IMAGENET_STD
 
 REPO = Path(__file__).resolve().parents[1]
 PALETTE = [c for rgb in voc_palette(256) for c in rgb]
@@ -83,8 +85,8 @@ def voc(tmp_path) -> tuple[Path, dict[str, np.ndarray]]:
 
 
 def check_item(image: torch.Tensor, label: torch.Tensor, shape: tuple[int, int]) -> None:
-    assert image.dtype == torch.float32 and image.shape == (3, *shape)
-    assert label.dtype == torch.int64 and label.shape == shape
+    assert image.dtype == torch.uint8 and image.shape == (3, *shape)  # normalised on the device (utils.Placement)
+    assert label.dtype == torch.uint8 and label.shape == shape
 
 
 # ---------------------------------------------------------------- VOC
@@ -101,7 +103,7 @@ def test_voc_val_yields_whole_images_and_exact_labels(voc):
         check_item(image, label, (30, 40))
         assert torch.equal(label, torch.from_numpy(arrays[name]).long())
         jpeg = np.array(Image.open(root / "JPEGImages" / f"{name}.jpg"))
-        assert torch.equal(denormalise(image), torch.from_numpy(jpeg).permute(2, 0, 1))
+        assert torch.equal(image, torch.from_numpy(jpeg).permute(2, 0, 1))
 
 
 def test_voc_train_yields_fixed_size_crops(voc):
@@ -254,7 +256,7 @@ def test_folder_with_mask_values_and_seeded_split(tmp_path):
     image, label = val[0]
     check_item(image, label, (10, 14))
     assert torch.equal(label, torch.from_numpy(masks[val.names[0]] // 255).long())
-    pixels = denormalise(image)
+    pixels = image
     assert torch.equal(pixels[0], pixels[1]) and torch.equal(pixels[0], pixels[2])  # grayscale -> RGB
 
 
@@ -361,7 +363,7 @@ def test_augmentation_keeps_image_and_label_aligned(flip):
     """After random scale/crop/pad/flip, the label equals label_of(source x, source y) read back from the image.
 
     Where red and green are even, the output pixel samples within 1/4 pixel of source pixel (red/2, green/2), the
-    one nearest-exact interpolation of the label must pick; padding is exactly 0 in the image and 255 in the label.
+    one nearest-exact interpolation of the label must pick; padding is the mean colour in the image, 255 in the label.
     """
     height, width = 45, 60
     image, label = coordinate_image(height, width)
@@ -371,10 +373,11 @@ def test_augmentation_keeps_image_and_label_aligned(flip):
         torch.manual_seed(seed)
         out_image, out_label = transform(tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1)),
                                          tv_tensors.Mask(torch.from_numpy(label.astype(np.uint8))))
-        assert out_image.shape == (3, 64, 64) and out_label.shape == (64, 64) and out_label.dtype == torch.int64
+        assert out_image.shape == (3, 64, 64) and out_label.shape == (64, 64) and out_label.dtype == torch.uint8
         padded = out_label == 255
-        assert (out_image[:, padded] == 0).all() and (out_image[:, ~padded] != 0).any(0).all()
-        red, green, _ = denormalise(out_image).long()
+        mean_color = torch.tensor(MEAN_COLOR, dtype=torch.uint8)[:, None]
+        assert (out_image[:, padded] == mean_color).all() and (out_image[:, ~padded] != mean_color).any(0).all()
+        red, green, _ = out_image.long()
         x, y = red // 2, green // 2
         exact = (red % 2 == 0) & (green % 2 == 0) & ~padded
         exact &= (x >= 3) & (x < width - 3) & (y >= 3) & (y < height - 3)  # away from the edges' clamped filter
@@ -393,25 +396,37 @@ def test_augmentation_with_colour_jitter_keeps_alignment():
         image = np.repeat(label[..., None] * 255, 3, axis=2).astype(np.uint8)
         out_image, out_label = transform(tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1)),
                                          tv_tensors.Mask(torch.from_numpy(label.astype(np.uint8))))
-        brightness = denormalise(out_image).float().mean(0)
+        brightness = out_image.float().mean(0)
         valid = out_label != 255
         threshold = (brightness[valid].min() + brightness[valid].max()) / 2
         assert torch.equal((brightness[valid] > threshold).long(), out_label[valid])
 
 
-def test_scale_one_without_flip_is_normalise_and_pad_exactly():
-    """Brute-force reference: scale 1, no flip, crop larger than the image -> image normalised, padded with 0/255."""
+def test_scale_one_without_flip_is_pad_exactly_and_the_device_normalises_as_the_reference():
+    """Brute-force reference: scale 1, no flip, crop larger than the image -> the image padded with the mean colour
+    and the label with 255, uint8; utils.Placement then gives (image / 255 - mean) / std, the padding within 0.01 of
+    0, and int64 labels, in the layout asked."""
     rng = np.random.default_rng(2)
     image = torch.from_numpy(rng.integers(0, 256, (3, 20, 30), dtype=np.uint8))
     label = torch.from_numpy(rng.integers(0, 21, (20, 30), dtype=np.uint8))
     out_image, out_label = train_transform(40, [1.0, 1.0], False, 0.0)(tv_tensors.Image(image), tv_tensors.Mask(label))
     rows, cols = torch.nonzero(out_label != 255, as_tuple=True)
     top, left = int(rows.min()), int(cols.min())
+    window = (slice(top, top + 20), slice(left, left + 30))
+    assert torch.equal(out_image[(slice(None), *window)], image) and torch.equal(out_label[window], label)
+    padded = out_label == 255
+    assert int(padded.sum()) == 40 * 40 - 20 * 30
+    assert (out_image[:, padded] == torch.tensor(MEAN_COLOR, dtype=torch.uint8)[:, None]).all()
+
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    assert torch.allclose(out_image[:, top:top + 20, left:left + 30], (image / 255 - mean) / std, atol=1e-5)
-    assert torch.equal(out_label[top:top + 20, left:left + 30], label.long())
-    assert int((out_label == 255).sum()) == 40 * 40 - 20 * 30
+    for channels_last in (False, True):
+        images, labels = utils.Placement(torch.device("cpu"), channels_last).batch(out_image[None], out_label[None])
+        assert images.dtype == torch.float32 and labels.dtype == torch.int64 and torch.equal(labels[0], out_label)
+        assert images.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        assert torch.allclose(images[0], (out_image / 255 - mean) / std, atol=1e-5)
+        assert images[0][:, padded].abs().max() < 0.01
+        assert torch.equal(utils.normalise(out_image), images[0])
 
 
 # ---------------------------------------------------------------- bad input
@@ -508,7 +523,7 @@ def test_dataloader_batches_fixed_size_crops(voc):
     train = build_dataloader(dataset, batch_size=2, sampler=RandomSampler(dataset), num_workers=0, drop_last=True)
     batches = list(train)
     assert len(batches) == 1 and batches[0][0].shape == (2, 3, 24, 24) and batches[0][1].shape == (2, 24, 24)
-    assert batches[0][0].dtype == torch.float32 and batches[0][1].dtype == torch.int64
+    assert batches[0][0].dtype == torch.uint8 and batches[0][1].dtype == torch.uint8  # a quarter of float32's bytes
 
 
 def test_epoch_sampler_shards_every_image_and_skips_what_a_resumed_run_trained():

@@ -19,7 +19,7 @@ import predict
 import utils
 from model.data_loader import DataConfig
 from model.net import GCN, GCNConfig
-from model.transforms import IMAGENET_MEAN, IMAGENET_STD, normalise
+from utils import IMAGENET_MEAN, IMAGENET_STD, normalise
 from test_predict import CLASS_NAMES, PALETTE, REPO, assert_labels_match_logits, smooth_image, write_checkpoint
 
 

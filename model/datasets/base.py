@@ -130,7 +130,7 @@ def read_label(path: Path, lut: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 class SegmentationDataset(Dataset):
-    """Items (image float32 3×H×W normalised, label int64 H×W) from image/label file pairs.
+    """Items (image uint8 3×H×W, label uint8 H×W) from image/label file pairs.
 
     Subclasses fill `classes`, `palette` and call __init__ with the file lists and a label lookup table.
     `label_paths` is None for a split without ground truth (then every label pixel is 255).
