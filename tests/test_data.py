@@ -308,10 +308,7 @@ def test_synthetic_void_borders_match_a_brute_force_reference():
 def render_testing_every_pixel(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     """synthetic.render as it was first written: every clutter piece and shape tested at every pixel."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
-    coarse = rng.uniform(60, 190, (4, 4, 1)) + rng.uniform(-15, 15, (4, 4, 3))
-    cells = np.clip((np.arange(size) * 4) // size, 0, 3)
-    image = coarse[cells[:, None], cells[None, :]].astype(np.float32)
-    image = (image + np.roll(image, size // 8, 0) + np.roll(image, size // 8, 1)) / 3
+    image = synthetic._colour_field(rng, size)
     for _ in range(rng.integers(4, 12)):
         grey = rng.uniform(30, 230) + rng.uniform(-12, 12, 3)
         cx, cy = rng.uniform(0, size, 2)

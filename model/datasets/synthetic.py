@@ -65,12 +65,17 @@ def _around(cx: float, cy: float, reach: float, size: int) -> tuple[slice, slice
     return span(cy), span(cx)
 
 
-def _background(rng: np.random.Generator, size: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """A blocky greyish colour field with desaturated clutter (bars and blobs)."""
+def _colour_field(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A blocky greyish colour field, float32 size × size × 3."""
     coarse = rng.uniform(60, 190, (4, 4, 1)) + rng.uniform(-15, 15, (4, 4, 3))
     cells = np.clip((np.arange(size) * 4) // size, 0, 3)
     image = coarse[cells[:, None], cells[None, :]].astype(np.float32)
-    image = (image + np.roll(image, size // 8, 0) + np.roll(image, size // 8, 1)) / 3
+    return (image + np.roll(image, size // 8, 0) + np.roll(image, size // 8, 1)) / 3
+
+
+def _background(rng: np.random.Generator, size: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The colour field with desaturated clutter (bars and blobs)."""
+    image = _colour_field(rng, size)
     for _ in range(rng.integers(4, 12)):
         grey = rng.uniform(30, 230) + rng.uniform(-12, 12, 3)
         cx, cy = rng.uniform(0, size, 2)
