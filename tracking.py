@@ -72,12 +72,13 @@ class Tracker:
             self.writer.add_image(f"{prefix}/{i}", picture, step)
         self.writer.flush()
 
-    def finish(self, best_metrics: dict[str, Any], step: int) -> None:
-        """Training finished: the best validation's metrics (metrics_val_best.json) go to MLflow as best/miou,
-        best/epoch, ...; its run will end FINISHED."""
-        if self.mlflow_run is not None:
-            self.mlflow_run.log_metrics({f"best/{key}": best_metrics[key] for key in (*utils.SCALAR_METRICS, "epoch")
-                                         if best_metrics.get(key) is not None}, step)
+    def finish(self, best_metrics_file: Path, step: int) -> None:
+        """Training finished: the best validation's metrics (that JSON file, if it is there) go to MLflow as
+        best/miou, best/epoch, ...; its run will end FINISHED."""
+        if self.mlflow_run is not None and best_metrics_file.is_file():
+            best = json.loads(best_metrics_file.read_text())
+            self.mlflow_run.log_metrics({f"best/{key}": best[key] for key in (*utils.SCALAR_METRICS, "epoch")
+                                         if best.get(key) is not None}, step)
         self.finished = True
 
 

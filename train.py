@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import signal
@@ -210,7 +209,7 @@ def train(run: Run) -> int:
         utils.write_json(run.model_dir / utils.COMPLETE_MARKER, {
             "epochs": progress.epoch, "iterations": progress.iteration, "best_miou": progress.best_miou,
             "best_epoch": progress.best_epoch, "wall_time_s": round(progress.seconds, 1)})
-        run.tracker.finish(json.loads((run.model_dir / utils.METRICS_BEST).read_text()), progress.iteration)
+        run.tracker.finish(run.model_dir / utils.METRICS_BEST, progress.iteration)
         if run.config.keep_checkpoints == "best_weights":
             (run.model_dir / utils.LAST_CHECKPOINT).unlink()
     logging.info("Done: best val mIoU %.4f at epoch %d (%s)", progress.best_miou, progress.best_epoch,

@@ -1,4 +1,4 @@
-"""Joint image/label transforms (torchvision.transforms.v2 on tv_tensors), normalisation and pictures.
+"""Joint image/label transforms (torchvision.transforms.v2 on tv_tensors), padding, and images back from normalised.
 
 Everything runs on uint8 tensors, and items stay uint8: a crop is padded to its full size with the mean colour in
 the image and 255 (void) in the label, and the image is normalised on the device (utils.Placement), after the
