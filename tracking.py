@@ -27,9 +27,9 @@ _MLFLOW_PARAMS_PER_CALL = 100  # MLflow's log_batch limit
 
 
 def check_tracker(config: utils.TrainConfig) -> None:
-    """Refuse, before the run starts, a tracker whose package is missing."""
+    """Refuse, before the run starts, a tracker whose package (or database driver) is missing."""
     if config.tracker == MLFLOW_TRACKER:
-        _import_mlflow()
+        _check_database_driver(config.tracking_uri or _import_mlflow().get_tracking_uri())
 
 
 @contextlib.contextmanager
@@ -152,6 +152,18 @@ def _import_mlflow():
         raise utils.ParamsError(f'tracker "{MLFLOW_TRACKER}" needs the mlflow package ({error}): pip install '
                                 f'mlflow, or set tracker to "tensorboard"') from None
     return mlflow
+
+
+def _check_database_driver(uri: str) -> None:
+    """A database store (MLflow's default: sqlite:///mlflow.db) needs SQLAlchemy, which mlflow-skinny lacks."""
+    if uri.split(":", 1)[0].split("+", 1)[0] not in ("sqlite", "postgresql", "mysql", "mssql"):
+        return
+    try:
+        import sqlalchemy  # noqa: F401, PLC0415 -- only to learn whether it is there
+    except ImportError:
+        raise utils.ParamsError(f"MLflow tracking store {uri}: a database store needs the full mlflow package (pip "
+                                f"install mlflow; mlflow-skinny has no database support), or set tracking_uri to a "
+                                f"server (http://...)") from None
 
 
 def _recorded_run(client: Any, model_dir: Path, uri: str) -> str | None:

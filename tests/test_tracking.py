@@ -124,6 +124,16 @@ def test_a_store_that_cannot_be_opened_is_one_line_before_training(experiment, m
     assert error.removeprefix("error: ") in (model_dir / utils.TRAIN_LOG).read_text()
 
 
+def test_a_database_store_without_its_driver_is_one_line_naming_the_package(experiment, mlflow, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "sqlalchemy", None)  # as with mlflow-skinny: importing it raises ImportError
+    model_dir = experiment(tracker=tracking.MLFLOW_TRACKER, tracking_uri="sqlite:///mlflow.db")
+    assert run_train(model_dir) == 2
+    assert capsys.readouterr().err == ("error: MLflow tracking store sqlite:///mlflow.db: a database store needs the "
+                                       "full mlflow package (pip install mlflow; mlflow-skinny has no database "
+                                       "support), or set tracking_uri to a server (http://...)\n")
+    assert sorted(path.name for path in model_dir.iterdir()) == ["params.json"]  # refused before anything was written
+
+
 def test_metric_names_become_names_mlflow_accepts(mlflow):
     from mlflow.exceptions import MlflowException  # noqa: PLC0415
     client = mlflow.package.MlflowClient(mlflow.uri)
