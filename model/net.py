@@ -27,6 +27,7 @@ UPSAMPLES = ("deconv", "bilinear")
 STAGES = ("layer1", "layer2", "layer3", "layer4")  # res2 .. res5 in the paper's naming
 MAX_KERNEL_SIZE = 255  # beyond any feature map of a 4096² crop at stride 32 (the paper's largest k is 15)
 SCORE_CHANNEL_MULTIPLE = 8  # on CUDA the score maps are computed on channels padded to this (tensor-core tiles)
+ROW_LOSS_MIN_CLASSES = 16  # channels-last logits with this many classes or more: the loss over pixel rows
 
 
 
@@ -438,12 +439,19 @@ def cross_entropy_loss(logits: Tensor, labels: Tensor, weight: Tensor | None = N
 
     Unlike F.cross_entropy's mean, an all-void batch (a crop inside an ignored region) gives 0, not NaN.
     """
-    if logits.dim() == 4 and not logits.is_contiguous() and logits.is_contiguous(memory_format=torch.channels_last):
-        # NHWC logits as (pixels × classes) rows, a free view: log-softmax over rows is ~2× faster on CPU.
-        logits, labels = logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1]), labels.reshape(-1)
     pixel_weight = _pixel_weights(labels, weight, logits.dtype)
-    total = F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
+    total = _cross_entropy_sum(logits, labels, weight)
     return total / pixel_weight.sum().clamp(min=torch.finfo(pixel_weight.dtype).tiny)
+
+
+def _cross_entropy_sum(logits: Tensor, labels: Tensor, weight: Tensor | None) -> Tensor:
+    """The (weighted) cross entropy summed over the non-void pixels."""
+    if (logits.dim() == 4 and logits.shape[1] >= ROW_LOSS_MIN_CLASSES and not logits.is_contiguous()
+            and logits.is_contiguous(memory_format=torch.channels_last)):
+        # NHWC logits as (pixels × classes) rows, a free view: log-softmax over rows is faster on CPU from
+        # 16 classes on (1.6× at 21), 2–3× slower below (docs/performance.md).
+        logits, labels = logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1]), labels.reshape(-1)
+    return F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def _pixel_weights(labels: Tensor, weight: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -501,8 +509,8 @@ class SegmentationLoss(nn.Module):
         """Float64 sums of a batch (N×C×H×W logits) that add up over batches: the weighted pixel cross entropy,
         the pixel weights and, with Dice, its per-class terms."""
         logits = logits.float()
-        weighted = F.cross_entropy(logits, labels, weight=self.weight, ignore_index=IGNORE_INDEX, reduction="sum")
-        parts = [weighted.reshape(1), _pixel_weights(labels, self.weight, logits.dtype).sum().reshape(1)]
+        parts = [_cross_entropy_sum(logits, labels, self.weight).reshape(1),
+                 _pixel_weights(labels, self.weight, logits.dtype).sum().reshape(1)]
         if self.dice_weight:
             parts += _dice_terms(logits, labels)
         return torch.cat([part.double() for part in parts])

@@ -18,7 +18,7 @@ from torch import nn
 
 from model import net
 from model.net import (GCN, BoundaryRefine, GCNConfig, GlobalConvBlock, SegmentationLoss, Upsample2x, dice_loss,
-                       cross_entropy_loss, make_head)
+                       ROW_LOSS_MIN_CLASSES, cross_entropy_loss, make_head)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ODD_SIZES = [(97, 131), (33, 47), (65, 64)]
@@ -413,13 +413,17 @@ def test_segmentation_loss_class_weights_match_hand_computation():
     torch.testing.assert_close(SegmentationLoss()(logits, labels), cross_entropy_loss(logits, labels))
 
 
-@pytest.mark.parametrize("weights", [None, [0.5, 2.0, 1.0, 3.0]])
-def test_loss_of_channels_last_logits_equals_nchw_with_gradients(weights):
-    logits, labels = void_batch(2)
+@pytest.mark.parametrize("num_classes", [4, ROW_LOSS_MIN_CLASSES, 21])  # channels, then pixel rows
+@pytest.mark.parametrize("weighted", [False, True])
+def test_loss_of_channels_last_logits_equals_nchw_with_gradients(num_classes, weighted):
+    torch.manual_seed(2)
+    logits = torch.randn(2, num_classes, 5, 6)
+    labels = torch.arange(60).reshape(2, 5, 6) % num_classes
+    labels[0, 0] = 255
     nchw = logits.clone().requires_grad_()
     nhwc = logits.contiguous(memory_format=torch.channels_last).requires_grad_()
-    assert not nhwc.is_contiguous()  # the row-wise fast path is taken
-    weight = None if weights is None else torch.tensor(weights)
+    assert not nhwc.is_contiguous()
+    weight = torch.rand(num_classes) + 0.5 if weighted else None
     loss_nchw, loss_nhwc = cross_entropy_loss(nchw, labels, weight), cross_entropy_loss(nhwc, labels, weight)
     torch.testing.assert_close(loss_nhwc, loss_nchw)
     loss_nchw.backward()
