@@ -1,7 +1,8 @@
 """The pieces of benchmarks/gpu_checks.sh that are Python: the data-rate check and the one JSON + Markdown report.
 
     python -m benchmarks.gpu_report data --workers 4 8 16 --json OUT/data.json
-    python -m benchmarks.gpu_report report OUT_DIR   # reads OUT_DIR/benchmark_*.json, data.json, train_{eager,graph}/
+    python -m benchmarks.gpu_report report OUT_DIR   # reads OUT_DIR/benchmark_*.json, data.json, loss.json,
+                                                     # train_{eager,graph}/
 
 Runs on CPU too (gpu_checks.sh --cpu dry-runs everything at tiny sizes).
 """
@@ -73,6 +74,8 @@ def report(out: Path) -> dict:
             "gcn_vs_fcn": gcn and fcn and gcn["train_step_s"] / fcn["train_step_s"]}
     if (out / "data.json").exists():
         result["data"] = json.loads((out / "data.json").read_text())
+    if (out / "loss.json").exists():
+        result["loss"] = json.loads((out / "loss.json").read_text())
     if (out / "train_eager").is_dir() and (out / "train_graph").is_dir():
         result["training"] = compare_curves(loss_curve(out / "train_eager"), loss_curve(out / "train_graph"))
     (out / "gpu_checks.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -99,6 +102,13 @@ def markdown(result: dict) -> str:
                       f"{data['target_images_per_s']} img/s):", "",
                   "| workers | img/s | per worker |", "|---|---|---|"]
         lines += [f"| {n} | {r:.0f} | {data['per_worker'][n]:.0f} |" for n, r in data["images_per_s"].items()]
+    if "loss" in result:
+        loss = result["loss"]
+        lines += ["", f"Loss forward + backward ({loss['dtype']} logits, {loss['batch_size']} × C × {loss['crop']}², "
+                      "channels_last):", "", "| classes | pixel rows ms | channels ms | cross_entropy_loss takes |",
+                  "|---|---|---|---|"]
+        lines += [f"| {c} | {r['rows_s'] * 1e3:.2f} | {r['channels_s'] * 1e3:.2f} | {r['chosen']} |"
+                  for c, r in loss["classes"].items()]
     if "training" in result:
         t = result["training"]
         lines += ["", f"Training from scratch (experiments/gpu_check), eager vs graph: {t['points']} loss points, "

@@ -13,7 +13,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import utils
-from benchmarks import benchmark
+from benchmarks import bench_loss, benchmark
+from model.net import ROW_LOSS_MIN_CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,9 +57,24 @@ def test_conv1x1_reference_computes_the_same_product_as_matmul():
 
 
 @pytest.mark.parametrize("module", ["benchmarks.benchmark", "benchmarks.bench_data", "benchmarks.bench_export",
-                                    "benchmarks.stability"])
+                                    "benchmarks.bench_loss", "benchmarks.stability"])
 def test_the_readme_runs_the_benchmarks_as_modules(module):
     """`python -m benchmarks.benchmark ...` from the repository root, as the README writes it (no sys.path edits)."""
     result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and "usage:" in result.stdout, result.stderr
+
+
+def test_loss_benchmark_times_both_layouts_which_agree(tmp_path):
+    out = tmp_path / "loss.json"
+    classes = [3, ROW_LOSS_MIN_CLASSES]
+    summary = bench_loss.main(["--device", "cpu", "--classes", *map(str, classes), "--batch_size", "2", "--crop", "12",
+                               "--repeats", "1", "--json", str(out)])
+    assert json.loads(out.read_text()) == summary
+    few, many = (summary["classes"][str(c)] for c in classes)
+    assert (few["chosen"], many["chosen"]) == ("channels", "rows")
+    for result in (few, many):
+        assert result["rows_s"] > 0 and result["channels_s"] > 0
+        # summed over 2 × 12 × 12 pixels less the void top rows: both layouts give the same loss (bf16 logits
+        # where the CPU has it: the loss itself is float32 under autocast)
+        assert result["rows_loss"] == pytest.approx(result["channels_loss"], rel=1e-5) and result["rows_loss"] > 0
