@@ -138,19 +138,26 @@ def benchmark_model(name: str, model: nn.Module, args: argparse.Namespace, devic
     step = train_step_fn(runner, images, labels, amp_dtype, graph)
     step_s = median_seconds(step, device, max(args.warmup, train_step.GRAPH_WARMUP_STEPS + 1 if graph else 0),
                             args.repeats)
-    if args.profile:
-        print(f"{name}: the ops that take most of a training step's time\n{profile_table(step, device)}")
     result = {"model": name, "train_step_s": step_s, "train_images_per_s": args.batch_size / step_s,
               "train_tflops": flops / step_s / 1e12, "flops_per_step": flops, "backbone_flops_per_step": backbone_flops,
               "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    if args.profile:
+        table, kernel_s = profile_step(step, device)
+        print(f"{name}: the ops that take most of a training step's time\n{table}")
+        if kernel_s is not None:  # on CUDA: how much of the (unprofiled) step the GPU spends running kernels
+            result.update(kernel_s_per_step=kernel_s, kernel_fraction=kernel_s / step_s)
+            print(f"{name}: kernels run {kernel_s * 1e3:.1f} ms of the {step_s * 1e3:.1f} ms step "
+                  f"({kernel_s / step_s:.0%})")
     if name.startswith("gcn"):
         result.update(benchmark_inference(runner, args, device, amp_dtype))
     model.to("cpu")
     return result
 
 
-def profile_table(step: Callable[[], object], device: torch.device, steps: int = 5, rows: int = 25) -> str:
-    """torch.profiler's table of the ops with the most self time (device time on CUDA) over `steps` steps."""
+def profile_step(step: Callable[[], object], device: torch.device, steps: int = 5,
+                 rows: int = 25) -> tuple[str, float | None]:
+    """torch.profiler's table of the ops with the most self time (device time on CUDA) over `steps` steps, and on
+    CUDA the seconds per step during which the GPU ran a kernel, copy or memset (None elsewhere)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -159,7 +166,22 @@ def profile_table(step: Callable[[], object], device: torch.device, steps: int =
             step()
         synchronise(device)
     sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return profiler.key_averages().table(sort_by=sort_by, row_limit=rows)
+    table = profiler.key_averages().table(sort_by=sort_by, row_limit=rows)
+    if device.type != "cuda":
+        return table, None
+    # The device's own events, as profiler tables count them (annotations span kernels, so they are left out)
+    intervals = [(event.time_range.start, event.time_range.end) for event in profiler.events()
+                 if event.device_type == torch.autograd.DeviceType.CUDA and not event.is_user_annotation]
+    return table, union_length(intervals) / 1e6 / steps
+
+
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    """The length of the union of [start, end] intervals (overlapping kernels on several streams count once)."""
+    total, covered_to = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        total += max(0.0, end - max(start, covered_to))
+        covered_to = max(covered_to, end)
+    return total
 
 
 @torch.no_grad()

@@ -3,11 +3,12 @@
 # at the very worst):
 #   bash benchmarks/gpu_checks.sh [OUT_DIR]          # on the GPU machine
 #   bash benchmarks/gpu_checks.sh --cpu [OUT_DIR]    # dry run of every part at tiny sizes on the CPU
-# 1. the benchmark (GCN-R50 next to fcn_resnet50), eager and CUDA-graph, batch 8 and 16, the eager one with the
-#    profile summary; GCN eager with unpadded score maps (before/after); 2. the data-pipeline rate with 4/8/16
-#    workers, and the loss over pixel rows against over channels (benchmarks/bench_loss.py); 3. tests/test_cuda.py;
-#    4. 300 steps of training from scratch (experiments/gpu_check, synthetic) eager and graphed, loss curves
-#    compared; 5. OUT_DIR/gpu_checks.json + gpu_checks.md (benchmarks/gpu_report.py).
+# 1. the benchmark (GCN-R50 next to fcn_resnet50), eager and CUDA-graph, batch 8 and 16, those at batch 8 with the
+#    profile summary and the GPU's kernel time per step; GCN eager with unpadded score maps (before/after);
+#    2. the data-pipeline rate with 4/8/16 workers, and the loss over pixel rows against over channels
+#    (benchmarks/bench_loss.py); 3. tests/test_cuda.py; 4. 300 steps of training from scratch
+#    (experiments/gpu_check, synthetic) eager and graphed, loss curves compared; 5. OUT_DIR/gpu_checks.json +
+#    gpu_checks.md (benchmarks/gpu_report.py).
 set -u
 cpu=0
 if [ "${1:-}" = "--cpu" ]; then cpu=1; shift; fi
@@ -40,7 +41,7 @@ bench() {  # NAME, then benchmark.py options
     tail -4 "$out/benchmark_$name.log"
 }
 bench "eager_b${batches[0]}" --batch_size "${batches[0]}" "${models[@]}" --profile
-bench "graph_b${batches[0]}" --batch_size "${batches[0]}" "${models[@]}" --cuda_graph
+bench "graph_b${batches[0]}" --batch_size "${batches[0]}" "${models[@]}" --cuda_graph --profile
 bench "eager_b${batches[1]}" --batch_size "${batches[1]}" "${models[0]}" "${models[1]}"
 bench "graph_b${batches[1]}" --batch_size "${batches[1]}" "${models[@]}" --cuda_graph
 bench "eager_b${batches[0]}_unpadded" --batch_size "${batches[0]}" "${models[0]}" "${models[1]}" --no_pad_scores

@@ -70,6 +70,7 @@ def report(out: Path) -> dict:
             "gcn_step_s": gcn and gcn["train_step_s"], "gcn_images_per_s": gcn and gcn["train_images_per_s"],
             "gcn_peak_memory_gib": gcn and gcn["peak_memory_gib"],
             "gcn_inference_latency_s": gcn and gcn.get("inference_latency_s"),
+            "gcn_kernel_fraction": gcn and gcn.get("kernel_fraction"),
             "fcn_step_s": fcn and fcn["train_step_s"],
             "gcn_vs_fcn": gcn and fcn and gcn["train_step_s"] / fcn["train_step_s"]}
     if (out / "data.json").exists():
@@ -87,12 +88,12 @@ def markdown(result: dict) -> str:
     def cell(value, spec: str) -> str:
         return "—" if value is None else format(value, spec)
     lines = [f"Device: {result['device']}", "",
-             "| run | batch | graph | padded | GCN step ms | GCN img/s | fcn_resnet50 ms | GCN/FCN | GCN GiB |"
-             " latency ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| run | batch | graph | padded | GCN step ms | GCN img/s | GCN kernels % of step | fcn_resnet50 ms |"
+             " GCN/FCN | GCN GiB | latency ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, b in result["benchmarks"].items():
         lines.append(f"| {name} | {b['batch_size']} | {b['cuda_graph']} | {b['pad_scores']} | "
                      f"{cell(b['gcn_step_s'] and b['gcn_step_s'] * 1e3, '.1f')} | "
-                     f"{cell(b['gcn_images_per_s'], '.0f')} | "
+                     f"{cell(b['gcn_images_per_s'], '.0f')} | {cell(b['gcn_kernel_fraction'], '.0%')} | "
                      f"{cell(b['fcn_step_s'] and b['fcn_step_s'] * 1e3, '.1f')} | {cell(b['gcn_vs_fcn'], '.2f')} | "
                      f"{cell(b['gcn_peak_memory_gib'], '.2f')} | "
                      f"{cell(b['gcn_inference_latency_s'] and b['gcn_inference_latency_s'] * 1e3, '.1f')} |")

@@ -78,3 +78,15 @@ def test_loss_benchmark_times_both_layouts_which_agree(tmp_path):
         # summed over 2 × 12 × 12 pixels less the void top rows: both layouts give the same loss (bf16 logits
         # where the CPU has it: the loss itself is float32 under autocast)
         assert result["rows_loss"] == pytest.approx(result["channels_loss"], rel=1e-5) and result["rows_loss"] > 0
+
+
+def test_union_length_equals_the_covered_length_counted_point_by_point():
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        starts = torch.randint(0, 90, (6,), generator=rng)
+        intervals = [(float(a), float(a + torch.randint(0, 15, (), generator=rng))) for a in starts]
+        covered = torch.zeros(110, dtype=torch.bool)  # unit cells [t, t + 1): integer ends make this exact
+        for start, end in intervals:
+            covered[int(start):int(end)] = True
+        assert benchmark.union_length(intervals) == covered.sum().item()
+    assert benchmark.union_length([]) == 0

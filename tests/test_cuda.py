@@ -15,6 +15,7 @@ import predict
 import train
 import train_step
 import utils
+from benchmarks import benchmark
 from model.net import GCN, GCNConfig, SegmentationLoss, cross_entropy_loss
 from test_predict import reference_logits, smooth_image, write_checkpoint
 
@@ -175,3 +176,18 @@ def test_a_cuda_graph_training_run_checkpoints_what_an_eager_run_resumes(experim
     step = two_steps(False, model, torch.bfloat16)
     step.optimizer = optimizer
     assert torch.isfinite(step(*batch(torch.device("cuda"))))
+
+
+def test_the_benchmark_counts_kernel_time_within_the_profiled_steps():
+    device = torch.device("cuda")
+    a = torch.randn(4096, 4096, device=device)
+    def step():
+        for _ in range(4):
+            a @ a
+    step()
+    benchmark.synchronise(device)
+    table, kernel_s = benchmark.profile_step(step, device, steps=5)
+    step_s = benchmark.median_seconds(step, device, warmup=2, repeats=5)
+    # four back-to-back 4096³ matmuls keep the GPU busy: kernel time is most of the step, and cannot exceed it
+    assert "gemm" in table.lower() or "matmul" in table.lower()
+    assert 0.5 * step_s < kernel_s < 1.2 * step_s
