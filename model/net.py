@@ -449,7 +449,7 @@ def _cross_entropy_sum(logits: Tensor, labels: Tensor, weight: Tensor | None) ->
     if (logits.dim() == 4 and logits.shape[1] >= ROW_LOSS_MIN_CLASSES and not logits.is_contiguous()
             and logits.is_contiguous(memory_format=torch.channels_last)):
         # NHWC logits as (pixels × classes) rows, a free view: log-softmax over rows is faster on CPU from
-        # 16 classes on (1.6× at 21), 2–3× slower below (docs/performance.md).
+        # 16 classes on (1.4–1.6× at 21), 2–3× slower below (docs/performance.md).
         logits, labels = logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1]), labels.reshape(-1)
     return F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
 

@@ -18,6 +18,7 @@ from model import IGNORE_INDEX
 from utils import IMAGENET_MEAN, IMAGENET_STD
 
 MEAN_COLOR = tuple(round(255 * m) for m in IMAGENET_MEAN)  # (124, 116, 104): within 0.01 of 0 once normalised
+_MEAN_COLOR_PIXEL = torch.tensor(MEAN_COLOR, dtype=torch.uint8).view(3, 1, 1)  # for filling 3×H×W margins
 
 
 class RandomScale(v2.Transform):
@@ -85,9 +86,6 @@ class PadToSize(v2.Transform):
         out_image[(slice(None), *window)] = image.as_subclass(Tensor)
         out_label[window] = label.as_subclass(Tensor)
         return out_image, out_label
-
-
-_MEAN_COLOR_PIXEL = torch.tensor(MEAN_COLOR, dtype=torch.uint8).view(3, 1, 1)
 
 
 def _fill_margins(out: Tensor, window: tuple[slice, slice], value: int | Tensor) -> Tensor:
