@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import utils
-from benchmarks import bench_loss, benchmark
+from benchmarks import bench_amp_run, bench_loss, benchmark
 from model.net import ROW_LOSS_MIN_CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def test_conv1x1_reference_computes_the_same_product_as_matmul():
 
 
 @pytest.mark.parametrize("module", ["benchmarks.benchmark", "benchmarks.bench_data", "benchmarks.bench_export",
-                                    "benchmarks.bench_loss", "benchmarks.stability"])
+                                    "benchmarks.bench_loss", "benchmarks.bench_amp_run", "benchmarks.stability"])
 def test_the_readme_runs_the_benchmarks_as_modules(module):
     """`python -m benchmarks.benchmark ...` from the repository root, as the README writes it (no sys.path edits)."""
     result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
@@ -90,3 +90,16 @@ def test_union_length_equals_the_covered_length_counted_point_by_point():
             covered[int(start):int(end)] = True
         assert benchmark.union_length(intervals) == covered.sum().item()
     assert benchmark.union_length([]) == 0
+
+
+def test_amp_run_benchmark_trains_both_settings_and_reports_their_ratio(experiment, tmp_path):
+    out = tmp_path / "amp_run.json"
+    summary = bench_amp_run.main(["--experiment", str(experiment(num_epochs=1)), "--rounds", "1",
+                                  "--set", "synthetic_train_images=8", "--json", str(out)])
+    assert json.loads(out.read_text()) == summary
+    (only_round,) = summary["rounds"]
+    float32, amp = only_round["float32"], only_round["amp"]
+    for run in (float32, amp):
+        assert 0 < run["training_s"] < run["command_s"] and 0 <= run["best_miou"] <= 1
+    assert summary["median_training_ratio"] == pytest.approx(float32["training_s"] / amp["training_s"])
+    assert summary["overrides"] == ["synthetic_train_images=8"]
