@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="passed on to train.py's --set in every run (repeatable)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    if not (args.experiment / utils.PARAMS_FILE).is_file():
+        parser.error(f"--experiment {args.experiment}: no {utils.PARAMS_FILE} there")
     rounds = []
     for index in range(args.rounds):
         with tempfile.TemporaryDirectory() as workdir:

@@ -103,3 +103,11 @@ def test_amp_run_benchmark_trains_both_settings_and_reports_their_ratio(experime
         assert 0 < run["training_s"] < run["command_s"] and 0 <= run["best_miou"] <= 1
     assert summary["median_training_ratio"] == pytest.approx(float32["training_s"] / amp["training_s"])
     assert summary["overrides"] == ["synthetic_train_images=8"]
+
+
+@pytest.mark.parametrize(("args", "message"), [(["--rounds", "0"], "--rounds must be at least 1, got 0"),
+                                                (["--experiment", "no_such_folder"], "no params.json there")])
+def test_amp_run_benchmark_refuses_bad_arguments_in_one_line(args, message, capsys):
+    with pytest.raises(SystemExit):
+        bench_amp_run.main(args)
+    assert message in capsys.readouterr().err
