@@ -164,8 +164,8 @@ def main(args) -> dict[str, Any]:
         out_dir = utils.output_folder(Path(args.save_predictions), "--save_predictions")
         on_image = prediction_saver(out_dir, dataset, data_config.dataset, num_pictures)
     utils.set_logger(model_dir / utils.EVALUATE_LOG)
-    logging.info("Evaluating %s (epoch %s) on %d %s images%s", trained.path, trained.epoch, len(dataset), args.split,
-                 " with TTA" if args.tta else "")
+    logging.info("Evaluating %s (epoch %s) on %d %s images%s in %s", trained.path, trained.epoch, len(dataset),
+                 args.split, " with TTA" if args.tta else "", placement.precision)
     criterion = SegmentationLoss(config.class_weights, config.dice_term_weight).to(device)
     metrics = evaluate(placement.module(trained.net), eval_loader(dataset, data_config.num_workers), criterion,
                        eval_config, placement, tta=args.tta,

@@ -165,16 +165,17 @@ def main(args) -> int:
         if run.main_process:
             exit_stack.enter_context(claim_run_folder(model_dir, fresh=not restore_file))
             utils.write_json(model_dir / utils.RESOLVED_PARAMS_FILE, utils.run_record(
-                params, overrides, vars(args), device) | {"pretrained_weights": net.pretrained_weights})
+                params, overrides, vars(args), device) | {"pretrained_weights": net.pretrained_weights,
+                                                          "precision": placement.precision})
             utils.set_logger(model_dir / utils.TRAIN_LOG)
             exit_stack.enter_context(utils.errors_in_log((utils.UserError, DatasetError, PretrainedWeightsError)))
             run.tracker = exit_stack.enter_context(tracking.open_tracker(model_dir, config, params.dict))
         if restore_file:
             logging.info("Resumed from %s: epoch %d, iteration %d, best mIoU %.4f", restore_file,
                          run.progress.epoch, run.progress.iteration, run.progress.best_miou)
-        logging.info("Training %s on %s (%d images, %d batches/epoch) for %d iterations on %s × %d", model_dir,
-                     data_config.dataset, len(train_loader.dataset), run.batches_per_epoch, total_iterations, device,
-                     world_size)
+        logging.info("Training %s on %s (%d images, %d batches/epoch) for %d iterations on %s × %d in %s",
+                     model_dir, data_config.dataset, len(train_loader.dataset), run.batches_per_epoch,
+                     total_iterations, device, world_size, placement.precision)
         return train(run)
 
 

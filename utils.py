@@ -111,7 +111,7 @@ class TrainConfig:
     sync_bn: bool = False  # SyncBatchNorm under torchrun
     seed: int = field(default=230, metadata={"at_least": 0, "at_most": MAX_SEED})  # init, data order, augmentation
     val_every_epochs: int = field(default=1, metadata={"at_least": 1})  # validation interval; the last is validated
-    amp: bool = field(default=True, metadata={  # bf16 autocast on CUDA (fp16 without bf16) and on native-bf16 CPUs
+    amp: bool = field(default=True, metadata={  # bf16 autocast on CUDA (fp16 without bf16), on CPUs where it pays
         "may_change_on_resume": True})
     channels_last: bool = field(default=True, metadata={"may_change_on_resume": True})  # NHWC memory format
     compile: bool = field(default=False, metadata={"may_change_on_resume": True})  # torch.compile (CUDA only)
@@ -807,10 +807,11 @@ def run_record(params: Params, overrides: dict[str, Any], arguments: dict[str, A
 # ----------------------------------------------------------------------------------------------- devices
 
 CPU_BF16_CAPABILITIES = ("amx_bf16", "avx512_bf16")  # native bf16 matrix units / dot products (PERF-NOTES)
+CPU_BF16_MIN_SPEEDUP = 1.1  # without AMX, bf16 must beat float32 by this on cpu_bf16_speedup's probe
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AMX-BF16 or AVX512-BF16), from torch.cpu.get_capabilities().
+    """Whether this CPU has bf16 instructions (AMX-BF16 or AVX512-BF16), from torch.cpu.get_capabilities().
 
     Not torch.ops.mkldnn._is_mkldnn_bf16_supported(): it says True where oneDNN only emulates bf16, 1.3-2.9x slower
     than float32 (and AVX2 training fails in channels_last)."""
@@ -818,13 +819,51 @@ def cpu_has_native_bf16() -> bool:
     return any(capabilities.get(name, False) for name in CPU_BF16_CAPABILITIES)
 
 
+@functools.cache
+def cpu_bf16_speedup(rounds: int = 5) -> float:
+    """float32 time / bf16-autocast time of a channels-last 3x3 convolution's forward + backward (ResNet's first
+    stage at 256² crops, batch 2; about 0.2 s in all), the fastest of interleaved rounds. Leaves the global random
+    state alone."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 64, 64, 64, generator=generator).to(memory_format=torch.channels_last).requires_grad_()
+    weight = (torch.randn(64, 64, 3, 3, generator=generator) / 24).to(memory_format=torch.channels_last)
+    weight.requires_grad_()
+
+    def seconds(dtype: torch.dtype | None) -> float:
+        start = time.perf_counter()
+        with autocast(torch.device("cpu"), dtype):
+            output = torch.nn.functional.conv2d(images, weight, padding=1)
+        torch.autograd.grad(output.float().sum(), (images, weight))
+        return time.perf_counter() - start
+
+    times: dict[torch.dtype | None, list[float]] = {None: [], torch.bfloat16: []}
+    for _ in range(rounds + 1):  # the first round warms oneDNN's kernels up and is dropped
+        for dtype, measured in times.items():
+            measured.append(seconds(dtype))
+    return min(times[None][1:]) / min(times[torch.bfloat16][1:])  # the least disturbed of each
+
+
+def cpu_bf16_pays() -> bool:
+    """Whether bf16 autocast speeds this CPU up: with AMX-BF16 always (a whole run 1.8x faster), with AVX512-BF16
+    only where cpu_bf16_speedup measures at least CPU_BF16_MIN_SPEEDUP (an AMD EPYC's whole run is 1.4x faster, an
+    Intel Xeon's without AMX 0.75-0.86x: docs/performance.md), never without bf16 instructions. Under torchrun bf16
+    only if it pays on every rank, so that all decide alike."""
+    capabilities = torch.cpu.get_capabilities()
+    pays = torch.tensor(capabilities.get("amx_bf16", False) or (
+        capabilities.get("avx512_bf16", False) and cpu_bf16_speedup() >= CPU_BF16_MIN_SPEEDUP))
+    if dist.is_initialized():
+        pays = pays.int()
+        dist.all_reduce(pays, op=dist.ReduceOp.MIN)
+    return bool(pays)
+
+
 def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     """The mixed-precision dtype: on CUDA bf16 where supported, else fp16 (which needs a GradScaler); on CPU bf16
-    where the CPU has native bf16 (cpu_has_native_bf16); None (plain float32) elsewhere or with amp off."""
+    where it pays (cpu_bf16_pays); None (plain float32) elsewhere or with amp off."""
     if not amp:
         return None
     if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_native_bf16() else None
+        return torch.bfloat16 if cpu_bf16_pays() else None
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -880,6 +919,11 @@ class Placement:
 
     def autocast(self, cache_enabled: bool = True) -> torch.autocast:
         return autocast(self.device, self.dtype, cache_enabled)
+
+    @property
+    def precision(self) -> str:
+        """What the forward passes compute in: "float32", or the autocast dtype ("bfloat16", "float16")."""
+        return str(self.dtype or torch.float32).removeprefix("torch.")
 
 
 def init_distributed(device_type: str) -> tuple[int, int]:

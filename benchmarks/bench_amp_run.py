@@ -1,4 +1,4 @@
-"""Whole train.py runs with amp off (float32) and on (bf16 on CPUs with native bf16), in interleaved rounds.
+"""Whole train.py runs with amp off (float32) and on (bf16 on CPUs where it pays), in interleaved rounds.
 
 train.py trains on CUDA where there is a GPU (amp: bf16 or fp16 there), else on the CPU; so does this.
 
@@ -72,13 +72,16 @@ def main(argv: list[str] | None = None) -> dict:
     capabilities = torch.cpu.get_capabilities()
     summary = {"device": device.type, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                "cpu_bf16": [name for name in utils.CPU_BF16_CAPABILITIES if capabilities.get(name, False)],
+               "cpu_bf16_probe_speedup": utils.cpu_bf16_speedup() if utils.cpu_has_native_bf16() else None,
                "amp_dtype": str(utils.autocast_dtype(device, True) or torch.float32),
                "experiment": str(args.experiment), "overrides": args.overrides, "rounds": rounds,
                "median_training_ratio": statistics.median(ratios(rounds, "training_s")),
                "median_command_ratio": statistics.median(ratios(rounds, "command_s"))}
     native = ", ".join(summary["cpu_bf16"]) or "none"
+    if summary["cpu_bf16_probe_speedup"] is not None:
+        native += f"; probe: bf16 {summary['cpu_bf16_probe_speedup']:.2f}× as fast as float32"
     per_round = " / ".join(f"{r:.2f}×" for r in ratios(rounds, "training_s"))
-    print(f"amp on {device.type}: {summary['amp_dtype']} (CPU's native bf16: {native}); float32 / amp training "
+    print(f"amp on {device.type}: {summary['amp_dtype']} (CPU's bf16 instructions: {native}); float32 / amp training "
           f"time, per round: {per_round} (median {summary['median_training_ratio']:.2f}×); whole command: median "
           f"{summary['median_command_ratio']:.2f}×")
     if args.json:

@@ -41,7 +41,7 @@ def test_benchmark_reports_consistent_figures_on_cpu(tmp_path, capsys):
     assert 2.8 * counter.get_total_flops() < gcn["backbone_flops_per_step"] < 3.0 * counter.get_total_flops()
     assert gcn["backbone_flops_per_step"] < gcn["flops_per_step"]  # heads and decoder count too
     assert set(summary["matmul_tflops_by_kernel"]) == {"torch.matmul", "conv1x1"}
-    amp = utils.autocast_dtype(torch.device("cpu"), True) or torch.float32  # bf16 where the CPU has it natively
+    amp = utils.autocast_dtype(torch.device("cpu"), True) or torch.float32  # bf16 where it pays on this CPU
     assert 1e-4 < summary["matmul_tflops"] < 100 and summary["dtype"] == str(amp)
     assert summary["data_images_per_s"] > 0 and gcn["inference_latency_s"] > 0
     printed = capsys.readouterr().out
@@ -103,6 +103,8 @@ def test_amp_run_benchmark_trains_both_settings_and_reports_their_ratio(experime
         assert 0 < run["training_s"] < run["command_s"] and 0 <= run["best_miou"] <= 1
     assert summary["median_training_ratio"] == pytest.approx(float32["training_s"] / amp["training_s"])
     assert summary["overrides"] == ["synthetic_train_images=8"]
+    probe = summary["cpu_bf16_probe_speedup"]  # the figure amp's choice rests on where AVX512-BF16 decides
+    assert (probe > 0) if utils.cpu_has_native_bf16() else probe is None
 
 
 @pytest.mark.parametrize(("args", "message"), [(["--rounds", "0"], "--rounds must be at least 1, got 0"),

@@ -68,6 +68,9 @@ def test_set_overrides_change_the_run_and_are_recorded(experiment):
     assert record["params"]["batch_size"] == 8 and record["params"]["momentum"] == 0.9  # defaults filled in
     assert record["arguments"]["set"] == ["batch_size=8", "scale_range=[1.0, 1.0]"]
     assert record["command"][0] == sys.executable and record["torch"] == torch.__version__
+    precision = utils.Placement(torch.device("cpu"), dtype=utils.autocast_dtype(torch.device("cpu"), True)).precision
+    assert record["params"]["amp"] and record["precision"] == precision  # what amp chose on this CPU, recorded
+    assert f"× 1 in {precision}" in (model_dir / utils.TRAIN_LOG).read_text()
     assert json.loads((model_dir / "params.json").read_text())["batch_size"] == 4  # the definition is untouched
 
 

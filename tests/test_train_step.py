@@ -1,14 +1,16 @@
-"""The fast paths on the CPU: bf16 autocast where the CPU has native bf16 (and only there), the training step
+"""The fast paths on the CPU: bf16 autocast where the CPU has native bf16 and it is faster (only there), the step
 without host synchronisation (losses checked every save_summary_steps), fused SGD, and the score maps padded to a
 multiple of 8 (CUDA's layout) computing exactly the unpadded model's function."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 import predict
@@ -22,17 +24,62 @@ CPU = torch.device("cpu")
 NATIVE_BF16 = utils.cpu_has_native_bf16()
 
 
-@pytest.mark.parametrize("capabilities,amp,expected", [
-    ({"amx_bf16": True, "avx512_bf16": False}, True, torch.bfloat16),    # Intel Sapphire Rapids and later
-    ({"amx_bf16": False, "avx512_bf16": True}, True, torch.bfloat16),    # AMD Zen 4, Intel Cooper Lake
-    ({"amx_bf16": False, "avx512_bf16": False, "avx512_vnni": True}, True, None),  # bf16 only emulated
-    ({"avx2": True}, True, None),                                        # AVX2: bf16 channels_last would fail
-    ({"amx_bf16": True}, False, None),                                   # amp false forces float32
+@pytest.mark.parametrize("capabilities,speedup,amp,expected", [
+    ({"amx_bf16": True, "avx512_bf16": True}, None, True, torch.bfloat16),  # Intel Sapphire Rapids on: not probed
+    ({"amx_bf16": False, "avx512_bf16": True}, 1.6, True, torch.bfloat16),  # AMD Zen 4: the probe finds bf16 faster
+    ({"amx_bf16": False, "avx512_bf16": True}, 0.6, True, None),            # Intel Xeon, AMX hidden: bf16 slower
+    ({"amx_bf16": False, "avx512_bf16": False, "avx512_vnni": True}, None, True, None),  # bf16 only emulated
+    ({"avx2": True}, None, True, None),                                     # AVX2: bf16 channels_last would fail
+    ({"amx_bf16": True}, None, False, None),                                # amp false forces float32
 ])
-def test_cpu_autocast_is_bf16_only_where_the_cpu_has_native_bf16(monkeypatch, capabilities, amp, expected):
+def test_cpu_autocast_is_bf16_only_where_bf16_is_native_and_faster(monkeypatch, capabilities, speedup, amp,
+                                                                    expected):
+    def probe() -> float:
+        assert speedup is not None, "probed although the capabilities decide"
+        return speedup
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)  # it lies
+    monkeypatch.setattr(utils, "cpu_bf16_speedup", probe)
     assert utils.autocast_dtype(CPU, amp) is expected
+
+
+@pytest.mark.parametrize("slow_dtype,speedup", [(torch.bfloat16, 1 / 3), (None, 3.0)])
+def test_the_bf16_probe_measures_float32_time_over_bf16_time(monkeypatch, slow_dtype, speedup):
+    """On a clock that each pass moves by 1 s, and by 3 s in one precision, the probe's figure is 3 or 1/3. The
+    global random state is untouched: evaluate.py and predict.py do not reseed after probing."""
+    autocast, clock = utils.autocast, [0.0]
+
+    @contextlib.contextmanager
+    def timed(device, dtype, *rest):
+        clock[0] += 3.0 if dtype is slow_dtype else 1.0
+        with autocast(device, dtype, *rest):
+            yield
+    monkeypatch.setattr(utils, "autocast", timed)
+    monkeypatch.setattr(utils.time, "perf_counter", lambda: clock[0])
+    utils.cpu_bf16_speedup.cache_clear()
+    torch.manual_seed(5)
+    expected_next = torch.rand(3)
+    torch.manual_seed(5)
+    try:
+        assert utils.cpu_bf16_speedup(rounds=2) == pytest.approx(speedup)
+    finally:
+        utils.cpu_bf16_speedup.cache_clear()
+    assert torch.equal(torch.rand(3), expected_next)
+
+
+@pytest.mark.parametrize("pays_here", [True, False])
+def test_every_torchrun_rank_makes_the_same_bf16_choice(tmp_path, monkeypatch, pays_here):
+    """Under a process group the ranks' choices are all-reduced (bf16 only if every rank's pays), whichever way
+    each rank decided: here a one-rank gloo group."""
+    all_reduce, ops = dist.all_reduce, []
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, op: (ops.append(op), all_reduce(tensor, op=op))[1])
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": pays_here})
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        pays = utils.cpu_bf16_pays()
+    finally:
+        dist.destroy_process_group()
+    assert ops == [dist.ReduceOp.MIN] and pays is pays_here
 
 
 def tiny_model(channels_last: bool = False, **config) -> GCN:
@@ -64,11 +111,10 @@ def eager_step(model: GCN, amp_dtype: torch.dtype | None, channels_last: bool, l
                                 utils.Placement(CPU, channels_last, amp_dtype), grad_clip_norm=5.0)
 
 
-@pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no native bf16 (AMX-BF16 / AVX512-BF16): amp trains in "
-                                            "float32 here, tested elsewhere")
+@pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no bf16 instructions (AMX-BF16 / AVX512-BF16): "
+                                            "amp trains in float32 here, tested elsewhere")
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_a_cpu_bf16_training_step_learns_in_either_layout(channels_last):
-    assert utils.autocast_dtype(CPU, True) is torch.bfloat16
     model = tiny_model(channels_last)
     images, labels = tiny_batch()
     with utils.autocast(CPU, torch.bfloat16):
@@ -212,13 +258,14 @@ def test_cuda_graph_is_off_by_default_and_falls_back_to_eager_on_the_cpu(experim
         train_step.EagerStep
 
 
-@pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no native bf16 (AMX-BF16 / AVX512-BF16): predict.py runs "
-                                            "float32 here")
+@pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no bf16 instructions (AMX-BF16 / AVX512-BF16): "
+                                            "predict.py runs float32 here")
 def test_predict_runs_in_bf16_on_a_cpu_with_native_bf16(tmp_path, monkeypatch):
     """A checkpoint trained with amp true: predict.py autocasts to bf16 and still labels every pixel whose two best
     float32 logits differ by more than bf16's error could bridge as the float32 argmax."""
     path = tmp_path / "best.pth.tar"
     model = write_checkpoint(path, params={**TRAINING_PARAMS, "amp": True})
+    monkeypatch.setattr(utils, "cpu_bf16_pays", lambda: True)  # whether it pays on this CPU is tested above
     dtypes = []
     autocast = utils.autocast
     monkeypatch.setattr(utils, "autocast", lambda device, dtype, *rest: (dtypes.append(dtype),

@@ -530,9 +530,9 @@ def test_set_logger_appends_without_duplicates_and_creates_no_empty_file(tmp_pat
 def test_mixed_precision_is_decided_in_one_place(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert utils.autocast_dtype(cuda, False) is None and utils.autocast_dtype(cpu, False) is None
-    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(utils, "cpu_bf16_pays", lambda: False)
     assert utils.autocast_dtype(cpu, True) is None
-    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(utils, "cpu_bf16_pays", lambda: True)
     assert utils.autocast_dtype(cpu, True) == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert utils.autocast_dtype(cuda, True) == torch.bfloat16
