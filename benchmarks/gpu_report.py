@@ -1,8 +1,8 @@
-"""The pieces of benchmarks/gpu_checks.sh that are Python: the data-rate check and the one JSON + Markdown report.
+"""The pieces of benchmarks/gpu_checks.sh that are Python: the data-rate check and the report of a part.
 
-    python -m benchmarks.gpu_report data --workers 4 8 16 --json OUT/data.json
-    python -m benchmarks.gpu_report report OUT_DIR   # reads OUT_DIR/benchmark_*.json, data.json, loss.json,
-                                                     # train_{eager,graph}/
+    python -m benchmarks.gpu_report data --workers 4 8 16 --json WORK/data.json
+    python -m benchmarks.gpu_report report WORK --part 1 --out OUT_DIR   # reads WORK/checks.tsv, pytest.log,
+        # device.txt, benchmark_*.json, data.json, loss.json, train_{eager,graph}/; writes OUT_DIR/partN.{json,md}
 
 Runs on CPU too (gpu_checks.sh --cpu dry-runs everything at tiny sizes).
 """
@@ -11,13 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
 from benchmarks.bench_data import images_per_second, make_voc_tree
 
-TARGET_IMAGES_PER_S = 600  # what a GCN-R50 step at batch 8 × 512² can consume on an H200 (issue 19)
+TARGET_IMAGES_PER_S = 600  # what a GCN-R50 step at batch 8 × 512² could consume on an H200 (the data must keep up)
 
 
 def data_rates(workers: list[int], images: int, crop: int, batch_size: int) -> dict:
@@ -55,11 +57,27 @@ def compare_curves(eager: dict[int, float], graph: dict[int, float]) -> dict:
             "close": abs(graph_tail - eager_tail) <= 0.1 * abs(eager_tail) and eager_tail < eager[steps[0]]}
 
 
-def report(out: Path) -> dict:
-    """Collect OUT_DIR's figures into gpu_checks.json and gpu_checks.md; returns the JSON."""
+def checks(work: Path) -> list[dict]:
+    """The part's checks as gpu_checks.sh recorded them (checks.tsv: name, exit status, seconds)."""
+    rows = [line.split("\t") for line in (work / "checks.tsv").read_text().splitlines() if line.strip()]
+    return [{"name": name, "passed": status == "0", "status": int(status), "seconds": int(seconds),
+             "timed_out": status == "124"} for name, status, seconds in rows]
+
+
+def pytest_summary(log: Path) -> str | None:
+    """pytest's closing line (e.g. '12 passed, 2 skipped in 40.1s'), or None."""
+    lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
+    closing = re.compile(r"\d+ (passed|failed|errors?|skipped)")
+    return next((line.strip("= ") for line in reversed(lines) if closing.search(line)), None)
+
+
+def report(work: Path, part: int, out: Path) -> dict:
+    """Collect a part's checks and figures from gpu_checks.sh's WORK folder into OUT/partN.json and partN.md."""
     benchmarks = {path.stem.removeprefix("benchmark_"): json.loads(path.read_text())
-                  for path in sorted(out.glob("benchmark_*.json"))}
-    result: dict = {"device": next((b["device"] for b in benchmarks.values()), None), "benchmarks": {}}
+                  for path in sorted(work.glob("benchmark_*.json"))}
+    device_text = (work / "device.txt").read_text().strip() if (work / "device.txt").is_file() else ""
+    result: dict = {"part": part, "device": device_text, "checks": checks(work),
+                    "pytest": pytest_summary(work / "pytest.log"), "benchmarks": {}}
     for name, summary in benchmarks.items():
         rows = {row["model"]: row for row in summary["models"]}
         gcn = next((row for model, row in rows.items() if model.startswith("gcn")), None)
@@ -73,23 +91,29 @@ def report(out: Path) -> dict:
             "gcn_kernel_fraction": gcn and gcn.get("kernel_fraction"),
             "fcn_step_s": fcn and fcn["train_step_s"],
             "gcn_vs_fcn": gcn and fcn and gcn["train_step_s"] / fcn["train_step_s"]}
-    if (out / "data.json").exists():
-        result["data"] = json.loads((out / "data.json").read_text())
-    if (out / "loss.json").exists():
-        result["loss"] = json.loads((out / "loss.json").read_text())
-    if (out / "train_eager").is_dir() and (out / "train_graph").is_dir():
-        result["training"] = compare_curves(loss_curve(out / "train_eager"), loss_curve(out / "train_graph"))
-    (out / "gpu_checks.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "gpu_checks.md").write_text(markdown(result))
+    if (work / "data.json").exists():
+        result["data"] = json.loads((work / "data.json").read_text())
+    if (work / "loss.json").exists():
+        result["loss"] = json.loads((work / "loss.json").read_text())
+    if (work / "train_eager").is_dir() and (work / "train_graph").is_dir():
+        result["training"] = compare_curves(loss_curve(work / "train_eager"), loss_curve(work / "train_graph"))
+    (out / f"part{part}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"part{part}.md").write_text(markdown(result))
     return result
 
 
 def markdown(result: dict) -> str:
     def cell(value, spec: str) -> str:
         return "—" if value is None else format(value, spec)
-    lines = [f"Device: {result['device']}", "",
-             "| run | batch | graph | padded | GCN step ms | GCN img/s | GCN kernels % of step | fcn_resnet50 ms |"
-             " GCN/FCN | GCN GiB | latency ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"# GPU checks, part {result['part']}", "", "Device: " + result["device"].replace("\n", "; "), "",
+             "| check | result | seconds |", "|---|---|---|"]
+    lines += [f"| {c['name']} | {'pass' if c['passed'] else 'FAIL (timed out)' if c['timed_out'] else 'FAIL'} | "
+              f"{c['seconds']} |" for c in result["checks"]]
+    if result["pytest"]:
+        lines += ["", f"pytest: {result['pytest']}"]
+    if result["benchmarks"]:
+        lines += ["", "| run | batch | graph | padded | GCN step ms | GCN img/s | GCN kernels % of step | "
+                      "fcn_resnet50 ms | GCN/FCN | GCN GiB | latency ms |", "|---" * 11 + "|"]
     for name, b in result["benchmarks"].items():
         lines.append(f"| {name} | {b['batch_size']} | {b['cuda_graph']} | {b['pad_scores']} | "
                      f"{cell(b['gcn_step_s'] and b['gcn_step_s'] * 1e3, '.1f')} | "
@@ -120,7 +144,7 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     data = commands.add_parser("data", help="the data-pipeline rate per worker count")
@@ -129,16 +153,21 @@ def main(argv: list[str] | None = None) -> None:
     data.add_argument("--crop", type=int, default=512)
     data.add_argument("--batch_size", type=int, default=8)
     data.add_argument("--json", type=Path, required=True)
-    collect = commands.add_parser("report", help="gpu_checks.json + gpu_checks.md from an OUT_DIR")
-    collect.add_argument("out", type=Path)
+    collect = commands.add_parser("report", help="partN.json + partN.md from gpu_checks.sh's work folder; exit "
+                                                 "status 1 if a check failed")
+    collect.add_argument("work", type=Path)
+    collect.add_argument("--part", type=int, choices=(1, 2), required=True)
+    collect.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.command == "data":
         rates = data_rates(args.workers, args.images, args.crop, args.batch_size)
         args.json.write_text(json.dumps(rates, indent=2) + "\n")
         print(json.dumps(rates))
-    else:
-        print(markdown(report(args.out)))
+        return 0
+    result = report(args.work, args.part, args.out)
+    print(markdown(result))
+    return 0 if result["checks"] and all(c["passed"] for c in result["checks"]) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -113,3 +113,38 @@ def test_amp_run_benchmark_refuses_bad_arguments_in_one_line(args, message, caps
     with pytest.raises(SystemExit):
         bench_amp_run.main(args)
     assert message in capsys.readouterr().err
+
+
+def test_a_gpu_checks_part_fits_the_device_tool_and_fails_when_a_check_fails(tmp_path):
+    """benchmarks/gpu_checks.sh --cpu (the dry run) of part 1, with the graphed training made to fail (through the
+    $PYTHON it runs): the other checks still run, the part's exit status says it failed, and OUT_DIR holds the
+    three regular files the device tool brings back (at most 8, no folder), no checkpoint; the report lists every
+    check with its result and time, and pytest's summary."""
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\ncase "$*" in *cuda_graph=true*) echo "made to fail" >&2; exit 3 ;; esac\n'
+                      f'exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", "benchmarks/gpu_checks.sh", "--cpu", "--part", "1", str(out)], cwd=REPO,
+                            env={"PATH": "/usr/bin:/bin", "PYTHON": str(python), "HOME": str(tmp_path)},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["part1.json", "part1.md", "part1_logs.tar.gz"]
+    assert all(p.is_file() for p in out.iterdir())
+    checks = {c["name"]: (c["passed"], c["status"]) for c in json.loads((out / "part1.json").read_text())["checks"]}
+    assert checks == {"pytest": (True, 0), "train_eager": (True, 0), "train_graph": (False, 3)}
+    markdown = (out / "part1.md").read_text()
+    assert "| train_graph | FAIL |" in markdown and "| train_eager | pass |" in markdown
+    assert "pytest: " in markdown and "skipped" in markdown  # tests/test_cuda.py, skipped without a GPU
+    logs = subprocess.run(["tar", "-tzf", str(out / "part1_logs.tar.gz")], capture_output=True, text=True).stdout
+    assert "train_graph.log" in logs and ".pth" not in logs
+
+
+@pytest.mark.parametrize("args, message", [([], "--part 1 or --part 2 is required"),
+                                           (["--part", "3", "out"], "--part 1 or --part 2 is required"),
+                                           (["--part", "1"], "OUT_DIR is required")])
+def test_gpu_checks_explains_itself(args, message):
+    usage = subprocess.run(["bash", "benchmarks/gpu_checks.sh", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert usage.returncode == 0 and usage.stdout.startswith("Usage: bash benchmarks/gpu_checks.sh")
+    wrong = subprocess.run(["bash", "benchmarks/gpu_checks.sh", *args], cwd=REPO, capture_output=True, text=True)
+    assert wrong.returncode == 2 and wrong.stderr == f"gpu_checks.sh: {message} (see --help)\n"
