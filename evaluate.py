@@ -6,10 +6,11 @@ confusion_<split>_<checkpoint>.png; with --save_predictions DIR, prediction PNGs
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -47,22 +48,23 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: SegmentationLoss, 
                                   boundary_distance=config.boundary_distance, boundary_void=config.boundary_void)
     loss_sums = criterion.zero_sums(len(dataset.classes), placement.device)  # over batches, as one batch
     labelled = torch.zeros((), dtype=torch.int64, device=placement.device)
-    for index, (image, label) in zip(loader.sampler, loader):
-        if should_stop is not None and should_stop():
-            return None
-        picture_source = image
-        image, label = placement.batch(image, label)
-        with placement.autocast():
-            logits = padded_logits(lambda x: predict_logits(
-                model, x, config.tta_scales if tta else (1.0,), flip=tta and config.tta_flip, window=window,
-                gaussian=config.gaussian_windows), image, config.eval_pad_size)
-        pred = logits.argmax(1)
-        if dataset.has_labels:
-            loss_sums += criterion.sums(logits, label)
-            labelled += (label != IGNORE_INDEX).sum()
-            metrics.update(pred, label)
-        if on_image is not None:
-            on_image(index, picture_source[0], label[0], pred[0])
+    with without_cudnn_autotuning():
+        for index, (image, label) in zip(loader.sampler, loader):
+            if should_stop is not None and should_stop():
+                return None
+            picture_source = image
+            image, label = placement.batch(image, label)
+            with placement.autocast():
+                logits = padded_logits(lambda x: predict_logits(
+                    model, x, config.tta_scales if tta else (1.0,), flip=tta and config.tta_flip, window=window,
+                    gaussian=config.gaussian_windows), image, config.eval_pad_size)
+            pred = logits.argmax(1)
+            if dataset.has_labels:
+                loss_sums += criterion.sums(logits, label)
+                labelled += (label != IGNORE_INDEX).sum()
+                metrics.update(pred, label)
+            if on_image is not None:
+                on_image(index, picture_source[0], label[0], pred[0])
     if not dataset.has_labels:
         return {}
     metrics.all_reduce()
@@ -75,6 +77,19 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: SegmentationLoss, 
     results = metrics.compute()
     results["loss"] = criterion.from_sums(loss_sums).item()
     return results
+
+
+@contextlib.contextmanager
+def without_cudnn_autotuning() -> Iterator[None]:
+    """cudnn.benchmark off within: evaluation scores each image at its own size (94 sizes among VOC's first 321 val
+    images), and autotuning would time every convolution's algorithms again at each new size. (Not
+    torch.backends.cudnn.flags: it sets every flag, and its defaults turn cuDNN off.)"""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
 
 
 def per_class_table(metrics: dict[str, Any]) -> str:
@@ -153,7 +168,7 @@ def main(args) -> dict[str, Any]:
     if args.num_pictures not in (None, "all") and not args.num_pictures.isdigit():
         raise utils.UserError(f"--num_pictures {args.num_pictures!r}: expected a number or 'all'")
     num_pictures = None if args.num_pictures == "all" else int(args.num_pictures or eval_config.num_logged_images)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = utils.default_device()
     placement = utils.Placement(device, config.channels_last, utils.autocast_dtype(device, config.amp))
     dataset = build_dataset(data_config, params.num_classes, args.split, train=False)
     trained = load_trained_model(utils.checkpoint_path(model_dir, args.restore_file),

@@ -129,7 +129,7 @@ def main(args) -> int:
         utils.output_folder(folder, "--out")
     batches, errors = size_batches(list(names), args.batch_size)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = utils.default_device()
     config, eval_config = trained.train_config, trained.eval_config
     placement = utils.Placement(device, config.channels_last, utils.autocast_dtype(device, config.amp))
     model = placement.module(trained.net)

@@ -138,10 +138,10 @@ def main(args) -> int:
 
     torch.manual_seed(config.seed)  # the model's initialisation; the data pipeline seeds every sample itself
     net = placement.module(build_net(model_config, config.sync_bn and world_size > 1))
-    optimizer = build_optimizer(net, config)
+    optimizer = build_optimizer(net, config, placement)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, poly_lr_lambda(total_iterations, config.lr_power, config.warmup_iterations))
-    scaler = torch.amp.GradScaler(device.type, enabled=placement.dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=placement.needs_grad_scaler)
     criterion = SegmentationLoss(config.class_weights, config.dice_term_weight).to(device)
     model = torch.compile(net) if config.compile else net
     if world_size > 1:
@@ -299,8 +299,8 @@ def save(run: Run, name: str) -> None:
         return
     state = {"state_dict": run.net.state_dict(), "model_config": dataclasses.asdict(run.net.config), **run.record}
     if not (name == utils.BEST_CHECKPOINT and run.config.keep_checkpoints == "best_weights"):  # else weights only
-        state |= {"optimizer": host_learning_rates(run.optimizer.state_dict()),
-                  "scheduler": host_learning_rates(run.scheduler.state_dict()),
+        state |= {"optimizer": host_learning_rates(run.optimizer.state_dict(), run.scheduler),
+                  "scheduler": host_learning_rates(run.scheduler.state_dict(), run.scheduler),
                   "scaler": run.scaler.state_dict(), "progress": dataclasses.asdict(run.progress),
                   "overrides": run.overrides}
     utils.save_checkpoint(state, run.model_dir / name)
@@ -330,14 +330,14 @@ def check_folder_name(model_dir: Path) -> None:
 def start_processes(config: utils.TrainConfig) -> tuple[torch.device, int, int]:
     """This process's device, rank and the number of processes (several under torchrun); CUDA tuned for speed.
     `compile: true` is refused on the CPU, where compiling takes minutes and is not tested."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = utils.default_device()
     if config.compile and device.type == "cpu":
         raise utils.ParamsError("compile: true is for CUDA; on the CPU, compiling the training step takes minutes "
                                 "for about 10 % less time per step, and this project does not test it: set compile "
                                 "to false (--set compile=false)")
     rank, world_size = utils.init_distributed(device.type)
     if device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
+        device = utils.default_device()  # the GPU init_distributed chose for this rank
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
     return device, rank, world_size
@@ -365,13 +365,13 @@ def build_net(config: GCNConfig, sync_bn: bool) -> GCN:
     return nn.SyncBatchNorm.convert_sync_batchnorm(net) if sync_bn else net
 
 
-def build_optimizer(net: GCN, config: utils.TrainConfig) -> torch.optim.SGD:
+def build_optimizer(net: GCN, config: utils.TrainConfig, placement: utils.Placement) -> torch.optim.SGD:
     """SGD; the new layers (heads, BR, decoder) learn head_lr_multiplier× faster than the backbone."""
     groups = net.parameter_groups()
     return build_sgd(
         [{"params": groups["backbone"], "lr": config.learning_rate},
          {"params": groups["heads"] + groups["decoder"], "lr": config.learning_rate * config.head_lr_multiplier}],
-        config.momentum, config.weight_decay, next(net.parameters()).device)
+        config.momentum, config.weight_decay, placement)
 
 
 def poly_lr_lambda(total_iterations: int, power: float, warmup: int):

@@ -22,10 +22,12 @@ class TrainingDiverged(utils.UserError):
 
 
 def build_sgd(groups: list[dict[str, Any]], momentum: float, weight_decay: float,
-              device: torch.device) -> torch.optim.SGD:
+              placement: utils.Placement) -> torch.optim.SGD:
     """SGD over the parameter groups; fused (one kernel for all parameters) on CPU and CUDA, which reads a tensor
-    learning rate on the device (what a captured step needs), foreach elsewhere."""
-    fused = device.type in ("cpu", "cuda")
+    learning rate on the device (what a captured step needs), foreach elsewhere and under fp16's GradScaler: a
+    scaled step that overflows (the usual first step) makes the fused kernel skip it without initialising the
+    momentum buffers it allocated, which then hold garbage (NaN) from the next step on."""
+    fused = placement.device.type in ("cpu", "cuda") and not placement.needs_grad_scaler
     return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=momentum, weight_decay=weight_decay,
                            fused=fused or None, foreach=None if fused else True)
 
@@ -143,7 +145,9 @@ class CudaGraphStep(EagerStep):
         else:
             self.optimizer.zero_grad(set_to_none=True)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            # thread_local: CUDA calls of other threads (the DataLoader's pin-memory thread) must not invalidate
+            # the capture, as they do in the default "global" mode.
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.static_loss = self.update(*self.static, cache_enabled=False)
             self.graph.replay()  # capturing ran nothing: this is the step
             logging.info("Training step captured in a CUDA graph after %d eager steps", self.steps)
@@ -175,14 +179,15 @@ def build_step(config: utils.TrainConfig, model: nn.Module, optimizer: torch.opt
     return step_class(model, optimizer, scheduler, scaler, criterion, placement, config.grad_clip_norm)
 
 
-def host_learning_rates(state: dict[str, Any]) -> dict[str, Any]:
+def host_learning_rates(state: dict[str, Any], scheduler: torch.optim.lr_scheduler.LambdaLR) -> dict[str, Any]:
     """An optimiser's or scheduler's state_dict with tensor learning rates (CudaGraphStep's) as plain floats, so
-    that a checkpoint resumes alike with or without a graph."""
-    def plain(value: Any) -> Any:
-        return float(value) if isinstance(value, Tensor) else value
+    that a checkpoint resumes alike with or without a graph. The floats are the scheduler's, computed on the host as
+    it computes them (base lr × factor): reading the device tensors back would wait for the GPU."""
+    lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
     state = dict(state)
     if "param_groups" in state:
-        state["param_groups"] = [{**g, "lr": plain(g["lr"])} for g in state["param_groups"]]
+        state["param_groups"] = [{**g, "lr": lr if isinstance(g["lr"], Tensor) else g["lr"]}
+                                 for g, lr in zip(state["param_groups"], lrs)]
     if "_last_lr" in state:
-        state["_last_lr"] = [plain(lr) for lr in state["_last_lr"]]
+        state["_last_lr"] = [lr if isinstance(last, Tensor) else last for last, lr in zip(state["_last_lr"], lrs)]
     return state

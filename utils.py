@@ -858,15 +858,18 @@ def cpu_bf16_pays() -> bool:
 
 
 def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """The mixed-precision dtype: on CUDA bf16 where supported, else fp16 (which needs a GradScaler); on CPU bf16
-    where it pays (cpu_bf16_pays); None (plain float32) elsewhere or with amp off."""
+    """The mixed-precision dtype: on CUDA bf16 where the GPU computes it natively (Ampere and newer), else fp16 (which
+    needs a GradScaler); on CPU bf16 where it pays (cpu_bf16_pays); None (plain float32) elsewhere or with amp off.
+
+    Not torch.cuda.is_bf16_supported() alone: by default it counts emulation, True on every CUDA GPU, and emulated
+    bf16 (T4, V100, P100) is slow or fails."""
     if not amp:
         return None
     if device.type == "cpu":
         return torch.bfloat16 if cpu_bf16_pays() else None
     if device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None, cache_enabled: bool = True) -> torch.autocast:
@@ -889,6 +892,11 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
     on the images' device, in their memory layout."""
     mean, std = _mean_std_255(images.device)
     return images.to(torch.float32).sub_(mean).div_(std)
+
+
+def default_device() -> torch.device:
+    """Where the entry points compute: the GPU if there is one (this process's current GPU), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -919,6 +927,11 @@ class Placement:
 
     def autocast(self, cache_enabled: bool = True) -> torch.autocast:
         return autocast(self.device, self.dtype, cache_enabled)
+
+    @property
+    def needs_grad_scaler(self) -> bool:
+        """Whether training needs a GradScaler: fp16's range loses small gradients unless the loss is scaled."""
+        return self.dtype == torch.float16
 
     @property
     def precision(self) -> str:

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
                            for name, amp in (("float32", False), ("amp", True))})
         print(f"round {index + 1}: " + ", ".join(f"{name} {r['training_s']} s training, {r['command_s']} s command, "
                                                  f"mIoU {r['best_miou']:.4f}" for name, r in rounds[-1].items()))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as train.py chooses
+    device = utils.default_device()  # as train.py chooses
     capabilities = torch.cpu.get_capabilities()
     summary = {"device": device.type, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                "cpu_bf16": [name for name in utils.CPU_BF16_CAPABILITIES if capabilities.get(name, False)],

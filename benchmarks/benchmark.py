@@ -99,12 +99,12 @@ def train_step_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
                   cuda_graph: bool = False) -> Callable[[], torch.Tensor]:
     """train.py's step (train_step.py: fused SGD, poly schedule; captured in a CUDA graph with cuda_graph)."""
     device = images.device
-    optimizer = train_step.build_sgd([{"params": list(model.parameters()), "lr": 1e-3}], 0.9, 1e-4, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: max(0.0, 1 - it / 10 ** 6) ** 0.9)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    step_class = train_step.CudaGraphStep if cuda_graph else train_step.EagerStep
     placement = utils.Placement(device, images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last),
                                 amp_dtype)
+    optimizer = train_step.build_sgd([{"params": list(model.parameters()), "lr": 1e-3}], 0.9, 1e-4, placement)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: max(0.0, 1 - it / 10 ** 6) ** 0.9)
+    scaler = torch.amp.GradScaler(device.type, enabled=placement.needs_grad_scaler)
+    step_class = train_step.CudaGraphStep if cuda_graph else train_step.EagerStep
     step = step_class(model, optimizer, scheduler, scaler, SegmentationLoss().to(device), placement, None)
     return lambda: step(images, labels)
 

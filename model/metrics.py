@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from model import IGNORE_INDEX
 
 _BOUNDARY_STATS = 4  # boundary correct, boundary total, interior correct, interior total
+_INVALID = 1  # pixels whose prediction or label was not a class (or ignore_index), counted where not checked at once
 
 
 def _check_label_tensor(name: str, tensor: torch.Tensor) -> None:
@@ -55,27 +56,49 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     shape. Every prediction must be a class index and every target a class index or
     `ignore_index` (which must lie outside [0, num_classes)); anything else raises ValueError.
     """
+    pred, target = _checked_labels(pred, target, num_classes, ignore_index)
+    _check_values(pred, target, num_classes, ignore_index)
+    return _confusion_bins(pred, target, num_classes, ignore_index)[:num_classes * num_classes].view(
+        num_classes, num_classes)
+
+
+def _checked_labels(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                    ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """pred and target as int64, after the checks that need no look at their values (shape, dtype)."""
     if pred.shape != target.shape:
         raise ValueError(f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
     _check_label_tensor("pred", pred)
     _check_label_tensor("target", target)
-    pred, target = pred.long(), target.long()
     _check_ignore_index(num_classes, ignore_index)
+    return pred.long(), target.long()
+
+
+def _check_values(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Every prediction a class, every target a class or ignore_index, else ValueError naming the values (a look at
+    the values: on a GPU, the host waits for it)."""
     lowest, highest = pred.aminmax() if pred.numel() else (0, 0)
     if lowest < 0 or highest >= num_classes:
         bad = pred[(pred < 0) | (pred >= num_classes)].unique().tolist()
         raise ValueError(f"predictions must lie in [0, {num_classes}), found {bad}")
-    # As ignore_index lies outside [0, num_classes), a pixel counts iff its target is a class.
     is_class = (target >= 0) & (target < num_classes)
     if not (is_class | (target == ignore_index)).all():
         bad = target[~is_class & (target != ignore_index)].unique().tolist()
         raise ValueError(f"labels must lie in [0, {num_classes}) or equal ignore_index "
                          f"{ignore_index}, found {bad}")
-    # Ignored pixels go to an extra bin that is dropped, avoiding a device sync for masking.
-    flat_index = torch.where(is_class, torch.add(pred, target, alpha=num_classes),
-                             num_classes * num_classes)
-    counts = torch.bincount(flat_index.flatten(), minlength=num_classes * num_classes + 1)
-    return counts[:-1].view(num_classes, num_classes)
+
+
+def _confusion_bins(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """The C×C confusion counts (flat), then the ignored pixels, then the invalid ones (a prediction that is not a
+    class, or a target neither a class nor ignore_index), counted on the tensors' device without a host
+    synchronisation (scatter_add_, not bincount, whose output size depends on the values)."""
+    cells = num_classes * num_classes
+    valid_pred = (pred >= 0) & (pred < num_classes)
+    is_class = (target >= 0) & (target < num_classes)
+    # As ignore_index lies outside [0, num_classes), a pixel counts iff its target is a class.
+    index = torch.where(valid_pred & is_class, torch.add(pred, target, alpha=num_classes),
+                        torch.where(valid_pred & (target == ignore_index), cells, cells + 1)).flatten()
+    bins = torch.zeros(cells + 2, dtype=torch.int64, device=index.device)
+    return bins.scatter_add_(0, index, torch.ones_like(index))
 
 
 BOUNDARY_DISTANCES = ("chebyshev", "euclidean")  # the band's neighbourhood: a square or a disc of radius `width`
@@ -167,12 +190,15 @@ class SegmentationMetrics:
 
     def reset(self) -> None:
         """Forget everything accumulated so far."""
-        size = self.num_classes * self.num_classes + _BOUNDARY_STATS
+        size = self.num_classes * self.num_classes + _BOUNDARY_STATS + _INVALID
         self._counts = torch.zeros(size, dtype=torch.int64, device=self._device)
         self._reduced = False
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        """Add one batch of predictions and labels (N×H×W or H×W, original resolution)."""
+        """Add one batch of predictions and labels (N×H×W or H×W, original resolution).
+
+        Values that are not classes (or ignore_index) raise ValueError here on the CPU; on a GPU, where looking at
+        them would make the host wait for every batch, they are counted and compute() raises."""
         if self._reduced:
             raise RuntimeError("update() after all_reduce() would mix global and local counts; "
                                "call reset() first")
@@ -180,13 +206,16 @@ class SegmentationMetrics:
             self._counts = self._counts.to(pred.device)
         band = boundary_band(target, self.boundary_width, self.ignore_index, self.boundary_distance,
                              self.boundary_void)
-        matrix = confusion_matrix(pred, target, self.num_classes, self.ignore_index)
+        pred, target = _checked_labels(pred, target, self.num_classes, self.ignore_index)
+        if pred.device.type == "cpu":
+            _check_values(pred, target, self.num_classes, self.ignore_index)
+        bins = _confusion_bins(pred, target, self.num_classes, self.ignore_index)
         interior = (target != self.ignore_index) & ~band
-        correct = pred.long() == target.long()
+        correct = pred == target
         cells = self.num_classes * self.num_classes
-        self._counts[:cells] += matrix.flatten()
-        self._counts[cells:] += torch.stack([(correct & band).sum(), band.sum(),
-                                             (correct & interior).sum(), interior.sum()])
+        self._counts[:cells] += bins[:cells]
+        self._counts[cells:] += torch.stack([(correct & band).sum(), band.sum(), (correct & interior).sum(),
+                                             interior.sum(), bins[-1]])
 
     def all_reduce(self) -> None:
         """Sum the counts over all ranks (one collective); a no-op without torch.distributed.
@@ -209,7 +238,10 @@ class SegmentationMetrics:
         cells = self.num_classes * self.num_classes
         matrix = [counts[row * self.num_classes:(row + 1) * self.num_classes]
                   for row in range(self.num_classes)]
-        boundary_correct, boundary_total, interior_correct, interior_total = counts[cells:]
+        boundary_correct, boundary_total, interior_correct, interior_total, invalid = counts[cells:]
+        if invalid:
+            raise ValueError(f"{invalid} pixel(s) given to update() had a prediction outside [0, {self.num_classes}) "
+                             f"or a label neither a class nor ignore_index {self.ignore_index}")
         total = sum(counts[:cells])
         if total == 0:
             raise ValueError("no labelled pixels were accumulated: every target pixel was "

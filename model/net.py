@@ -312,6 +312,9 @@ class GCN(nn.Module):
         self.upsamples = nn.ModuleList(Upsample2x(num_classes, config.upsample) for _ in range(5))
         self.decoder_refines = nn.ModuleList(refine() for _ in range(5))
         self.score_channel_multiple: int | None = None  # None: SCORE_CHANNEL_MULTIPLE on CUDA, 1 on CPU
+        # decode() as a module for functional_call on padded weights, built once (one built in forward breaks a
+        # compiled model into three graphs), kept out of the module tree (as a submodule it would hold it twice).
+        object.__setattr__(self, "_decoding", _Decoding(self))
         self.reset_new_parameters()
         if config.frozen_bn:
             for norm in self._backbone_norms():
@@ -388,7 +391,7 @@ class GCN(nn.Module):
         # stay zero (zero weights and biases), gradients reach the real weights through the padding.
         padded = {f"model.{name}": _pad_score_channels(p, self.config.num_classes, width)
                   for name, p in self.named_parameters() if not name.startswith("backbone.")}
-        out = torch.func.functional_call(_Decoding(self), padded, (features, x))
+        out = torch.func.functional_call(self._decoding, padded, (features, x))
         return out[:, :self.config.num_classes]
 
     def score_width(self, x: Tensor) -> int:
@@ -439,9 +442,8 @@ def cross_entropy_loss(logits: Tensor, labels: Tensor, weight: Tensor | None = N
 
     Unlike F.cross_entropy's mean, an all-void batch (a crop inside an ignored region) gives 0, not NaN.
     """
-    pixel_weight = _pixel_weights(labels, weight, logits.dtype)
     total = _cross_entropy_sum(logits, labels, weight)
-    return total / pixel_weight.sum().clamp(min=torch.finfo(pixel_weight.dtype).tiny)
+    return total / _pixel_weights(labels, weight).sum().clamp(min=torch.finfo(torch.float32).tiny)
 
 
 def _cross_entropy_sum(logits: Tensor, labels: Tensor, weight: Tensor | None) -> Tensor:
@@ -454,10 +456,11 @@ def _cross_entropy_sum(logits: Tensor, labels: Tensor, weight: Tensor | None) ->
     return F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def _pixel_weights(labels: Tensor, weight: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """Each pixel's weight in the cross entropy: its class's weight (1 without weights), 0 for void."""
+def _pixel_weights(labels: Tensor, weight: Tensor | None) -> Tensor:
+    """Each pixel's weight in the cross entropy, in float32 whatever the logits' dtype (their sum counts pixels: bf16
+    keeps 8 significant bits, fp16 overflows above 65,504): its class's weight (1 without weights), 0 for void."""
     valid = labels != IGNORE_INDEX
-    return valid.to(dtype) if weight is None else weight[labels.masked_fill(~valid, 0)] * valid
+    return valid.float() if weight is None else weight.float()[labels.masked_fill(~valid, 0)] * valid
 
 
 def dice_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -510,7 +513,7 @@ class SegmentationLoss(nn.Module):
         the pixel weights and, with Dice, its per-class terms."""
         logits = logits.float()
         parts = [_cross_entropy_sum(logits, labels, self.weight).reshape(1),
-                 _pixel_weights(labels, self.weight, logits.dtype).sum().reshape(1)]
+                 _pixel_weights(labels, self.weight).sum().reshape(1)]
         if self.dice_weight:
             parts += _dice_terms(logits, labels)
         return torch.cat([part.double() for part in parts])

@@ -16,6 +16,8 @@ import train
 import train_step
 import utils
 from benchmarks import benchmark
+from model.inference import predict_logits
+from model.metrics import SegmentationMetrics
 from model.net import GCN, GCNConfig, SegmentationLoss, cross_entropy_loss
 from test_predict import reference_logits, smooth_image, write_checkpoint
 
@@ -104,11 +106,12 @@ def two_steps(graph: bool, model: GCN, amp_dtype, grad_clip_norm=5.0):
     device = torch.device("cuda")
     groups = model.parameter_groups()
     optimizer = train_step.build_sgd([{"params": groups["backbone"], "lr": 0.01},
-                                      {"params": groups["heads"] + groups["decoder"], "lr": 0.1}], 0.9, 1e-4, device)
+                                      {"params": groups["heads"] + groups["decoder"], "lr": 0.1}], 0.9, 1e-4,
+                                     placement := utils.Placement(device, True, amp_dtype))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train.poly_lr_lambda(20, 0.9, 3))
     step_class = train_step.CudaGraphStep if graph else train_step.EagerStep
     return step_class(model, optimizer, scheduler, torch.amp.GradScaler("cuda", enabled=False),
-                      SegmentationLoss().cuda(), utils.Placement(device, True, amp_dtype), grad_clip_norm)
+                      SegmentationLoss().cuda(), placement, grad_clip_norm)
 
 
 @pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16])
@@ -135,6 +138,60 @@ def test_the_graphed_step_follows_the_eager_trajectory(amp_dtype):
             assert error < 10 * tolerance, name
     finally:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_the_training_step_never_synchronises(graph):
+    """After the warm-up (and capture), steps queue without the host waiting: torch.cuda's sync debug mode raises
+    on any synchronising call (.item(), a blocking copy, bincount's output size...)."""
+    step = two_steps(graph, GCN(GCNConfig(5, "resnet18", kernel_size=3)).cuda().to(
+        memory_format=torch.channels_last), torch.bfloat16)
+    images, labels = (t.cpu().pin_memory() for t in batch(torch.device("cuda")))
+    monitor = train_step.LossMonitor(every=8, world_size=1, device=torch.device("cuda"))
+    for _ in range(train_step.GRAPH_WARMUP_STEPS + 1):
+        step(images, labels)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            monitor.record(step(images, labels))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert monitor.read(False, 3, 0) is False
+
+
+def test_a_cuda_graph_run_with_dataloader_workers_captures_and_trains(experiment):
+    """With workers the pin-memory thread makes CUDA calls while the step is captured: the capture runs in
+    thread_local mode, which they do not invalidate."""
+    model_dir = experiment(num_epochs=1, cuda_graph=True, num_workers=2)
+    assert train.cli(["--model_dir", str(model_dir)]) == 0
+    assert "captured in a CUDA graph" in (model_dir / utils.TRAIN_LOG).read_text()
+
+
+def test_validation_queues_every_image_without_synchronising():
+    """evaluate()'s per-image work (forward, loss sums, metric counts) makes no synchronising call."""
+    device = torch.device("cuda")
+    model = GCN(GCNConfig(5, "resnet18", kernel_size=3)).cuda().eval()
+    placement = utils.Placement(device, True, torch.bfloat16)
+    dataset = [(torch.randint(0, 256, (3, h, w), dtype=torch.uint8), torch.randint(0, 5, (h, w), dtype=torch.uint8))
+               for h, w in ((37, 50), (64, 64))]
+    loss, metrics = SegmentationLoss().cuda(), SegmentationMetrics(5, device=device)
+    sums = loss.zero_sums(5, device)
+    for image, label in dataset:  # warm-up: cuDNN's first calls at these sizes
+        with torch.no_grad(), placement.autocast():
+            model(placement.images(image[None]))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for image, label in dataset:
+            images, labels = placement.batch(image[None].pin_memory(), label[None].pin_memory())
+            with torch.no_grad(), placement.autocast():
+                logits = predict_logits(model, images)
+            sums += loss.sums(logits, labels)
+            metrics.update(logits.argmax(1), labels)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert metrics.compute()["pixel_accuracy"] >= 0 and loss.from_sums(sums).item() > 0
 
 
 def test_the_graphed_step_refuses_a_new_shape():
@@ -171,7 +228,8 @@ def test_a_cuda_graph_training_run_checkpoints_what_an_eager_run_resumes(experim
     assert all(isinstance(lr, float) for lr in checkpoint["scheduler"]["_last_lr"])
     model = GCN.from_checkpoint(checkpoint).cuda()
     params = utils.load_params(model_dir, (train.DataConfig, train.GCNConfig))
-    optimizer = train.build_optimizer(model, params)
+    optimizer = train.build_optimizer(model, params.config(utils.TrainConfig),
+                                      utils.Placement(torch.device("cuda"), True, torch.bfloat16))
     optimizer.load_state_dict(checkpoint["optimizer"])
     step = two_steps(False, model, torch.bfloat16)
     step.optimizer = optimizer

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import model.metrics as metrics_module
 from model.metrics import SegmentationMetrics, boundary_band, confusion_matrix
 
 IGNORE = 255
@@ -339,3 +340,15 @@ def test_evaluation_settings_offer_exactly_the_band_definitions():
     choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(utils.EvalConfig) if "choices" in f.metadata}
     assert choices["boundary_distance"] == metrics.BOUNDARY_DISTANCES
     assert choices["boundary_void"] == metrics.BOUNDARY_VOIDS
+
+
+def test_values_not_looked_at_in_update_are_counted_and_refused_by_compute(monkeypatch):
+    """On a GPU, update() does not look at the values (the host would wait for every image): a prediction or label
+    that is not a class (or ignore_index) is counted on the device, and compute() refuses the counts."""
+    monkeypatch.setattr(metrics_module, "_check_values", lambda *_args: None)  # as on a GPU
+    metrics = SegmentationMetrics(3)
+    metrics.update(torch.tensor([[0, 1], [2, 0]]), torch.tensor([[0, 1], [2, IGNORE]]))
+    assert metrics.compute()["pixel_accuracy"] == 1.0
+    metrics.update(torch.tensor([[0, 7], [2, 1]]), torch.tensor([[0, 1], [5, IGNORE]]))
+    with pytest.raises(ValueError, match=r"^2 pixel\(s\) given to update\(\) had a prediction outside \[0, 3\)"):
+        metrics.compute()

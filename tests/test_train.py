@@ -305,7 +305,8 @@ def test_head_layers_learn_faster_than_the_backbone(experiment):
     params = utils.Params(json.loads((experiment(head_lr_multiplier=10.0) / "params.json").read_text()),
                           (train.DataConfig, train.GCNConfig, utils.TrainConfig, utils.EvalConfig))
     model = train.GCN(params.config(train.GCNConfig))
-    backbone, new = train.build_optimizer(model, params.config(utils.TrainConfig)).param_groups
+    backbone, new = train.build_optimizer(model, params.config(utils.TrainConfig),
+                                          utils.Placement(torch.device("cpu"))).param_groups
     assert (backbone["lr"], new["lr"]) == (0.01, 0.1)
     assert len(backbone["params"]) + len(new["params"]) == len(list(model.parameters()))
 

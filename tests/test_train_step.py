@@ -100,15 +100,16 @@ def assert_near(got: torch.Tensor, expected: torch.Tensor, tolerance: float = 1e
 
 
 def eager_step(model: GCN, amp_dtype: torch.dtype | None, channels_last: bool, lr: float = 0.01,
-               multiplier: float = 1.0, dice_weight: float = 0.0) -> train_step.EagerStep:
+               multiplier: float = 1.0, dice_weight: float = 0.0,
+               scaler: torch.amp.GradScaler | None = None) -> train_step.EagerStep:
     groups = model.parameter_groups()
+    placement = utils.Placement(CPU, channels_last, amp_dtype)
     optimizer = train_step.build_sgd([{"params": groups["backbone"], "lr": lr},
                                       {"params": groups["heads"] + groups["decoder"], "lr": lr * multiplier}],
-                                     momentum=0.9, weight_decay=1e-2, device=CPU)
+                                     momentum=0.9, weight_decay=1e-2, placement=placement)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1 - it / 100)
-    return train_step.EagerStep(model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
-                                SegmentationLoss(dice_weight=dice_weight),
-                                utils.Placement(CPU, channels_last, amp_dtype), grad_clip_norm=5.0)
+    return train_step.EagerStep(model, optimizer, scheduler, scaler or torch.amp.GradScaler("cpu", enabled=False),
+                                SegmentationLoss(dice_weight=dice_weight), placement, grad_clip_norm=5.0)
 
 
 @pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no bf16 instructions (AMX-BF16 / AVX512-BF16): "
@@ -143,6 +144,30 @@ def test_the_step_never_waits_for_the_host(monkeypatch):
     monkeypatch.undo()
     assert not monitor.due(2) and monitor.due(3)
     assert monitor.read(False, iteration=2, epoch=0) is False and monitor.epoch_count == 2
+
+
+def test_an_fp16_first_step_that_overflows_is_skipped_and_the_next_one_is_finite():
+    """fp16 trains with a GradScaler, whose first scaled steps overflow (here on purpose: 2**40), so it skips them.
+    The optimiser must not be the fused one there: its kernel skips too, but leaves the momentum buffers it just
+    allocated uninitialised (NaN here: deterministic mode fills uninitialised memory with NaN), and every later
+    step is NaN."""
+    model = tiny_model()
+    images, labels = tiny_batch(32)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40, backoff_factor=2.0 ** -36)  # then 16: no overflow
+    step = eager_step(model, torch.float16, channels_last=False, scaler=scaler)
+    assert not step.optimizer.defaults["fused"]
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        before = [p.detach().clone() for p in model.parameters()]
+        step(images, labels)
+        assert scaler.get_scale() == 16.0  # the overflow was seen and the step skipped
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+        step(images, labels)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))  # the second step trained
 
 
 def test_the_monitor_names_the_first_nonfinite_iteration():
@@ -225,6 +250,15 @@ def test_padded_score_maps_compute_the_unpadded_model(config):
         assert_near(padded(images), reference(images), 1e-4)
 
 
+def test_the_padded_model_is_traced_as_one_graph():
+    """torch.compile sees one graph with padded score maps, as without: no graph break in the padded forward."""
+    model = tiny_model().eval()
+    model.score_channel_multiple = 8
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 32, 32))
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+
+
 def test_score_maps_are_padded_on_cuda_only_and_never_in_an_export():
     model = tiny_model()
     assert model.score_width(torch.zeros(1)) == 5
@@ -239,13 +273,23 @@ def test_dice_loss_of_an_all_void_batch_is_zero_with_zero_gradients():
 
 
 def test_checkpoints_hold_plain_learning_rates():
-    model = torch.nn.Linear(2, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=torch.tensor(0.1))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 0.5)
-    for state in (optimizer.state_dict(), scheduler.state_dict()):
-        plain = train_step.host_learning_rates(state)
+    """A graphed run's tensor learning rates are saved as the floats an eager run holds at the same iteration."""
+    optimizers, schedulers = [], []
+    for graphed in (True, False):
+        optimizers.append(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1))
+        schedulers.append(torch.optim.lr_scheduler.LambdaLR(optimizers[-1], lambda it: 0.5 ** it))
+        if graphed:  # as CudaGraphStep does at its first step
+            optimizers[-1].param_groups[0]["lr"] = torch.tensor(0.1)
+        for _ in range(3):
+            optimizers[-1].step()
+            schedulers[-1].step()
+    (graphed, graphed_scheduler), (eager, eager_scheduler) = zip(optimizers, schedulers)
+    for graphed_state, eager_state in ((graphed.state_dict(), eager.state_dict()),
+                                       (graphed_scheduler.state_dict(), eager_scheduler.state_dict())):
+        plain = train_step.host_learning_rates(graphed_state, graphed_scheduler)
         json.dumps(plain.get("param_groups", [{}])[0].get("lr", 0.0))  # a float, not a tensor
         assert not any(isinstance(v, torch.Tensor) for v in plain.get("_last_lr", []))
+        assert plain == train_step.host_learning_rates(eager_state, eager_scheduler) == eager_state
 
 
 def test_cuda_graph_is_off_by_default_and_falls_back_to_eager_on_the_cpu(experiment):

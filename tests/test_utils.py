@@ -538,6 +538,9 @@ def test_mixed_precision_is_decided_in_one_place(monkeypatch):
     assert utils.autocast_dtype(cuda, True) == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert utils.autocast_dtype(cuda, True) == torch.float16
+    # A pre-Ampere GPU (T4, V100): bf16 only emulated, which is_bf16_supported() counts by default.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert utils.autocast_dtype(cuda, True) == torch.float16
     with utils.autocast(cpu, None):
         assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32
 
