@@ -26,7 +26,9 @@ from trained_model import load_trained_model
 
 WEIGHTS_KEYS = ("state_dict", "model_config", "class_names", "palette", "params", "pretrained_weights")
 CHECK_SHAPE = (2, 3, 97, 131)  # odd sizes: every decoder crop is exercised
-RTOL = ATOL = 1e-4  # ONNX Runtime vs PyTorch logits: |onnx - torch| <= ATOL + RTOL * |torch|, element-wise
+# ONNX Runtime vs PyTorch logits: |onnx - torch| <= TOLERANCE * (1 + max |torch|) everywhere: float32 rounding grows
+# with the scale of the logits (and of the activations before them), not with each logit's own size
+TOLERANCE = 1e-4
 
 
 def weights_only(checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -71,13 +73,18 @@ def export_onnx(model: GCN, path: Path, metadata: dict[str, str]) -> float:
             expected = model(x).numpy()
         session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         got = session.run(None, {"image": x.numpy()})[0]
-        if got.shape != expected.shape or not np.allclose(got, expected, rtol=RTOL, atol=ATOL):
+        if got.shape != expected.shape or np.abs(got - expected).max() > logits_tolerance(expected):
             raise RuntimeError(f"the exported model's logits differ from PyTorch's (max abs diff "
                                f"{np.abs(got - expected).max() if got.shape == expected.shape else got.shape})")
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
     return float(np.abs(got - expected).max())
+
+
+def logits_tolerance(expected: np.ndarray) -> float:
+    """The largest difference allowed between ONNX Runtime's logits and PyTorch's `expected`."""
+    return TOLERANCE * (1 + float(np.abs(expected).max()))
 
 
 def parse_args(argv: Sequence[str] | None):
