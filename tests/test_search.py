@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import search_hyperparams as sh
-from conftest import TINY
+from conftest import TINY, child_signals
 import synthesize_results as sr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -247,7 +247,8 @@ def signal_sweep(parent: Path, stub: Path, signals: list[signal.Signals], prelud
     """Run a sweep in a subprocess (after `prelude`), send it `signals` once its first child waits; (status, stderr)."""
     code = (f"import signal, sys; from pathlib import Path; import search_hyperparams as sh; {prelude}; "
             f"sys.exit(sh.main(['--parent_dir', {str(parent)!r}], train_script=Path({str(stub)!r}), spec=None))")
-    sweep = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    sweep = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             preexec_fn=child_signals())
     try:
         deadline = time.time() + 60
         while not (parent / "waiting").exists():
