@@ -83,7 +83,10 @@ class HorizontalConv(nn.Conv2d):
         layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         # The transposed view is neither NCHW nor NHWC: without the copy oneDNN falls back to a slow path.
         x_t = x.transpose(-1, -2).contiguous(memory_format=layout)
-        weight_t = self.weight.transpose(-1, -2).contiguous(memory_format=layout)
+        # A reshape, not a transpose (the same for a dimension of size 1): its gradient comes back in the weight's
+        # own strides, which DistributedDataParallel's buckets expect ("Grad strides do not match bucket view").
+        out_channels, in_channels, _, k = self.weight.shape
+        weight_t = self.weight.reshape(out_channels, in_channels, k, 1).contiguous(memory_format=layout)
         return F.conv2d(x_t, weight_t, self.bias, padding=self.padding[::-1]).transpose(-1, -2)
 
 
