@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import train_step
 import utils
 from benchmarks.bench_data import images_per_second, make_voc_tree
+from model.flops import count_flops
 from model.net import GCN, GCNConfig, SegmentationLoss, cross_entropy_loss
 
 
@@ -111,14 +111,9 @@ def train_step_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
 
 def count_train_flops(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
     """(whole-model, backbone-only) FLOPs of one forward + backward pass."""
-    counter = FlopCounterMode(display=False)
-    with counter:
-        cross_entropy_loss(model(images), labels).backward()
+    flops = count_flops(model, lambda: cross_entropy_loss(model(images), labels).backward())
     model.zero_grad(set_to_none=True)
-    prefix = f"{type(model).__name__}.backbone."  # GCN.backbone is a ModuleDict: sum its direct children
-    backbone = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
-                   if name.startswith(prefix) and "." not in name[len(prefix):])
-    return counter.get_total_flops(), backbone
+    return flops["total"], flops["backbone"]
 
 
 def benchmark_model(name: str, model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict:

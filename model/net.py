@@ -20,6 +20,7 @@ import torchvision
 from torch import Tensor, nn
 
 from model import IGNORE_INDEX
+from model.flops import inference_flops
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 HEADS = ("gcn", "conv", "stack", "1x1")
@@ -537,8 +538,11 @@ def parameter_summary(model: GCN) -> str:
 
 
 def main() -> None:
-    """python -m model.net [--backbone resnet18 --num_classes 11 ...]: the parameter summary of any GCNConfig."""
-    parser = argparse.ArgumentParser(description="Print the GCN parameter summary.")
+    """python -m model.net [--backbone resnet18 --num_classes 11 ... --size H W]: the parameter summary of any
+    GCNConfig and its FLOPs for one H×W image (model/flops.py)."""
+    parser = argparse.ArgumentParser(description="Print the GCN's parameters and FLOPs by part.")
+    parser.add_argument("--size", type=int, nargs=2, default=(512, 512), metavar=("H", "W"),
+                        help="image size for the FLOPs (default 512 512)")
     for f in dataclasses.fields(GCNConfig):
         if f.name == "pretrained":
             continue
@@ -548,9 +552,15 @@ def main() -> None:
         else:
             parser.add_argument(f"--{f.name}", type=int if f.type.startswith("int") else str, default=default,
                                 choices=f.metadata.get("choices"))
-    config = GCNConfig(**vars(parser.parse_args()))
+    args = vars(parser.parse_args())
+    height, width = args.pop("size")
+    config = GCNConfig(**args)
     print(f"GCN {config.backbone}, k={config.kernel_size}, head={config.head}, {config.num_classes} classes")
     print(parameter_summary(GCN(config)))
+    flops = inference_flops(lambda: GCN(config), height, width)
+    unit, scale = ("G", 1e9) if flops["total"] >= 1e9 else ("M", 1e6)
+    print(f"{unit}FLOPs of one {height}×{width} image's forward pass (2 per multiply-add, torch.utils.flop_counter):")
+    print("\n".join(f"{part:<8}  {n / scale:>12,.2f}" for part, n in flops.items()))
 
 
 if __name__ == "__main__":
