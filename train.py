@@ -120,6 +120,7 @@ def main(args) -> int:
     overrides = utils.parse_overrides(args.set) | ({"data_dir": args.data_dir} if args.data_dir is not None else {})
     params = utils.load_params(model_dir, (DataConfig, GCNConfig), overrides, args.params and Path(args.params))
     check_folder_name(model_dir)
+    definition = own_params(model_dir, Path(args.params)) if args.params else None
     if args.restore_file == "auto" and completed_without_last(model_dir):
         print(f"{model_dir}: nothing to do, this run is complete ({utils.COMPLETE_MARKER})")
         return 0
@@ -164,6 +165,8 @@ def main(args) -> int:
         exit_stack.enter_context(run.stop)
         if run.main_process:
             exit_stack.enter_context(claim_run_folder(model_dir, fresh=not restore_file))
+            if definition is not None:  # the folder stands alone: evaluate.py and resumes read its params.json
+                utils.write_json(model_dir / utils.PARAMS_FILE, definition)
             utils.write_json(model_dir / utils.RESOLVED_PARAMS_FILE, utils.run_record(
                 params, overrides, vars(args), device) | {"pretrained_weights": net.pretrained_weights,
                                                           "precision": placement.precision})
@@ -404,6 +407,21 @@ def choose_restore_file(model_dir: Path, restore_file: str | None, force: bool) 
         raise utils.UserError(f"{model_dir} holds a previous run ({', '.join(previous_run)}): {resume}pass --force "
                               f"to delete it and start afresh")
     return restore_file
+
+
+def own_params(model_dir: Path, params_file: Path) -> dict[str, Any] | None:
+    """The settings of --params FILE, which become the folder's params.json; None if it holds them already. A
+    params.json with other settings is refused (evaluate.py and resumes in the folder would use them)."""
+    settings = utils.load_params(model_dir, (DataConfig, GCNConfig), params_file=params_file).dict
+    if not (model_dir / utils.PARAMS_FILE).exists():
+        return settings
+    existing = utils.load_params(model_dir, (DataConfig, GCNConfig)).dict
+    if existing == settings:
+        return None
+    differing = sorted(key for key in settings if existing[key] != settings[key])
+    raise utils.UserError(f"{model_dir / utils.PARAMS_FILE} holds other settings than {params_file} "
+                          f"({', '.join(differing)}): the folder's evaluations and resumes would use them; remove it "
+                          f"or choose another --model_dir")
 
 
 def completed_without_last(model_dir: Path) -> bool:

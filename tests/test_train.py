@@ -113,6 +113,23 @@ def test_resume_keeps_the_runs_own_settings_and_refuses_only_a_contradiction(exp
     assert read_json(rerun / utils.RESOLVED_PARAMS_FILE)["params"] == record["params"]
     first, second = weights(model_dir / utils.LAST_CHECKPOINT), weights(rerun / utils.LAST_CHECKPOINT)
     assert all(torch.equal(first[k], second[k]) for k in first)
+    # ...into a folder that stands alone: its own params.json, which evaluate.py and a requeued job read
+    assert read_json(rerun / "params.json") == record["params"]
+    assert evaluate.cli(["--model_dir", str(rerun), "--restore_file", "last"]) == 0
+    capsys.readouterr()
+    assert run_train(rerun, "--restore_file", "auto", "--params", str(model_dir / utils.RESOLVED_PARAMS_FILE)) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_params_from_another_file_never_replace_a_folders_own_params_json(experiment, tmp_path, capsys):
+    model_dir = experiment()
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**read_json(model_dir / "params.json"), "kernel_size": 5, "seed": 4}))
+    before = (model_dir / "params.json").read_bytes()
+    assert run_train(model_dir, "--params", str(other)) == 2
+    err = capsys.readouterr().err
+    assert f"{model_dir / 'params.json'} holds other settings than {other} (kernel_size, seed)" in err
+    assert sorted(os.listdir(model_dir)) == ["params.json"] and (model_dir / "params.json").read_bytes() == before
 
 
 def test_keep_best_weights_keeps_a_weights_only_best_and_no_last(experiment, capsys):
