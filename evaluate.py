@@ -34,8 +34,9 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: SegmentationLoss, 
              on_image: Callable[[int, Tensor, Tensor, Tensor], None] | None = None,
              should_stop: Callable[[], bool] | None = None) -> dict[str, Any] | None:
     """Dataset-level metrics at original resolution (all-reduced across ranks; inputs padded to `eval_pad_size`
-    first if set, the logits cropped back) and `loss`, the training objective `criterion` over the whole split;
-    {} for a split without labels, None if `should_stop` said so before the end.
+    first if set, the logits cropped back), `loss`, the training objective `criterion` over the whole split, and
+    `precision`, what the forward passes computed in (placement's); {} for a split without labels, None if
+    `should_stop` said so before the end.
 
     With `tta`, logits are averaged over config's scales and flips; images larger than `window` are scored in
     overlapping windows. `on_image(index, image, label, pred)` is called for every image (e.g. to save predictions),
@@ -74,6 +75,7 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: SegmentationLoss, 
                            f"to score (placeholder labels, e.g. Cityscapes' test split?)")
     results = metrics.compute()
     results["loss"] = criterion.from_sums(loss_sums).item()
+    results["precision"] = placement.precision
     return results
 
 
@@ -154,7 +156,8 @@ def main(args) -> dict[str, Any]:
         raise utils.UserError(f"--num_pictures {args.num_pictures!r}: expected a number or 'all'")
     num_pictures = None if args.num_pictures == "all" else int(args.num_pictures or eval_config.num_logged_images)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    placement = utils.Placement(device, config.channels_last, utils.autocast_dtype(device, config.amp))
+    placement = utils.Placement(device, config.channels_last,
+                                utils.eval_autocast_dtype(device, eval_config.eval_precision))
     dataset = build_dataset(data_config, params.num_classes, args.split, train=False)
     trained = load_trained_model(utils.checkpoint_path(model_dir, args.restore_file),
                                  params.config(GCNConfig).architecture())

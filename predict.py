@@ -116,6 +116,9 @@ def parse_args(argv: Sequence[str] | None):
                         help="with --window: Gaussian-weighted window average (default: the checkpoint's "
                              "gaussian_windows, else uniform)")
     parser.add_argument("--batch_size", type=int, default=4, help="images of one size scored together")
+    parser.add_argument("--eval_precision", choices=utils.EVAL_PRECISIONS, default=None,
+                        help="what the network computes in (default: the checkpoint's eval_precision, float32 unless "
+                             "set; bfloat16/float16 only where the device has them natively)")
     return parser.parse_intermixed_args(argv)  # inputs may come before and after options
 
 
@@ -131,11 +134,12 @@ def main(args) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config, eval_config = trained.train_config, trained.eval_config
-    placement = utils.Placement(device, config.channels_last, utils.autocast_dtype(device, config.amp))
+    placement = utils.Placement(device, config.channels_last, utils.eval_autocast_dtype(
+        device, args.eval_precision or eval_config.eval_precision))
     model = placement.module(trained.net)
     scales, flip = (eval_config.tta_scales, eval_config.tta_flip) if args.tta else ((1.0,), False)
     print(f"Segmenting {len(names)} files with {trained.path} ({model.config.backbone}, {len(trained.class_names)} "
-          f"classes) on {device}{' with TTA' if args.tta else ''}")
+          f"classes) on {device} in {placement.precision}{' with TTA' if args.tta else ''}")
     for line in errors:
         print(line, file=sys.stderr)
     written = 0

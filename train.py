@@ -72,7 +72,8 @@ class Run:
     sampler: EpochSampler
     train_loader: DataLoader
     val_loader: DataLoader
-    placement: utils.Placement  # device, memory layout and autocast of every forward pass
+    placement: utils.Placement  # device, memory layout and autocast of every training forward pass
+    eval_placement: utils.Placement  # validation's: the same in eval_precision
     total_iterations: int
     record: dict[str, Any]  # what every checkpoint holds beside the states: class names, palette, params
     overrides: dict[str, Any]  # the run's --set settings, kept with the training state: a resume need not retype them
@@ -133,6 +134,8 @@ def main(args) -> int:
     tracking.check_tracker(config)
     device, rank, world_size = start_processes(config)
     placement = utils.Placement(device, config.channels_last, utils.autocast_dtype(device, config.amp))
+    eval_placement = dataclasses.replace(placement, dtype=utils.eval_autocast_dtype(device,
+                                                                                    eval_config.eval_precision))
 
     sampler, train_loader, val_loader = build_data(data_config, model_config.num_classes, config, rank, world_size)
     total_iterations = config.num_iterations or config.num_epochs * (sampler.per_rank // config.batch_size)
@@ -150,7 +153,7 @@ def main(args) -> int:
     step = build_step(config, model, optimizer, scheduler, scaler, criterion, placement, world_size)
     monitor = LossMonitor(config.save_summary_steps, world_size, device)
     run = Run(model_dir, config, eval_config, net, model, step, optimizer, scheduler, scaler, monitor, criterion,
-              sampler, train_loader, val_loader, placement, total_iterations,
+              sampler, train_loader, val_loader, placement, eval_placement, total_iterations,
               checkpoint_record(val_loader.dataset, params, net), overrides, rank, world_size,
               data_config.crop_size if eval_config.sliding_window else None)
     if checkpoint is not None:
@@ -176,9 +179,10 @@ def main(args) -> int:
         if restore_file:
             logging.info("Resumed from %s: epoch %d, iteration %d, best mIoU %.4f", restore_file,
                          run.progress.epoch, run.progress.iteration, run.progress.best_miou)
-        logging.info("Training %s on %s (%d images, %d batches/epoch) for %d iterations on %s × %d in %s",
-                     model_dir, data_config.dataset, len(train_loader.dataset), run.batches_per_epoch,
-                     total_iterations, device, world_size, placement.precision)
+        logging.info("Training %s on %s (%d images, %d batches/epoch) for %d iterations on %s × %d in %s "
+                     "(validation in %s)", model_dir, data_config.dataset, len(train_loader.dataset),
+                     run.batches_per_epoch, total_iterations, device, world_size, placement.precision,
+                     eval_placement.precision)
         return train(run)
 
 
@@ -261,7 +265,7 @@ def validate(run: Run) -> bool:
             dist.broadcast(buffer, 0)
     # Not through DDP: its forward synchronises buffers, which would deadlock ranks with fewer images.
     model = run.model.module if isinstance(run.model, DistributedDataParallel) else run.model
-    metrics = evaluate(model, run.val_loader, run.criterion, run.eval_config, run.placement, window=run.window,
+    metrics = evaluate(model, run.val_loader, run.criterion, run.eval_config, run.eval_placement, window=run.window,
                        on_image=pictures, should_stop=run.stop.requested if run.world_size == 1 else None)
     if metrics is None:
         return False

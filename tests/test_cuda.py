@@ -89,7 +89,8 @@ def test_predict_on_the_gpu_agrees_with_the_float32_cpu_logits(tmp_path):
     photos.mkdir()
     for i, (height, width) in enumerate([(37, 53), (64, 48)]):
         Image.fromarray(smooth_image(height, width, i)).save(photos / f"img{i}.png")
-    assert predict.cli(["--restore_file", str(path), str(photos), "--out", str(tmp_path / "out")]) == 0
+    assert predict.cli(["--restore_file", str(path), str(photos), "--out", str(tmp_path / "out"),
+                        "--eval_precision", "bfloat16"]) == 0
     for i in range(2):
         labels = np.array(Image.open(tmp_path / "out" / "labels" / f"img{i}.png"))
         logits = reference_logits(model, photos / f"img{i}.png")[0]
