@@ -17,7 +17,6 @@ from typing import Sequence
 
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 import utils
 from model import visualize
@@ -25,6 +24,7 @@ from model.datasets.base import DatasetError, read_image
 from model.datasets.folder import IMAGE_SUFFIXES
 from model.inference import predict_logits
 from model.net import CheckpointMismatchError
+from terminal import progress_bar
 from trained_model import load_trained_model
 
 GLOB_CHARS = "*?["
@@ -143,7 +143,7 @@ def main(args) -> int:
     for line in errors:
         print(line, file=sys.stderr)
     written = 0
-    with tqdm(total=sum(map(len, batches)), unit="img", file=sys.stderr) as bar:
+    with progress_bar(total=sum(map(len, batches)), unit="img", leave=True) as bar:
         for batch in batches:
             images, unreadable = read_images(batch)
             for line in unreadable:

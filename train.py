@@ -23,7 +23,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 import tracking
 import utils
@@ -32,6 +31,7 @@ from model import visualize
 from model.data_loader import (DataConfig, DatasetError, EpochSampler, build_dataloader, build_dataset,
                                check_label_values, eval_loader, worker_death)
 from model.net import GCN, CheckpointMismatchError, GCNConfig, PretrainedWeightsError, SegmentationLoss
+from terminal import progress_bar
 from train_step import EagerStep, LossMonitor, build_sgd, build_step, host_learning_rates
 
 OUTPUTS = (utils.LAST_CHECKPOINT, utils.BEST_CHECKPOINT, utils.METRICS_LAST, utils.METRICS_BEST,
@@ -234,8 +234,11 @@ def train_one_epoch(run: Run) -> bool:
     run.model.train()
     tick = time.time()
     stop_now = False
-    for images, labels in tqdm(run.train_loader, desc=f"epoch {progress.epoch + 1}/{run.num_epochs}",
-                               disable=run.tracker is None, dynamic_ncols=True, leave=False):
+    # The bar counts the batches this epoch trains in all (fewer in a last epoch that num_iterations ends early)
+    batches = min(run.batches_per_epoch, progress.batch_in_epoch + run.total_iterations - progress.iteration)
+    for images, labels in progress_bar(run.train_loader, total=batches, initial=progress.batch_in_epoch,
+                                       desc=f"epoch {progress.epoch + 1}/{run.num_epochs}", unit="step",
+                                       show=run.main_process):
         if stop_now:  # checked here, not after the step: a stop during an epoch's last step lets it finish
             run.monitor.read(True, progress.iteration, progress.epoch)
             return False
@@ -266,7 +269,8 @@ def validate(run: Run) -> bool:
     # Not through DDP: its forward synchronises buffers, which would deadlock ranks with fewer images.
     model = run.model.module if isinstance(run.model, DistributedDataParallel) else run.model
     metrics = evaluate(model, run.val_loader, run.criterion, run.eval_config, run.eval_placement, window=run.window,
-                       on_image=pictures, should_stop=run.stop.requested if run.world_size == 1 else None)
+                       on_image=pictures, should_stop=run.stop.requested if run.world_size == 1 else None,
+                       bar=f"val {progress.epoch}" if run.main_process else None)
     if metrics is None:
         return False
     metrics["epoch"] = progress.epoch

@@ -2,9 +2,11 @@
 tests/test_cuda.py."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -49,6 +51,24 @@ def child_signals(*ignored: signal.Signals) -> Callable[[], None]:
         for signum in (signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, signal.SIG_IGN if signum in ignored else signal.SIG_DFL)
     return preexec
+
+
+class Terminal(io.StringIO):
+    """stderr as a terminal: what was written to it, and isatty() True (progress bars are drawn only there)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def terminal(monkeypatch) -> Callable[[], Terminal]:
+    """terminal() replaces sys.stderr by a new Terminal for the code under test to draw on, and returns it. Call it
+    in the test's body: pytest's output capture sets sys.stderr anew as the test starts."""
+    def install() -> Terminal:
+        screen = Terminal()
+        monkeypatch.setattr(sys, "stderr", screen)
+        return screen
+    return install
 
 
 # A tiny synthetic experiment: 16 training images of 48², random scale, 32² crops, flips and colour jitter (so that
