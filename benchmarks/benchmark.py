@@ -26,7 +26,7 @@ from torch import nn
 import train_step
 import utils
 from benchmarks.bench_data import images_per_second, make_voc_tree
-from model.flops import count_flops
+from model.summary import count_flops
 from model.net import GCN, GCNConfig, SegmentationLoss, cross_entropy_loss
 from terminal import progress_bar
 

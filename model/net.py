@@ -20,7 +20,7 @@ import torchvision
 from torch import Tensor, nn
 
 from model import IGNORE_INDEX
-from model.flops import inference_flops
+from model.summary import flops_summary, inference_flops, parameter_summary
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 HEADS = ("gcn", "conv", "stack", "1x1")
@@ -29,7 +29,6 @@ STAGES = ("layer1", "layer2", "layer3", "layer4")  # res2 .. res5 in the paper's
 MAX_KERNEL_SIZE = 255  # beyond any feature map of a 4096² crop at stride 32 (the paper's largest k is 15)
 SCORE_CHANNEL_MULTIPLE = 8  # on CUDA the score maps are computed on channels padded to this (tensor-core tiles)
 ROW_LOSS_MIN_CLASSES = 16  # channels-last logits with this many classes or more: the loss over pixel rows
-
 
 
 @dataclass
@@ -529,17 +528,9 @@ class SegmentationLoss(nn.Module):
         return loss
 
 
-def parameter_summary(model: GCN) -> str:
-    """A per-part parameter count table: backbone, heads (incl. their BR), decoder, total."""
-    counts = {part: sum(p.numel() for p in params) for part, params in model.parameter_groups().items()}
-    counts["total"] = sum(p.numel() for p in model.parameters())
-    width = max(len(k) for k in counts)
-    return "\n".join(f"{part:<{width}}  {n:>12,}" for part, n in counts.items())
-
-
 def main() -> None:
     """python -m model.net [--backbone resnet18 --num_classes 11 ... --size H W]: the parameter summary of any
-    GCNConfig and its FLOPs for one H×W image (model/flops.py)."""
+    GCNConfig and its FLOPs for one H×W image (model/summary.py)."""
     parser = argparse.ArgumentParser(description="Print the GCN's parameters and FLOPs by part.")
     parser.add_argument("--size", type=int, nargs=2, default=(512, 512), metavar=("H", "W"),
                         help="image size for the FLOPs (default 512 512)")
@@ -557,10 +548,7 @@ def main() -> None:
     config = GCNConfig(**args)
     print(f"GCN {config.backbone}, k={config.kernel_size}, head={config.head}, {config.num_classes} classes")
     print(parameter_summary(GCN(config)))
-    flops = inference_flops(lambda: GCN(config), height, width)
-    unit, scale = ("G", 1e9) if flops["total"] >= 1e9 else ("M", 1e6)
-    print(f"{unit}FLOPs of one {height}×{width} image's forward pass (2 per multiply-add, torch.utils.flop_counter):")
-    print("\n".join(f"{part:<8}  {n / scale:>12,.2f}" for part, n in flops.items()))
+    print(flops_summary(inference_flops(lambda: GCN(config), height, width), height, width))
 
 
 if __name__ == "__main__":

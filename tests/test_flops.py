@@ -1,4 +1,4 @@
-"""model/flops.py: the FLOPs `python -m model.net --size H W` prints, against a count by hand of every convolution."""
+"""model/summary.py: the FLOPs `python -m model.net --size H W` prints, against a count by hand of every convolution."""
 from __future__ import annotations
 
 import re
@@ -7,7 +7,7 @@ import sys
 import torch
 
 from model import net
-from model.flops import count_flops, inference_flops
+from model.summary import count_flops, inference_flops
 from model.net import GCN, GCNConfig
 
 

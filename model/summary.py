@@ -1,6 +1,6 @@
-"""FLOPs of a network by part (the GCN's backbone, heads with their BR, decoder), counted with torch.utils.flop_counter:
-what `python -m model.net --size H W` prints for paper tables and what benchmarks/benchmark.py divides by a step's
-time."""
+"""A network's parameters and FLOPs by part (the GCN's backbone, heads with their BR, decoder): what
+`python -m model.net --size H W` prints for paper tables. FLOPs are counted with torch.utils.flop_counter, as
+benchmarks/benchmark.py counts those it divides by a step's time."""
 from __future__ import annotations
 
 from typing import Callable
@@ -41,3 +41,18 @@ def inference_flops(build: Callable[[], nn.Module], height: int, width: int) -> 
         model = build().eval()
     with torch.no_grad():
         return count_flops(model, lambda: model(torch.empty(1, 3, height, width, device="meta")))
+
+
+def parameter_summary(model: nn.Module) -> str:
+    """A per-part parameter count table (model.parameter_groups(): backbone, heads incl. their BR, decoder), total."""
+    counts = {part: sum(p.numel() for p in params) for part, params in model.parameter_groups().items()}
+    counts["total"] = sum(p.numel() for p in model.parameters())
+    width = max(len(k) for k in counts)
+    return "\n".join(f"{part:<{width}}  {n:>12,}" for part, n in counts.items())
+
+
+def flops_summary(flops: dict[str, int], height: int, width: int) -> str:
+    """inference_flops' count as a table, in GFLOPs (MFLOPs below 1 GFLOP in all)."""
+    unit, scale = ("G", 1e9) if flops["total"] >= 1e9 else ("M", 1e6)
+    title = f"{unit}FLOPs of one {height}×{width} image's forward pass (2 per multiply-add, torch.utils.flop_counter):"
+    return "\n".join([title, *(f"{part:<8}  {n / scale:>12,.2f}" for part, n in flops.items())])
