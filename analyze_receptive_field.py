@@ -92,7 +92,8 @@ def analyse(model: GCN, name: str, image: Tensor, pixel: tuple[int, int], fracti
 def draw(ax, analysis: Analysis, kernel: int, which: str, title: str) -> None:
     """One panel: the image, the `which` ("image" or "res5") gradient as a heat map over it (colour and opacity
     scaled to its 99.5th percentile), the output pixel (a cross), the head's k×k res-5 kernel around it (a square of
-    32·k px) and the mass radius (a circle)."""
+    32·k px) and the mass radius (a circle). A kernel larger than the image widens the view to show all of it
+    (grey: beyond the image)."""
     from matplotlib import colormaps  # noqa: PLC0415
     from matplotlib.patches import Circle, Rectangle  # noqa: PLC0415
 
@@ -111,11 +112,14 @@ def draw(ax, analysis: Analysis, kernel: int, which: str, title: str) -> None:
     ax.imshow(overlay, extent=(offset, offset + heat.shape[1], offset + heat.shape[0], offset))
     row, col = analysis.pixel
     side = kernel * RES5_STRIDE
-    ax.add_patch(Rectangle((col - side / 2, row - side / 2), side, side, fill=False, color="cyan", lw=1.5))
+    left, top = col - side / 2, row - side / 2
+    ax.add_patch(Rectangle((left, top), side, side, fill=False, color="cyan", lw=1.5))
     ax.add_patch(Circle((col, row), radius, fill=False, color="lime", lw=1.5, ls="--"))
     ax.plot(col, row, "+", color="white", ms=10, mew=2)
-    ax.set_xlim(-0.5, width - 0.5)
-    ax.set_ylim(height - 0.5, -0.5)
+    margin = 0.02 * side  # the square's edges drawn inside the view, not on its border
+    ax.set_xlim(min(-0.5, left - margin), max(width - 0.5, left + side + margin))
+    ax.set_ylim(max(height - 0.5, top + side + margin), min(-0.5, top - margin))
+    ax.set_facecolor("0.8")
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title, fontsize=9)
@@ -136,8 +140,8 @@ def figure(columns: Sequence[tuple[str, Analysis, int]], path: Path) -> None:
              f"{label}\n∂score/∂input: 90 % within {analysis.input_radius:.0f} px")
         draw(axes[1, index], analysis, kernel, "res5",
              f"∂score/∂res-5: 90 % within {analysis.res5_radius:.1f} cells")
-    fig.suptitle("+: output pixel; cyan: k×k head kernel\n(res-5 cells of 32 px); green: 90 % of |gradient|",
-                 fontsize=8)
+    fig.suptitle("+: output pixel; cyan: k×k head kernel (res-5 cells\nof 32 px; grey beyond the image); "
+                 "green: 90 % of |gradient|", fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
 

@@ -24,6 +24,7 @@ from model.datasets.base import is_safe_id
 from model.inference import padded_logits, predict_logits
 from model.metrics import SegmentationMetrics
 from model.net import CheckpointMismatchError, GCNConfig, PretrainedWeightsError, SegmentationLoss
+from terminal import progress_bar
 from trained_model import load_trained_model
 
 WORST_MARK = "  <- worst"  # flags the lowest-IoU classes of the per-class table: 1 in 4, at most 3
@@ -33,14 +34,16 @@ WORST_MARK = "  <- worst"  # flags the lowest-IoU classes of the per-class table
 def evaluate(model: nn.Module, loader: DataLoader, criterion: SegmentationLoss, config: utils.EvalConfig,
              placement: utils.Placement, tta: bool = False, window: int | None = None,
              on_image: Callable[[int, Tensor, Tensor, Tensor], None] | None = None,
-             should_stop: Callable[[], bool] | None = None) -> dict[str, Any] | None:
+             should_stop: Callable[[], bool] | None = None, bar: str | None = None) -> dict[str, Any] | None:
     """Dataset-level metrics at original resolution (all-reduced across ranks; inputs padded to `eval_pad_size`
-    first if set, the logits cropped back) and `loss`, the training objective `criterion` over the whole split;
-    {} for a split without labels, None if `should_stop` said so before the end.
+    first if set, the logits cropped back), `loss`, the training objective `criterion` over the whole split, and
+    `precision`, what the forward passes computed in (placement's); {} for a split without labels, None if
+    `should_stop` said so before the end.
 
     With `tta`, logits are averaged over config's scales and flips; images larger than `window` are scored in
     overlapping windows. `on_image(index, image, label, pred)` is called for every image (e.g. to save predictions),
-    with the uint8 image as the loader gave it.
+    with the uint8 image as the loader gave it. `bar`: the title of a progress bar over this rank's images (None:
+    no bar).
     """
     model.eval()
     dataset = loader.dataset
@@ -48,8 +51,9 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: SegmentationLoss, 
                                   boundary_distance=config.boundary_distance, boundary_void=config.boundary_void)
     loss_sums = criterion.zero_sums(len(dataset.classes), placement.device)  # over batches, as one batch
     labelled = torch.zeros((), dtype=torch.int64, device=placement.device)
-    with without_cudnn_autotuning():
-        for index, (image, label) in zip(loader.sampler, loader):
+    with without_cudnn_autotuning(), progress_bar(zip(loader.sampler, loader), total=len(loader), desc=bar,
+                                                  unit="img", show=bar is not None) as images:
+        for index, (image, label) in images:
             if should_stop is not None and should_stop():
                 return None
             picture_source = image
@@ -76,6 +80,7 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: SegmentationLoss, 
                            f"to score (placeholder labels, e.g. Cityscapes' test split?)")
     results = metrics.compute()
     results["loss"] = criterion.from_sums(loss_sums).item()
+    results["precision"] = placement.precision
     return results
 
 
@@ -169,7 +174,8 @@ def main(args) -> dict[str, Any]:
         raise utils.UserError(f"--num_pictures {args.num_pictures!r}: expected a number or 'all'")
     num_pictures = None if args.num_pictures == "all" else int(args.num_pictures or eval_config.num_logged_images)
     device = utils.default_device()
-    placement = utils.Placement(device, config.channels_last, utils.autocast_dtype(device, config.amp))
+    placement = utils.Placement(device, config.channels_last,
+                                utils.eval_autocast_dtype(device, eval_config.eval_precision))
     dataset = build_dataset(data_config, params.num_classes, args.split, train=False)
     trained = load_trained_model(utils.checkpoint_path(model_dir, args.restore_file),
                                  params.config(GCNConfig).architecture())
@@ -184,7 +190,8 @@ def main(args) -> dict[str, Any]:
     criterion = SegmentationLoss(config.class_weights, config.dice_term_weight).to(device)
     metrics = evaluate(placement.module(trained.net), eval_loader(dataset, data_config.num_workers), criterion,
                        eval_config, placement, tta=args.tta,
-                       window=data_config.crop_size if eval_config.sliding_window else None, on_image=on_image)
+                       window=data_config.crop_size if eval_config.sliding_window else None, on_image=on_image,
+                       bar=f"{args.split}{' TTA' if args.tta else ''}")
     if not metrics:
         logging.info("Split %s has no ground truth: wrote predictions only", args.split)
         return metrics

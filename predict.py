@@ -17,7 +17,6 @@ from typing import Sequence
 
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 import utils
 from model import visualize
@@ -25,6 +24,7 @@ from model.datasets.base import DatasetError, read_image
 from model.datasets.folder import IMAGE_SUFFIXES
 from model.inference import predict_logits
 from model.net import CheckpointMismatchError
+from terminal import progress_bar
 from trained_model import load_trained_model
 
 GLOB_CHARS = "*?["
@@ -116,6 +116,9 @@ def parse_args(argv: Sequence[str] | None):
                         help="with --window: Gaussian-weighted window average (default: the checkpoint's "
                              "gaussian_windows, else uniform)")
     parser.add_argument("--batch_size", type=int, default=4, help="images of one size scored together")
+    parser.add_argument("--eval_precision", choices=utils.EVAL_PRECISIONS, default=None,
+                        help="what the network computes in (default: the checkpoint's eval_precision, float32 unless "
+                             "set; bfloat16/float16 only where the device has them natively)")
     return parser.parse_intermixed_args(argv)  # inputs may come before and after options
 
 
@@ -131,15 +134,16 @@ def main(args) -> int:
 
     device = utils.default_device()
     config, eval_config = trained.train_config, trained.eval_config
-    placement = utils.Placement(device, config.channels_last, utils.autocast_dtype(device, config.amp))
+    placement = utils.Placement(device, config.channels_last, utils.eval_autocast_dtype(
+        device, args.eval_precision or eval_config.eval_precision))
     model = placement.module(trained.net)
     scales, flip = (eval_config.tta_scales, eval_config.tta_flip) if args.tta else ((1.0,), False)
     print(f"Segmenting {len(names)} files with {trained.path} ({model.config.backbone}, {len(trained.class_names)} "
-          f"classes) on {device}{' with TTA' if args.tta else ''}")
+          f"classes) on {device} in {placement.precision}{' with TTA' if args.tta else ''}")
     for line in errors:
         print(line, file=sys.stderr)
     written = 0
-    with tqdm(total=sum(map(len, batches)), unit="img", file=sys.stderr) as bar:
+    with progress_bar(total=sum(map(len, batches)), unit="img", leave=True) as bar:
         for batch in batches:
             images, unreadable = read_images(batch)
             for line in unreadable:

@@ -19,13 +19,17 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
+from tqdm import tqdm
+
 import utils
 from model.data_loader import DataConfig
 from model.net import GCNConfig
+from terminal import progress_bar
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 SEARCH_FILE = "search.json"
@@ -62,9 +66,12 @@ class Outcome(NamedTuple):
 
 
 def say(text: str, err: bool = False) -> None:
-    """Print and flush; a terminal closed under us (SIGHUP) must not stop the sweep waiting for its children."""
+    """Print and flush, above the progress bar; a terminal closed under us (SIGHUP) must not stop the sweep waiting
+    for its children."""
+    stream = sys.stderr if err else sys.stdout
     with contextlib.suppress(OSError):
-        print(text, file=sys.stderr if err else sys.stdout, flush=True)
+        tqdm.write(text, file=stream)
+        stream.flush()
 
 
 def load_json(path: Path) -> Any:
@@ -206,12 +213,15 @@ class Sweep:
         self.lock = threading.RLock()  # re-entrant: a second signal may arrive while the handler holds it
         self.running: set[subprocess.Popen] = set()
         self.stop_signal: int | None = None
+        self.bar: tqdm | None = None  # runs done / left, while run() runs
+        self.done: Counter[str] = Counter()  # outcomes so far, by status
 
     def run(self, children: list[Child]) -> list[Outcome]:
         """Every child's outcome, in sweep order, forwarding stop signals meanwhile (call from the main thread)."""
         slots = iter(self.slots)
         pool = ThreadPoolExecutor(len(self.slots), initializer=lambda: setattr(self.worker, "slot", next(slots)))
-        with utils.stop_signals_to(self.forward), pool:
+        with utils.stop_signals_to(self.forward), pool, progress_bar(total=len(children), desc="sweep",
+                                                                     unit="run", leave=True) as self.bar:
             return list(pool.map(self.run_child, children))
 
     def forward(self, signum: int, _frame: Any) -> None:
@@ -224,6 +234,15 @@ class Sweep:
             "waiting for them to save and exit", err=True)
 
     def run_child(self, child: Child) -> Outcome:
+        """Prepare one child, then train or resume it (run_child_process), and count its outcome on the bar."""
+        outcome = self.run_child_process(child)
+        with self.lock:
+            self.done[outcome.status] += 1
+            self.bar.set_postfix_str(", ".join(f"{n} {status}" for status, n in self.done.items()), refresh=False)
+            self.bar.update()
+        return outcome
+
+    def run_child_process(self, child: Child) -> Outcome:
         """Prepare one child, then train or resume it on this worker's slot, in its own session, and wait for it."""
         name, output, slot = child.directory.name, child.directory / CHILD_OUTPUT, self.worker.slot
         try:

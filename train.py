@@ -23,7 +23,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 import tracking
 import utils
@@ -32,6 +31,7 @@ from model import visualize
 from model.data_loader import (DataConfig, DatasetError, EpochSampler, build_dataloader, build_dataset,
                                check_label_values, eval_loader, worker_death)
 from model.net import GCN, CheckpointMismatchError, GCNConfig, PretrainedWeightsError, SegmentationLoss
+from terminal import progress_bar
 from train_step import EagerStep, LossMonitor, build_sgd, build_step, host_learning_rates
 
 OUTPUTS = (utils.LAST_CHECKPOINT, utils.BEST_CHECKPOINT, utils.METRICS_LAST, utils.METRICS_BEST,
@@ -72,7 +72,8 @@ class Run:
     sampler: EpochSampler
     train_loader: DataLoader
     val_loader: DataLoader
-    placement: utils.Placement  # device, memory layout and autocast of every forward pass
+    placement: utils.Placement  # device, memory layout and autocast of every training forward pass
+    eval_placement: utils.Placement  # validation's: the same in eval_precision
     total_iterations: int
     record: dict[str, Any]  # what every checkpoint holds beside the states: class names, palette, params
     overrides: dict[str, Any]  # the run's --set settings, kept with the training state: a resume need not retype them
@@ -120,6 +121,7 @@ def main(args) -> int:
     overrides = utils.parse_overrides(args.set) | ({"data_dir": args.data_dir} if args.data_dir is not None else {})
     params = utils.load_params(model_dir, (DataConfig, GCNConfig), overrides, args.params and Path(args.params))
     check_folder_name(model_dir)
+    definition = own_params(model_dir, Path(args.params)) if args.params else None
     if args.restore_file == "auto" and completed_without_last(model_dir):
         print(f"{model_dir}: nothing to do, this run is complete ({utils.COMPLETE_MARKER})")
         return 0
@@ -132,6 +134,8 @@ def main(args) -> int:
     tracking.check_tracker(config)
     device, rank, world_size = start_processes(config)
     placement = utils.Placement(device, config.channels_last, utils.autocast_dtype(device, config.amp))
+    eval_placement = dataclasses.replace(placement, dtype=utils.eval_autocast_dtype(device,
+                                                                                    eval_config.eval_precision))
 
     sampler, train_loader, val_loader = build_data(data_config, model_config.num_classes, config, rank, world_size)
     total_iterations = config.num_iterations or config.num_epochs * (sampler.per_rank // config.batch_size)
@@ -149,7 +153,7 @@ def main(args) -> int:
     step = build_step(config, model, optimizer, scheduler, scaler, criterion, placement, world_size)
     monitor = LossMonitor(config.save_summary_steps, world_size, device)
     run = Run(model_dir, config, eval_config, net, model, step, optimizer, scheduler, scaler, monitor, criterion,
-              sampler, train_loader, val_loader, placement, total_iterations,
+              sampler, train_loader, val_loader, placement, eval_placement, total_iterations,
               checkpoint_record(val_loader.dataset, params, net), overrides, rank, world_size,
               data_config.crop_size if eval_config.sliding_window else None)
     if checkpoint is not None:
@@ -164,6 +168,8 @@ def main(args) -> int:
         exit_stack.enter_context(run.stop)
         if run.main_process:
             exit_stack.enter_context(claim_run_folder(model_dir, fresh=not restore_file))
+            if definition is not None:  # the folder stands alone: evaluate.py and resumes read its params.json
+                utils.write_json(model_dir / utils.PARAMS_FILE, definition)
             utils.write_json(model_dir / utils.RESOLVED_PARAMS_FILE, utils.run_record(
                 params, overrides, vars(args), device) | {"pretrained_weights": net.pretrained_weights,
                                                           "precision": placement.precision})
@@ -173,9 +179,10 @@ def main(args) -> int:
         if restore_file:
             logging.info("Resumed from %s: epoch %d, iteration %d, best mIoU %.4f", restore_file,
                          run.progress.epoch, run.progress.iteration, run.progress.best_miou)
-        logging.info("Training %s on %s (%d images, %d batches/epoch) for %d iterations on %s × %d in %s",
-                     model_dir, data_config.dataset, len(train_loader.dataset), run.batches_per_epoch,
-                     total_iterations, device, world_size, placement.precision)
+        logging.info("Training %s on %s (%d images, %d batches/epoch) for %d iterations on %s × %d in %s "
+                     "(validation in %s)", model_dir, data_config.dataset, len(train_loader.dataset),
+                     run.batches_per_epoch, total_iterations, device, world_size, placement.precision,
+                     eval_placement.precision)
         return train(run)
 
 
@@ -227,8 +234,11 @@ def train_one_epoch(run: Run) -> bool:
     run.model.train()
     tick = time.time()
     stop_now = False
-    for images, labels in tqdm(run.train_loader, desc=f"epoch {progress.epoch + 1}/{run.num_epochs}",
-                               disable=run.tracker is None, dynamic_ncols=True, leave=False):
+    # The bar counts the batches this epoch trains in all (fewer in a last epoch that num_iterations ends early)
+    batches = min(run.batches_per_epoch, progress.batch_in_epoch + run.total_iterations - progress.iteration)
+    for images, labels in progress_bar(run.train_loader, total=batches, initial=progress.batch_in_epoch,
+                                       desc=f"epoch {progress.epoch + 1}/{run.num_epochs}", unit="step",
+                                       show=run.main_process):
         if stop_now:  # checked here, not after the step: a stop during an epoch's last step lets it finish
             run.monitor.read(True, progress.iteration, progress.epoch)
             return False
@@ -258,8 +268,9 @@ def validate(run: Run) -> bool:
             dist.broadcast(buffer, 0)
     # Not through DDP: its forward synchronises buffers, which would deadlock ranks with fewer images.
     model = run.model.module if isinstance(run.model, DistributedDataParallel) else run.model
-    metrics = evaluate(model, run.val_loader, run.criterion, run.eval_config, run.placement, window=run.window,
-                       on_image=pictures, should_stop=run.stop.requested if run.world_size == 1 else None)
+    metrics = evaluate(model, run.val_loader, run.criterion, run.eval_config, run.eval_placement, window=run.window,
+                       on_image=pictures, should_stop=run.stop.requested if run.world_size == 1 else None,
+                       bar=f"val {progress.epoch}" if run.main_process else None)
     if metrics is None:
         return False
     metrics["epoch"] = progress.epoch
@@ -404,6 +415,21 @@ def choose_restore_file(model_dir: Path, restore_file: str | None, force: bool) 
         raise utils.UserError(f"{model_dir} holds a previous run ({', '.join(previous_run)}): {resume}pass --force "
                               f"to delete it and start afresh")
     return restore_file
+
+
+def own_params(model_dir: Path, params_file: Path) -> dict[str, Any] | None:
+    """The settings of --params FILE, which become the folder's params.json; None if it holds them already. A
+    params.json with other settings is refused (evaluate.py and resumes in the folder would use them)."""
+    settings = utils.load_params(model_dir, (DataConfig, GCNConfig), params_file=params_file).dict
+    if not (model_dir / utils.PARAMS_FILE).exists():
+        return settings
+    existing = utils.load_params(model_dir, (DataConfig, GCNConfig)).dict
+    if existing == settings:
+        return None
+    differing = sorted(key for key in settings if existing[key] != settings[key])
+    raise utils.UserError(f"{model_dir / utils.PARAMS_FILE} holds other settings than {params_file} "
+                          f"({', '.join(differing)}): the folder's evaluations and resumes would use them; remove it "
+                          f"or choose another --model_dir")
 
 
 def completed_without_last(model_dir: Path) -> bool:

@@ -60,6 +60,7 @@ class ParamsError(UserError):
 
 KEEP_CHECKPOINTS = ("all", "best_weights")  # what a finished run keeps (TrainConfig.keep_checkpoints)
 TRACKERS = ("tensorboard", "tensorboard+mlflow")  # where a run's scalars go (TrainConfig.tracker; tracking.py)
+EVAL_PRECISIONS = ("float32", "bfloat16", "float16")  # what evaluation and prediction compute in (EvalConfig)
 
 
 class CheckpointError(UserError):
@@ -147,6 +148,8 @@ class EvalConfig:
     boundary_distance: str = field(default="chebyshev", metadata={  # the boundary band's metric (Table 5)
         "choices": ("chebyshev", "euclidean")})
     boundary_void: str = field(default="label", metadata={"choices": ("label", "ignored")})  # void makes a boundary?
+    eval_precision: str = field(default="float32", metadata={  # evaluation and prediction (not training's amp)
+        "choices": EVAL_PRECISIONS, "may_change_on_resume": True})
 
 
 REQUIRED = dataclasses.MISSING
@@ -870,6 +873,25 @@ def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+def eval_autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """Evaluation's and prediction's autocast dtype (EvalConfig.eval_precision): None for "float32", the default, so
+    that metrics and label maps are the same on every machine; bf16 or fp16 only where the device has it natively
+    (else a ParamsError)."""
+    if precision == "float32":
+        return None
+    dtype = getattr(torch, precision)
+    if device.type == "cuda":
+        native = dtype == torch.float16 or torch.cuda.is_bf16_supported(including_emulation=False)
+    else:
+        capabilities = torch.cpu.get_capabilities()
+        native = cpu_has_native_bf16() if dtype == torch.bfloat16 else any(
+            capabilities.get(name, False) for name in ("amx_fp16", "avx512_fp16"))
+    if not native:
+        raise ParamsError(f"eval_precision {json.dumps(precision)}: this {device.type} has no native {precision}; "
+                          f"use \"float32\"")
+    return dtype
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None, cache_enabled: bool = True) -> torch.autocast:

@@ -5,7 +5,8 @@
 Reports, all measured in this one run: training-step images/s and peak memory for GCN, fcn_resnet50 and
 deeplabv3_resnet50 (and their time ratios), inference latency and throughput at --eval_size, the achieved
 fraction of this device's measured dense matmul rate (whole model and backbone-only FLOPs, counted with
-torch.utils.flop_counter), and the data pipeline's images/s with --workers, next to the step rate.
+torch.utils.flop_counter), and the data pipeline's images/s with --workers, next to the step rate. Meanwhile a
+progress bar (on a terminal) names the stage being measured.
 """
 from __future__ import annotations
 
@@ -21,12 +22,13 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import train_step
 import utils
 from benchmarks.bench_data import images_per_second, make_voc_tree
+from model.summary import count_flops
 from model.net import GCN, GCNConfig, SegmentationLoss, cross_entropy_loss
+from terminal import progress_bar
 
 
 def synchronise(device: torch.device) -> None:
@@ -111,14 +113,9 @@ def train_step_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
 
 def count_train_flops(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
     """(whole-model, backbone-only) FLOPs of one forward + backward pass."""
-    counter = FlopCounterMode(display=False)
-    with counter:
-        cross_entropy_loss(model(images), labels).backward()
+    flops = count_flops(model, lambda: cross_entropy_loss(model(images), labels).backward())
     model.zero_grad(set_to_none=True)
-    prefix = f"{type(model).__name__}.backbone."  # GCN.backbone is a ModuleDict: sum its direct children
-    backbone = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
-                   if name.startswith(prefix) and "." not in name[len(prefix):])
-    return counter.get_total_flops(), backbone
+    return flops["total"], flops["backbone"]
 
 
 def benchmark_model(name: str, model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict:
@@ -246,11 +243,24 @@ def main(argv=None) -> dict:
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
     dtype = utils.autocast_dtype(device, not args.no_amp) or torch.float32
-    rates = matmul_rates(device, dtype, args.matmul_size or (8192 if device.type == "cuda" else 2048), args.repeats)
+    models = {name: model for name, model in build_models(args.backbone, args.num_classes, args.kernel_size,
+                                                          args.pad_scores).items()
+              if args.models is None or name in args.models}
+    with progress_bar(total=1 + len(models) + (not args.skip_data), desc="benchmark", unit="stage") as bar:
+        bar.set_postfix_str("matmul rate")
+        rates = matmul_rates(device, dtype, args.matmul_size or (8192 if device.type == "cuda" else 2048),
+                             args.repeats)
+        rows = []
+        for name, model in models.items():
+            bar.update()
+            bar.set_postfix_str(name)
+            rows.append(benchmark_model(name, model, args, device))
+        if not args.skip_data:
+            bar.update()
+            bar.set_postfix_str(f"data pipeline, {args.workers} workers")
+            data_rate = data_pipeline_rate(args)
+        bar.update()
     rate = max(rates.values())
-    models = build_models(args.backbone, args.num_classes, args.kernel_size, args.pad_scores)
-    rows = [benchmark_model(name, model, args, device) for name, model in models.items()
-            if args.models is None or name in args.models]
     gcn = rows[0] if rows[0]["model"].startswith("gcn") else None
     for row in rows:
         row["matmul_fraction"] = row["train_tflops"] * 1e12 / rate
@@ -268,7 +278,7 @@ def main(argv=None) -> dict:
     if gcn:
         summary["gcn_backbone_matmul_fraction"] = gcn["backbone_flops_per_step"] / gcn["train_step_s"] / rate
     if not args.skip_data:
-        summary["data_images_per_s"] = data_pipeline_rate(args)
+        summary["data_images_per_s"] = data_rate
         summary["data_workers"] = args.workers
     print_table(summary)
     if args.json:

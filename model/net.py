@@ -20,6 +20,7 @@ import torchvision
 from torch import Tensor, nn
 
 from model import IGNORE_INDEX
+from model.summary import flops_summary, inference_flops, parameter_summary
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 HEADS = ("gcn", "conv", "stack", "1x1")
@@ -28,7 +29,6 @@ STAGES = ("layer1", "layer2", "layer3", "layer4")  # res2 .. res5 in the paper's
 MAX_KERNEL_SIZE = 255  # beyond any feature map of a 4096² crop at stride 32 (the paper's largest k is 15)
 SCORE_CHANNEL_MULTIPLE = 8  # on CUDA the score maps are computed on channels padded to this (tensor-core tiles)
 ROW_LOSS_MIN_CLASSES = 16  # channels-last logits with this many classes or more: the loss over pixel rows
-
 
 
 @dataclass
@@ -83,7 +83,10 @@ class HorizontalConv(nn.Conv2d):
         layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         # The transposed view is neither NCHW nor NHWC: without the copy oneDNN falls back to a slow path.
         x_t = x.transpose(-1, -2).contiguous(memory_format=layout)
-        weight_t = self.weight.transpose(-1, -2).contiguous(memory_format=layout)
+        # A reshape, not a transpose (the same for a dimension of size 1): its gradient comes back in the weight's
+        # own strides, which DistributedDataParallel's buckets expect ("Grad strides do not match bucket view").
+        out_channels, in_channels, _, k = self.weight.shape
+        weight_t = self.weight.reshape(out_channels, in_channels, k, 1).contiguous(memory_format=layout)
         return F.conv2d(x_t, weight_t, self.bias, padding=self.padding[::-1]).transpose(-1, -2)
 
 
@@ -528,17 +531,12 @@ class SegmentationLoss(nn.Module):
         return loss
 
 
-def parameter_summary(model: GCN) -> str:
-    """A per-part parameter count table: backbone, heads (incl. their BR), decoder, total."""
-    counts = {part: sum(p.numel() for p in params) for part, params in model.parameter_groups().items()}
-    counts["total"] = sum(p.numel() for p in model.parameters())
-    width = max(len(k) for k in counts)
-    return "\n".join(f"{part:<{width}}  {n:>12,}" for part, n in counts.items())
-
-
 def main() -> None:
-    """python -m model.net [--backbone resnet18 --num_classes 11 ...]: the parameter summary of any GCNConfig."""
-    parser = argparse.ArgumentParser(description="Print the GCN parameter summary.")
+    """python -m model.net [--backbone resnet18 --num_classes 11 ... --size H W]: the parameter summary of any
+    GCNConfig and its FLOPs for one H×W image (model/summary.py)."""
+    parser = argparse.ArgumentParser(description="Print the GCN's parameters and FLOPs by part.")
+    parser.add_argument("--size", type=int, nargs=2, default=(512, 512), metavar=("H", "W"),
+                        help="image size for the FLOPs (default 512 512)")
     for f in dataclasses.fields(GCNConfig):
         if f.name == "pretrained":
             continue
@@ -548,9 +546,12 @@ def main() -> None:
         else:
             parser.add_argument(f"--{f.name}", type=int if f.type.startswith("int") else str, default=default,
                                 choices=f.metadata.get("choices"))
-    config = GCNConfig(**vars(parser.parse_args()))
+    args = vars(parser.parse_args())
+    height, width = args.pop("size")
+    config = GCNConfig(**args)
     print(f"GCN {config.backbone}, k={config.kernel_size}, head={config.head}, {config.num_classes} classes")
     print(parameter_summary(GCN(config)))
+    print(flops_summary(inference_flops(lambda: GCN(config), height, width), height, width))
 
 
 if __name__ == "__main__":

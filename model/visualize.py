@@ -20,7 +20,10 @@ from model import IGNORE_INDEX
 from model.transforms import colorize
 
 VOID_COLOR = (255, 255, 255)    # as colorize draws void; the canvas is dark so it stands out
-WRONG_COLOR = (255, 0, 0)
+# Wrong pixels of the errors panel: red, unless a class colour (or void's white) is within WRONG_COLOR_DISTANCE of it
+# (the synthetic set's disc 220,50,50, VOC's 192,0,0, Cityscapes' rider 255,0,0): then cyan or magenta, the farther
+WRONG_COLORS = ((255, 0, 0), (0, 255, 255), (255, 0, 255))
+WRONG_COLOR_DISTANCE = 100  # RGB (Euclidean) distance from every class colour; CamVid's nearest, 128,0,0, is 127
 BACKGROUND = (40, 40, 40)
 TEXT_COLOR = (240, 240, 240)
 MIN_PANEL_SIDE = 256            # images whose longer side is shorter are enlarged (integer factor) towards this
@@ -35,18 +38,27 @@ def error_mask(label: Tensor, pred: Tensor) -> Tensor:
     return (label != IGNORE_INDEX) & (pred != label)
 
 
+def wrong_color(palette: Sequence[Sequence[int]]) -> tuple[int, int, int]:
+    """The colour of wrong pixels (errors panel and legend) for these class colours: WRONG_COLORS' first that is at
+    least WRONG_COLOR_DISTANCE from each of them and from void's, else the farthest of the others."""
+    def distance(color: tuple[int, int, int]) -> float:
+        return min(math.dist(color, c) for c in (*palette, VOID_COLOR))
+    preferred, *others = WRONG_COLORS
+    return preferred if distance(preferred) >= WRONG_COLOR_DISTANCE else max(others, key=distance)
+
+
 def legend_entries(label: Tensor | None, pred: Tensor, palette: Sequence[Sequence[int]],
                    class_names: Sequence[str]) -> list[tuple[str, tuple[int, int, int]]]:
     """(name, colour) for every class present in the truth or the prediction, in class order; then "void" if
-    void (or any value that is not a class, which colorize also draws as void) is present; then "wrong" if there
-    is an errors panel (a label was given)."""
+    void (or any value that is not a class, which colorize also draws as void) is present; then "wrong" (in
+    wrong_color's colour) if there is an errors panel (a label was given)."""
     values = pred.flatten() if label is None else torch.cat([label.flatten(), pred.flatten()])
     present = set(values.long().unique().tolist())
     entries = [(name, tuple(int(v) for v in palette[c])) for c, name in enumerate(class_names) if c in present]
     if present - set(range(len(class_names))):
         entries.append(("void", VOID_COLOR))
     if label is not None:
-        entries.append(("wrong", WRONG_COLOR))
+        entries.append(("wrong", wrong_color(palette)))
     return entries
 
 
@@ -68,7 +80,7 @@ def prediction_picture(image: Tensor, label: Tensor | None, pred: Tensor, palett
         panels.append(("truth", colorize(label, palette, VOID_COLOR)))
     panels.append(("prediction", colorize(pred, palette, VOID_COLOR)))
     if label is not None:
-        panels.append((errors_title, _errors_panel(image, label, pred)))
+        panels.append((errors_title, _errors_panel(image, label, pred, wrong_color(palette))))
     return _titled_panels(panels, legend_entries(label, pred, palette, class_names))
 
 
@@ -231,12 +243,12 @@ def _paste_enlarged(canvas: Image.Image, picture: Tensor, scale: int, left: int,
     canvas.paste(Image.fromarray(big.permute(1, 2, 0).numpy()), (left, top))
 
 
-def _errors_panel(image: Tensor, label: Tensor, pred: Tensor) -> Tensor:
-    """Wrong pixels WRONG_COLOR, void pixels VOID_COLOR, the rest the image as dimmed grey (0..127)."""
+def _errors_panel(image: Tensor, label: Tensor, pred: Tensor, wrong_rgb: tuple[int, int, int]) -> Tensor:
+    """Wrong pixels `wrong_rgb`, void pixels VOID_COLOR, the rest the image as dimmed grey (0..127)."""
     r, g, b = image.long()
     grey = ((299 * r + 587 * g + 114 * b) // 2000).to(torch.uint8).expand(3, -1, -1).clone()
     wrong = error_mask(label, pred)
-    grey[:, wrong] = torch.tensor(WRONG_COLOR, dtype=torch.uint8).view(3, 1)
+    grey[:, wrong] = torch.tensor(wrong_rgb, dtype=torch.uint8).view(3, 1)
     void = label.long() == IGNORE_INDEX
     grey[:, void] = torch.tensor(VOID_COLOR, dtype=torch.uint8).view(3, 1)
     return grey

@@ -2,9 +2,13 @@
 tests/test_cuda.py."""
 from __future__ import annotations
 
+import io
 import json
 import os
+import signal
+import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -36,6 +40,35 @@ def shared_data() -> Path:
             pytest.fail(f"GCN_REQUIRE_SHARED_DATA=1 but {SHARED_DATA} does not exist")
         pytest.skip(f"needs the real data sets in {SHARED_DATA} (not part of a clone)")
     return SHARED_DATA
+
+
+def child_signals(*ignored: signal.Signals) -> Callable[[], None]:
+    """A preexec_fn for a child that a test signals: SIGINT and SIGHUP at their defaults, as a terminal's shell starts
+    a program, whatever the suite inherited (under nohup SIGHUP is ignored, in a background job of a
+    non-interactive shell SIGINT too, and a child keeps an ignored signal ignored); then `ignored` ignored, as
+    nohup (SIGHUP) does."""
+    def preexec() -> None:
+        for signum in (signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN if signum in ignored else signal.SIG_DFL)
+    return preexec
+
+
+class Terminal(io.StringIO):
+    """stderr as a terminal: what was written to it, and isatty() True (progress bars are drawn only there)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def terminal(monkeypatch) -> Callable[[], Terminal]:
+    """terminal() replaces sys.stderr by a new Terminal for the code under test to draw on, and returns it. Call it
+    in the test's body: pytest's output capture sets sys.stderr anew as the test starts."""
+    def install() -> Terminal:
+        screen = Terminal()
+        monkeypatch.setattr(sys, "stderr", screen)
+        return screen
+    return install
 
 
 # A tiny synthetic experiment: 16 training images of 48², random scale, 32² crops, flips and colour jitter (so that

@@ -19,8 +19,9 @@ from model.net import ROW_LOSS_MIN_CLASSES
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_benchmark_reports_consistent_figures_on_cpu(tmp_path, capsys):
+def test_benchmark_reports_consistent_figures_on_cpu(tmp_path, capsys, terminal):
     out = tmp_path / "bench.json"
+    screen = terminal()
     summary = benchmark.main(["--backbone", "resnet18", "--kernel_size", "3", "--num_classes", "5", "--crop", "64",
                               "--eval_size", "64", "--batch_size", "2", "--device", "cpu", "--warmup", "1",
                               "--repeats", "1", "--matmul_size", "256", "--workers", "0", "--data_images", "4",
@@ -46,6 +47,11 @@ def test_benchmark_reports_consistent_figures_on_cpu(tmp_path, capsys):
     assert summary["data_images_per_s"] > 0 and gcn["inference_latency_s"] > 0
     printed = capsys.readouterr().out
     assert "gcn_resnet18" in printed and "data pipeline" in printed
+    # Meanwhile, a terminal showed which of the 5 stages was being measured, and how long it had taken
+    drawn = screen.getvalue()
+    assert "benchmark:   0%|" in drawn and "| 0/5 [" in drawn
+    for stage in ("matmul rate", "gcn_resnet18", "deeplabv3_resnet50", "data pipeline, 0 workers"):
+        assert stage in drawn
 
 
 def test_conv1x1_reference_computes_the_same_product_as_matmul():

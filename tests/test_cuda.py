@@ -33,7 +33,7 @@ def batch(device: torch.device, size: int = 64) -> tuple[torch.Tensor, torch.Ten
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_mixed_precision_steps_match_float32_closely(dtype):
     device = torch.device("cuda")
-    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
         pytest.skip("this GPU has no bf16")
     images, labels = batch(device)
     model = GCN(GCNConfig(5, "resnet18", kernel_size=7)).to(device).to(memory_format=torch.channels_last).eval()
@@ -91,7 +91,8 @@ def test_predict_on_the_gpu_agrees_with_the_float32_cpu_logits(tmp_path):
     photos.mkdir()
     for i, (height, width) in enumerate([(37, 53), (64, 48)]):
         Image.fromarray(smooth_image(height, width, i)).save(photos / f"img{i}.png")
-    assert predict.cli(["--restore_file", str(path), str(photos), "--out", str(tmp_path / "out")]) == 0
+    assert predict.cli(["--restore_file", str(path), str(photos), "--out", str(tmp_path / "out"),
+                        "--eval_precision", "bfloat16"]) == 0
     for i in range(2):
         labels = np.array(Image.open(tmp_path / "out" / "labels" / f"img{i}.png"))
         logits = reference_logits(model, photos / f"img{i}.png")[0]

@@ -53,6 +53,31 @@ def test_evaluate_matches_validation_and_writes_table_matrix_pngs_and_pictures(t
     assert 0 <= tta["miou"] <= 1 and tta["loss"] != pytest.approx(metrics["loss"])
 
 
+def test_evaluation_computes_in_float32_whatever_amp_trains_in_and_says_so(experiment, monkeypatch, capsys):
+    """Metrics must not depend on the machine: where amp trains in bf16 (a CPU with AMX), validation, evaluate.py
+    and its records are float32 unless eval_precision asks otherwise, which needs native hardware."""
+    monkeypatch.setattr(utils, "cpu_bf16_pays", lambda: True)  # as on a CPU with AMX-BF16
+    model_dir = experiment(num_iterations=1, channels_last=False)
+    assert train.cli(["--model_dir", str(model_dir)]) == 0
+    assert read_json(model_dir / utils.RESOLVED_PARAMS_FILE)["precision"] == "bfloat16"
+    assert "in bfloat16 (validation in float32)" in (model_dir / utils.TRAIN_LOG).read_text()
+    validated = read_json(model_dir / utils.METRICS_LAST)
+    assert validated["precision"] == "float32"
+    assert evaluate.cli(["--model_dir", str(model_dir), "--restore_file", "last"]) == 0
+    assert read_json(model_dir / "metrics_val_last.json") == validated
+    assert "in float32" in (model_dir / utils.EVALUATE_LOG).read_text()
+
+    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: False)
+    assert evaluate.cli(["--model_dir", str(model_dir), "--restore_file", "last", "--set",
+                         "eval_precision=bfloat16"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        'error: eval_precision "bfloat16": this cpu has no native bfloat16; use "float32"')
+    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: True)
+    assert evaluate.cli(["--model_dir", str(model_dir), "--restore_file", "last", "--set",
+                         "eval_precision=bfloat16"]) == 0
+    assert read_json(model_dir / "metrics_val_last.json")["precision"] == "bfloat16"
+
+
 def test_num_pictures_limits_the_pictures(trained, tmp_path):
     out = tmp_path / "predictions"
     assert evaluate.cli(["--model_dir", str(trained), "--restore_file", "last", "--save_predictions", str(out),

@@ -257,6 +257,9 @@ class RealBatches:
         with fake_cuda_paused():
             return iter(list(self.loader))
 
+    def __len__(self) -> int:
+        return len(self.loader)
+
 
 class RecordedSums(SegmentationLoss):
     """The training objective, recording the logits and labels validation scores with it."""

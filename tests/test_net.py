@@ -722,6 +722,18 @@ def test_horizontal_conv_equals_a_plain_1xk_convolution_with_gradients(channels_
     assert torch.allclose(fast.bias.grad, plain.bias.grad, atol=1e-4)
 
 
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_every_gradient_comes_back_in_its_parameters_strides(memory_format):
+    """DistributedDataParallel lays its buckets out like the parameters: a gradient with other strides, even only in
+    a dimension of size 1 (the GCN's 1×k weights through a transpose), makes every rank warn "Grad strides do not
+    match bucket view strides" and copy the gradient."""
+    model = GCN(GCNConfig(3, "resnet18", 3)).to(memory_format=memory_format)
+    model(torch.randn(2, 3, 64, 64).contiguous(memory_format=memory_format)).sum().backward()
+    mismatched = {name: (p.stride(), p.grad.stride()) for name, p in model.named_parameters()
+                  if p.grad.stride() != p.stride()}
+    assert not mismatched
+
+
 @pytest.mark.parametrize("class_weights, dice_weight", [(None, 0.0), ([1.0, 3.0, 0.5], 0.0), ([1.0, 3.0, 0.5], 0.7)])
 def test_loss_sums_over_batches_give_the_loss_of_one_batch(class_weights, dice_weight):
     """Validation's val/loss: sums of batches of other sizes, added up, equal the training objective of the images

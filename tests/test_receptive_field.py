@@ -104,3 +104,25 @@ def test_the_command_writes_pictures_and_metrics_for_each_model_and_a_comparison
     assert arf.cli([*dirs[:2], "--pixel", "48,0"]) == 2  # the synthetic val image is 48×48
     assert arf.cli([*dirs[:2], "--pixel", "1-2"]) == 2
     assert arf.cli([*dirs[:2]]) == 0  # the first val image, its centre
+
+
+@pytest.mark.parametrize("kernel, size", [(3, (40, 56)), (1, (70, 97))])
+def test_the_kernel_square_the_legend_promises_is_drawn_even_around_a_small_image(kernel, size, tmp_path):
+    """k = 3 spans 96 px of res-5 cells, more than a 40 × 56 image: the view widens to show the whole square."""
+    height, width = size
+    generator = torch.Generator().manual_seed(0)
+    gradients = arf.Gradients(torch.rand(height, width, generator=generator),
+                              torch.rand(-(-height // 32), -(-width // 32), generator=generator), 0)
+    image = torch.full((3, height, width), 128, dtype=torch.uint8)
+    analysis = arf.Analysis("small", image, (height // 2, width // 2), gradients, 10.0, 1.0)
+    arf.figure([(f"k = {kernel}", analysis, kernel)], tmp_path / "field.png")
+    rgb = np.asarray(Image.open(tmp_path / "field.png").convert("RGB")).astype(int)
+    cyan = (rgb[..., 0] < 40) & (rgb[..., 1] > 215) & (rgb[..., 2] > 215)
+    rows, cols = np.nonzero(cyan)
+    assert cyan.sum() > 100, "no cyan kernel square drawn"
+    # In both panels (above and below the widest band of rows without cyan) the cyan spans a square: all four edges
+    drawn = np.unique(rows)
+    gap = drawn[np.argmax(np.diff(drawn))]
+    for panel in (rows <= gap, rows > gap):
+        extent_rows, extent_cols = np.ptp(rows[panel]), np.ptp(cols[panel])
+        assert abs(extent_rows - extent_cols) <= 3 and extent_rows > 20

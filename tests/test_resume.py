@@ -46,11 +46,14 @@ sys.exit(train.cli(sys.argv[4:]))
 """
 
 
-def train_py(model_dir: Path, *extra: str, strike: tuple[str, int, str] | None = None) -> subprocess.CompletedProcess:
-    """train.py in its own process group (so that a signal to the group reaches only it and its workers)."""
+def train_py(model_dir: Path, *extra: str, strike: tuple[str, int, str] | None = None,
+             ignored: tuple[signal.Signals, ...] = ()) -> subprocess.CompletedProcess:
+    """train.py in its own process group (so that a signal to the group reaches only it and its workers), with the
+    stop signals at their defaults but `ignored` (SIGHUP: started under nohup)."""
+    from conftest import child_signals  # noqa: PLC0415 -- conftest is importable once pytest has loaded it
     command = [sys.executable, "-c", STRIKE, *map(str, strike)] if strike else [sys.executable, "train.py"]
     return subprocess.run([*command, "--model_dir", str(model_dir), *extra], cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=300, start_new_session=True)
+                          text=True, timeout=300, start_new_session=True, preexec_fn=child_signals(*ignored))
 
 
 def final_state(model_dir: Path) -> tuple[dict, dict, dict]:
@@ -106,6 +109,15 @@ def test_a_stop_signal_to_the_process_group_saves_and_the_resumed_run_is_identic
     resumed = train_py(model_dir, "--restore_file", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(model_dir, uninterrupted[workers, 2])
+
+
+def test_a_run_started_under_nohup_ignores_sighup_and_completes(experiment, uninterrupted):
+    """nohup's contract: a hang-up (the terminal closing) never stops the run, which ends as an uninterrupted one."""
+    model_dir = experiment()
+    result = train_py(model_dir, strike=("step", 2, "SIGHUP"), ignored=(signal.SIGHUP,))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (model_dir / utils.COMPLETE_MARKER).exists() and "Stopped by signal" not in result.stderr
+    assert_same_run(model_dir, uninterrupted[0, 2])
 
 
 @pytest.mark.parametrize("name,when", [

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import search_hyperparams as sh
-from conftest import TINY
+from conftest import TINY, child_signals
 import synthesize_results as sr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,6 +140,15 @@ def test_two_learning_rates_train_then_rerun_skips(tmp_path, stub, capsys):
     assert "2 skipped" in out
 
 
+def test_a_terminal_shows_the_runs_done_and_left(tmp_path, stub, capsys, terminal):
+    parent = make_parent(tmp_path, {"learning_rate": 0.01}, {"stub": ["ok", "fail", "ok2"]})
+    screen = terminal()
+    assert sh.main(["--parent_dir", str(parent)], train_script=stub, spec=None) == 1
+    drawn = screen.getvalue()
+    assert "sweep:   0%|          | 0/3 [" in drawn and "| 3/3 [" in drawn and "2 trained, 1 failed" in drawn
+    assert "stub_ok2: trained" in capsys.readouterr().out  # each child's line stays, above the bar
+
+
 def test_children_are_ignored_by_git_and_the_parent_is_not(tmp_path, stub):
     repo = tmp_path / "repo"
     (repo / "experiments").mkdir(parents=True)
@@ -247,7 +256,8 @@ def signal_sweep(parent: Path, stub: Path, signals: list[signal.Signals], prelud
     """Run a sweep in a subprocess (after `prelude`), send it `signals` once its first child waits; (status, stderr)."""
     code = (f"import signal, sys; from pathlib import Path; import search_hyperparams as sh; {prelude}; "
             f"sys.exit(sh.main(['--parent_dir', {str(parent)!r}], train_script=Path({str(stub)!r}), spec=None))")
-    sweep = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    sweep = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             preexec_fn=child_signals())
     try:
         deadline = time.time() + 60
         while not (parent / "waiting").exists():

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +113,23 @@ def test_resume_keeps_the_runs_own_settings_and_refuses_only_a_contradiction(exp
     assert read_json(rerun / utils.RESOLVED_PARAMS_FILE)["params"] == record["params"]
     first, second = weights(model_dir / utils.LAST_CHECKPOINT), weights(rerun / utils.LAST_CHECKPOINT)
     assert all(torch.equal(first[k], second[k]) for k in first)
+    # ...into a folder that stands alone: its own params.json, which evaluate.py and a requeued job read
+    assert read_json(rerun / "params.json") == record["params"]
+    assert evaluate.cli(["--model_dir", str(rerun), "--restore_file", "last"]) == 0
+    capsys.readouterr()
+    assert run_train(rerun, "--restore_file", "auto", "--params", str(model_dir / utils.RESOLVED_PARAMS_FILE)) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_params_from_another_file_never_replace_a_folders_own_params_json(experiment, tmp_path, capsys):
+    model_dir = experiment()
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**read_json(model_dir / "params.json"), "kernel_size": 5, "seed": 4}))
+    before = (model_dir / "params.json").read_bytes()
+    assert run_train(model_dir, "--params", str(other)) == 2
+    err = capsys.readouterr().err
+    assert f"{model_dir / 'params.json'} holds other settings than {other} (kernel_size, seed)" in err
+    assert sorted(os.listdir(model_dir)) == ["params.json"] and (model_dir / "params.json").read_bytes() == before
 
 
 def test_keep_best_weights_keeps_a_weights_only_best_and_no_last(experiment, capsys):
@@ -311,16 +329,39 @@ def test_head_layers_learn_faster_than_the_backbone(experiment):
     assert len(backbone["params"]) + len(new["params"]) == len(list(model.parameters()))
 
 
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run")
+TORCHRUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def torchrun(model_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "train.py", "--model_dir", str(model_dir), *extra], cwd=REPO, capture_output=True,
-                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    return subprocess.run([*TORCHRUN, "--standalone", "--nproc_per_node", "2", "train.py", "--model_dir",
+                           str(model_dir), *extra], cwd=REPO, capture_output=True, text=True, env=TORCHRUN_ENV,
+                          timeout=300)
+
+
+def two_nodes(model_dir: Path) -> list[tuple[int, str]]:
+    """train.py on two nodes of one process each, launched as the README's Slurm lines do (one torchrun per node,
+    --node_rank, the first node's address and port), both nodes on this machine: [(status, stderr)] per node."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nodes = [subprocess.Popen([*TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank),
+                               "--master_addr", "127.0.0.1", "--master_port", str(port), "train.py", "--model_dir",
+                               str(model_dir)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, env=TORCHRUN_ENV) for rank in (0, 1)]
+    try:
+        return [(node.wait(timeout=300), node.stderr.read()) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+            node.stderr.close()
 
 
 def test_ddp_two_processes_match_single_process_validation(experiment):
     model_dir = experiment(num_epochs=1, synthetic_val_images=5)
     result = torchrun(model_dir)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "Grad strides do not match" not in result.stderr  # the 1×k weights' gradients fit DDP's buckets
     distributed = read_json(model_dir / utils.METRICS_LAST)
     assert read_json(model_dir / utils.COMPLETE_MARKER)["iterations"] == 2  # 16 images / (2 ranks × batch 4)
     assert evaluate.cli(["--model_dir", str(model_dir), "--restore_file", "last"]) == 0
@@ -328,6 +369,16 @@ def test_ddp_two_processes_match_single_process_validation(experiment):
     for key in ("miou", "pixel_accuracy", "mean_accuracy", "fw_iou", "boundary_accuracy", "interior_accuracy"):
         assert distributed[key] == pytest.approx(single[key], abs=1e-9), key
     assert distributed["loss"] == pytest.approx(single["loss"], rel=1e-5)
+
+    # Two nodes of one process each train exactly as one node of two processes
+    nodes_dir = experiment("two_nodes", num_epochs=1, synthetic_val_images=5)
+    for status, stderr in two_nodes(nodes_dir):
+        assert status == 0, stderr[-2000:]
+        assert "Grad strides do not match" not in stderr
+    assert read_json(nodes_dir / utils.RESOLVED_PARAMS_FILE)["world_size"] == 2
+    assert read_json(nodes_dir / utils.METRICS_LAST) == distributed
+    first, second = weights(model_dir / utils.LAST_CHECKPOINT), weights(nodes_dir / utils.LAST_CHECKPOINT)
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_ddp_with_more_ranks_than_validation_images_completes(experiment):

@@ -147,6 +147,7 @@ BAD_VALUES = {
     "tta_scales": [[], [0], [1, -1], [float("nan")], [1, 1e6]], "tta_flip": [2],
     "sliding_window": [[]], "gaussian_windows": ["yes"],
     "frozen_bn": ["yes"], "eval_pad_size": [0, 1.5], "boundary_distance": ["manhattan"], "boundary_void": [True],
+    "eval_precision": ["fp32", "bf16", None],
 }
 
 
@@ -569,3 +570,21 @@ def test_the_readme_documents_every_setting():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     undocumented = [key for key in utils.experiment_settings(EXPERIMENT) if f"`{key}`" not in readme]
     assert not undocumented, f"README.md's settings tables lack {undocumented}"
+
+
+def test_eval_precision_is_float32_unless_asked_and_then_only_where_native(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert utils.eval_autocast_dtype(cpu, "float32") is None and utils.eval_autocast_dtype(cuda, "float32") is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",  # e.g. a V100: bf16 only emulated
+                        lambda including_emulation=True: including_emulation)
+    assert utils.eval_autocast_dtype(cuda, "float16") == torch.float16
+    with pytest.raises(ParamsError, match='eval_precision "bfloat16": this cuda has no native bfloat16'):
+        utils.eval_autocast_dtype(cuda, "bfloat16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert utils.eval_autocast_dtype(cuda, "bfloat16") == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True})  # an AMD EPYC with AVX-512
+    assert utils.eval_autocast_dtype(cpu, "bfloat16") == torch.bfloat16
+    with pytest.raises(ParamsError, match='eval_precision "float16": this cpu has no native float16'):
+        utils.eval_autocast_dtype(cpu, "float16")
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_fp16": True})
+    assert utils.eval_autocast_dtype(cpu, "float16") == torch.float16

@@ -1,4 +1,5 @@
 """model/visualize.py: error mask against a per-pixel loop, exact panel contents at known geometry, legend, PNGs."""
+import math
 import warnings
 
 import numpy as np
@@ -7,11 +8,14 @@ import torch
 from PIL import Image
 
 from model.datasets.base import IGNORE_INDEX
+from model.datasets.camvid import CAMVID_PALETTE
+from model.datasets.cityscapes import CITYSCAPES_PALETTE
+from model.datasets.synthetic import SYNTHETIC_PALETTE
 from model.datasets.voc import VOC_CLASSES, voc_palette
 from model.transforms import colorize
-from model.visualize import (BACKGROUND, VOID_COLOR, WRONG_COLOR, confusion_matrix_figure, error_mask,
+from model.visualize import (BACKGROUND, VOID_COLOR, confusion_matrix_figure, error_mask,
                              legend_entries, overlay_picture, picture_layout, prediction_picture, row_normalised,
-                             save_picture)
+                             save_picture, wrong_color)
 
 PALETTE = voc_palette(21)
 
@@ -68,7 +72,7 @@ def test_panels_hold_exactly_the_image_truth_prediction_and_errors(height, width
 
     def is_color(rgb: tuple[int, int, int]) -> torch.Tensor:
         return (errors == torch.tensor(rgb).view(3, 1, 1)).all(0)
-    assert torch.equal(is_color(WRONG_COLOR), wrong)
+    assert torch.equal(is_color(wrong_color(PALETTE)), wrong)
     assert torch.equal(is_color(VOID_COLOR), void)
     rest = errors[:, ~wrong & ~void]
     luminance = (0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2])[~wrong & ~void]
@@ -105,9 +109,25 @@ def test_legend_lists_exactly_the_classes_present():
     pred = torch.tensor([[2, 3], [5, 2]])
     entries = legend_entries(label, pred, PALETTE, names)
     assert entries == [("c0", PALETTE[0]), ("c2", PALETTE[2]), ("c3", PALETTE[3]), ("c5", PALETTE[5]),
-                       ("void", VOID_COLOR), ("wrong", WRONG_COLOR)]
+                       ("void", VOID_COLOR), ("wrong", wrong_color(PALETTE))]
     assert legend_entries(None, pred, PALETTE, names) == [("c2", PALETTE[2]), ("c3", PALETTE[3]), ("c5", PALETTE[5])]
     assert legend_entries(None, torch.tensor([[1, 9]]), PALETTE, names)[-1] == ("void", VOID_COLOR)
+
+
+@pytest.mark.parametrize("palette", [SYNTHETIC_PALETTE, PALETTE, CAMVID_PALETTE, CITYSCAPES_PALETTE])
+def test_wrong_pixels_never_look_like_a_class_in_the_legend(palette):
+    """Each data set's errors panel draws wrong pixels in a colour at least 100 (RGB distance) from every class
+    colour and void's: a pure red beside the synthetic disc's 220,50,50 (79 apart) read as one colour."""
+    label = torch.arange(len(palette)).repeat(3, 1)
+    pred = (label + 1) % len(palette)  # every pixel wrong
+    entries = legend_entries(label, pred, palette, [f"c{i}" for i in range(len(palette))])
+    assert entries[-1][0] == "wrong" and len(entries) == len(palette) + 1
+    wrong = entries[-1][1]
+    assert min(math.dist(wrong, color) for _, color in [*entries[:-1], ("void", VOID_COLOR)]) >= 100
+    errors = prediction_picture(torch.zeros(3, *label.shape, dtype=torch.uint8), label, pred, palette,
+                                [f"c{i}" for i in range(len(palette))])
+    panel_pixels = panel(errors, picture_layout(*label.shape, 4), 3)
+    assert (panel_pixels == torch.tensor(wrong, dtype=torch.uint8).view(3, 1, 1)).all()
 
 
 def test_legend_swatches_are_drawn_below_the_panels():
@@ -123,7 +143,7 @@ def test_legend_swatches_are_drawn_below_the_panels():
         return int((legend == torch.tensor(rgb, dtype=torch.uint8).view(3, 1, 1)).all(0).sum())
     for c in (7, 12, 15):
         assert count(PALETTE[c]) >= (layout.font_size - 2) ** 2
-    assert count(WRONG_COLOR) >= (layout.font_size - 2) ** 2
+    assert count(wrong_color(PALETTE)) >= (layout.font_size - 2) ** 2
     assert count(PALETTE[9]) == 0          # a class in neither truth nor prediction
 
 
