@@ -169,7 +169,8 @@ def main(args) -> int:
                                                           "precision": placement.precision})
             utils.set_logger(model_dir / utils.TRAIN_LOG)
             exit_stack.enter_context(utils.errors_in_log((utils.UserError, DatasetError, PretrainedWeightsError)))
-            run.tracker = exit_stack.enter_context(tracking.open_tracker(model_dir, config, params.dict))
+            run.tracker = exit_stack.enter_context(tracking.open_tracker(model_dir, config, params.dict,
+                                                                         run.stop.requested))
         if restore_file:
             logging.info("Resumed from %s: epoch %d, iteration %d, best mIoU %.4f", restore_file,
                          run.progress.epoch, run.progress.iteration, run.progress.best_miou)
