@@ -15,6 +15,7 @@ import logging
 import os
 import queue
 import re
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -30,10 +31,11 @@ MLFLOW_TRACKER = utils.TRACKERS[1]  # the TrainConfig.tracker that adds MLflow
 MLFLOW_RUN_FILE = "mlflow_run.json"  # in the run folder: the MLflow run that a resume continues
 TIMEOUT_S = 10.0  # the longest a tracking backend may hold the run: to open it, and to catch up at the end
 BACKLOG = 1000  # calls a backend may fall behind (a store that stopped answering) before it is dropped
-MLFLOW_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}  # MLflow's own
-# defaults (120 s, 7 retries with back-off) keep one call waiting for minutes; $MLFLOW_HTTP_REQUEST_* still win
+MLFLOW_HTTP_RETRIES = 2  # MLflow's own defaults (120 s per request, 7 retries with back-off) keep one call
+# waiting for minutes: its requests get TIMEOUT_S and this many retries, unless $MLFLOW_HTTP_REQUEST_* say otherwise
 _NOT_IN_MLFLOW_NAMES = re.compile(r"[^\w\-. /]")  # MLflow's keys allow letters, digits, _ - . space and /
 _MLFLOW_PARAMS_PER_CALL = 100  # MLflow's log_batch limit
+_RECORD_BYTES = 1 << 20  # a run record is a few hundred bytes; a larger file there is not one
 
 
 def check_tracker(config: utils.TrainConfig) -> None:
@@ -51,7 +53,9 @@ def open_tracker(model_dir: Path, config: utils.TrainConfig, params: dict[str, A
     with contextlib.ExitStack() as stack:
         mirrors = []
         if config.tracker == MLFLOW_TRACKER:
-            stack.enter_context(_environment_defaults(MLFLOW_HTTP_LIMITS))
+            stack.enter_context(_environment_defaults({
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, round(TIMEOUT_S))),
+                "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(MLFLOW_HTTP_RETRIES)}))
             mirrors.append(open_mirror(MlflowRun, model_dir, config, params, should_stop))
         tracker = Tracker(SummaryWriter(model_dir), [mirror for mirror in mirrors if mirror is not None])
         status = "KILLED"
@@ -335,9 +339,13 @@ def _recorded_run(client: Any, record: dict[str, Any] | None, uri: str) -> str |
 # ----------------------------------------------------------------------------------------------- helpers
 
 def read_record(path: Path) -> dict[str, Any] | None:
-    """The JSON object in `path`, or None: no file, a broken one, or not a regular file."""
+    """The JSON object in `path`, or None: no file, a broken one, or not a regular file (a FIFO, or a link to one,
+    is opened without blocking and never read)."""
     try:
-        record = json.loads(path.read_text())
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                return None
+            record = json.loads(file.read(_RECORD_BYTES))
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None

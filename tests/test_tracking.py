@@ -326,3 +326,45 @@ def test_a_stop_signal_ends_the_wait_for_a_store_at_once(experiment, mlflow, fak
     assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert torch.load(model_dir / utils.LAST_CHECKPOINT, weights_only=True)["progress"]["iteration"] == 1
     assert "MLflow: a stop signal arrived while opening" in (model_dir / utils.TRAIN_LOG).read_text()
+
+
+def test_a_fifo_at_the_run_record_never_holds_a_resume(experiment, mlflow, monkeypatch, spawn, tmp_path):
+    model_dir = mlflow_experiment(experiment, mlflow)
+    with monkeypatch.context() as patch:
+        stop_after_first_step(patch)
+        assert run_train(model_dir) == 128 + signal.SIGTERM
+    _, stopped = recorded_run(mlflow, model_dir)
+    record = model_dir / tracking.MLFLOW_RUN_FILE
+    fifo = tmp_path / "planted_fifo"
+    os.mkfifo(fifo)
+    record.unlink()
+    record.symlink_to(fifo)  # opening a FIFO to read waits for a writer: for ever
+    process = spawn(model_dir, 10, "--restore_file", "last")
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 0, stderr[-3000:]
+    assert record.is_file() and not record.is_symlink() and fifo.is_fifo()  # replaced, not written through
+    _, resumed = recorded_run(mlflow, model_dir)
+    assert resumed.info.run_id != stopped.info.run_id  # the record was unreadable: a new MLflow run
+
+
+def test_only_a_regular_file_holding_a_json_object_is_a_run_record(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "link").symlink_to(fifo)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "list.json").write_text("[1]")
+    (tmp_path / "broken.json").write_text("{")
+    (tmp_path / "record.json").write_text('{"run_id": "r1"}')
+    for name in ("fifo", "link", "folder", "list.json", "broken.json", "missing.json"):
+        assert read_record_in_time(tmp_path / name) is None, name
+    assert read_record_in_time(tmp_path / "record.json") == {"run_id": "r1"}
+
+
+def read_record_in_time(path: Path) -> dict | None:
+    """tracking.read_record(path), which must return within 10 s (a thread, so that a blocking read fails the test)."""
+    result = []
+    reader = threading.Thread(target=lambda: result.append(tracking.read_record(path)), daemon=True)
+    reader.start()
+    reader.join(10)
+    assert result, f"reading {path.name} blocked"
+    return result[0]
