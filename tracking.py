@@ -18,6 +18,7 @@ import re
 import stat
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -263,7 +264,11 @@ class MlflowRun:
         """A call that creates the run (experiment: $MLFLOW_EXPERIMENT_NAME, else the run folder's parent's name;
         run name: the folder's) or continues the one `record` names; it logs the settings not logged yet."""
         mlflow = _import_mlflow()
-        uri = config.tracking_uri or mlflow.get_tracking_uri()  # "": $MLFLOW_TRACKING_URI, else MLflow's default
+        given = config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")  # "": MLflow's default store
+        if record and record.get("given_uri") == given and isinstance(record.get("tracking_uri"), str):
+            uri = record["tracking_uri"]  # the first start's store, from whatever folder this resume started
+        else:
+            uri = absolute_store_uri(given or mlflow.get_tracking_uri())
 
         def open_run() -> MlflowRun:
             from mlflow.entities import Param  # noqa: PLC0415 -- mlflow is imported only when chosen
@@ -282,7 +287,7 @@ class MlflowRun:
             new = [Param(key, _param_value(value)) for key, value in params.items() if key not in logged]
             for start in range(0, len(new), _MLFLOW_PARAMS_PER_CALL):
                 client.log_batch(run_id, params=new[start:start + _MLFLOW_PARAMS_PER_CALL])
-            return cls(client, run_id, {"tracking_uri": uri, "run_id": run_id})
+            return cls(client, run_id, {"tracking_uri": uri, "given_uri": given, "run_id": run_id})
         return Opening(f"MLflow tracking store {uri}", "set tracking_uri", open_run)
 
     def log(self, values: dict[str, float], step: int, seconds: float) -> None:
@@ -295,6 +300,21 @@ class MlflowRun:
 
     def end(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status)
+
+
+def absolute_store_uri(uri: str) -> str:
+    """The MLflow store `uri` with a relative local path made absolute (from the working directory), so that a
+    resume started in another folder finds the same store: mlruns or file:./mlruns -> file:///.../mlruns,
+    sqlite:///mlflow.db -> sqlite:////.../mlflow.db; servers ("databricks" too) and absolute paths are kept."""
+    parsed = urllib.parse.urlsplit(uri)
+    if not parsed.scheme and uri != "databricks":  # a path: MLflow's file store
+        return uri if os.path.isabs(uri) else Path(os.path.abspath(uri)).as_uri()
+    if parsed.scheme == "file" and not parsed.netloc and not parsed.path.startswith("/"):
+        return Path(os.path.abspath(urllib.parse.unquote(parsed.path))).as_uri()
+    prefix, separator, database = uri.partition(":///")
+    if parsed.scheme.split("+")[0] == "sqlite" and separator and database[:1] not in ("", "/", ":"):
+        return f"{prefix}:///{os.path.abspath(database)}"
+    return uri
 
 
 def mlflow_name(name: str) -> str:

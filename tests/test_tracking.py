@@ -276,7 +276,7 @@ def test_a_stop_signal_saves_at_once_while_the_store_hangs(experiment, mlflow, f
     last = model_dir / utils.LAST_CHECKPOINT
     deadline = time.monotonic() + 120
     while not last.exists():  # epoch 1 saved: training went on past the store's hung first log
-        assert time.monotonic() < deadline and process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline and process.poll() is None, f"no epoch saved (exit {process.poll()})"
         time.sleep(0.05)
     saved = last.stat().st_mtime_ns
     os.killpg(process.pid, signal.SIGTERM)  # as Slurm or a pod stop does: the whole group
@@ -368,3 +368,36 @@ def read_record_in_time(path: Path) -> dict | None:
     reader.join(10)
     assert result, f"reading {path.name} blocked"
     return result[0]
+
+
+def test_the_run_record_names_its_store_absolutely_and_a_resume_from_elsewhere_continues_there(
+        experiment, mlflow, monkeypatch, tmp_path):
+    first, elsewhere = tmp_path / "first", tmp_path / "elsewhere"
+    first.mkdir()
+    elsewhere.mkdir()
+    model_dir = experiment(tracker=tracking.MLFLOW_TRACKER, tracking_uri="file:./mlruns")
+    monkeypatch.chdir(first)
+    with monkeypatch.context() as patch:
+        stop_after_first_step(patch)
+        assert run_train(model_dir) == 128 + signal.SIGTERM
+    record = read_json(model_dir / tracking.MLFLOW_RUN_FILE)
+    assert record["tracking_uri"] == (first / "mlruns").as_uri()
+
+    monkeypatch.chdir(elsewhere)
+    assert run_train(model_dir, "--restore_file", "last") == 0
+    assert read_json(model_dir / tracking.MLFLOW_RUN_FILE) == record
+    run = mlflow.package.MlflowClient(record["tracking_uri"]).get_run(record["run_id"])
+    assert run.info.status == "FINISHED" and "best/miou" in run.data.metrics
+    assert not (elsewhere / "mlruns").exists()
+
+
+def test_store_uris_with_a_relative_path_become_absolute(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    here = tmp_path.as_uri()
+    for given, absolute in (("mlruns", f"{here}/mlruns"), ("file:./mlruns", f"{here}/mlruns"),
+                            ("file:mlruns", f"{here}/mlruns"), ("sqlite:///mlflow.db", f"sqlite:///{tmp_path}/mlflow.db"),
+                            ("/srv/mlruns", "/srv/mlruns"), ("file:///srv/mlruns", "file:///srv/mlruns"),
+                            ("sqlite:////srv/mlflow.db", "sqlite:////srv/mlflow.db"),
+                            ("sqlite:///:memory:", "sqlite:///:memory:"), ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+                            ("databricks", "databricks")):
+        assert tracking.absolute_store_uri(given) == absolute, given
