@@ -1,15 +1,20 @@
 """Where a training run's scalars, pictures and settings go: TensorBoard event files in the run folder, always; and
-an MLflow tracking store too when params.json's `tracker` is "tensorboard+mlflow" (mlflow is imported only then).
+MLflow and/or Weights & Biases too when params.json's `tracker` names them, e.g. "tensorboard+wandb" (each package is
+imported only then).
 
-MLflow holds a copy, and never stands between the run and its saves: it is opened within TIMEOUT_S (a stop signal
+A backend holds a copy, and never stands between the run and its saves: it is opened within TIMEOUT_S (a stop signal
 ends that wait at once), then called from a thread of its own that the training loop only hands values to. Should it
 fail, fall behind or stop answering, one warning says so and training goes on, since the run folder (TensorBoard
 events, metrics JSON, train.log) keeps everything; at the end it gets at most TIMEOUT_S to catch up.
+
+Each backend is a small adapter here rather than a multi-backend layer (Lightning's loggers, Accelerate's trackers):
+those call the backends on the training thread, which is what must never wait, and would add a framework dependency.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -28,37 +33,48 @@ from torch.utils.tensorboard import SummaryWriter
 
 import utils
 
-MLFLOW_TRACKER = utils.TRACKERS[1]  # the TrainConfig.tracker that adds MLflow
+MLFLOW_TRACKER, WANDB_TRACKER = utils.TRACKERS[1:3]  # the TrainConfig.tracker values that add MLflow, W&B
 MLFLOW_RUN_FILE = "mlflow_run.json"  # in the run folder: the MLflow run that a resume continues
+WANDB_RUN_FILE = "wandb_run.json"  # in the run folder: the W&B run that a resume continues
+RUN_FILES = (MLFLOW_RUN_FILE, WANDB_RUN_FILE)
+WANDB_STEP = "iteration"  # W&B's x-axis for every scalar: the training iteration, as in TensorBoard and MLflow
 TIMEOUT_S = 10.0  # the longest a tracking backend may hold the run: to open it, and to catch up at the end
 BACKLOG = 1000  # calls a backend may fall behind (a store that stopped answering) before it is dropped
 MLFLOW_HTTP_RETRIES = 2  # MLflow's own defaults (120 s per request, 7 retries with back-off) keep one call
 # waiting for minutes: its requests get TIMEOUT_S and this many retries, unless $MLFLOW_HTTP_REQUEST_* say otherwise
+URLLIB3_LOGGER = "urllib3.connectionpool"  # warns at each HTTP retry; a backend's failure is one warning of ours
 _NOT_IN_MLFLOW_NAMES = re.compile(r"[^\w\-. /]")  # MLflow's keys allow letters, digits, _ - . space and /
+_NOT_IN_WANDB_PROJECTS = re.compile(r"[/\\#?%:]")  # W&B refuses these in a project name...
+_WANDB_PROJECT_LENGTH = 128  # ...and longer names
 _MLFLOW_PARAMS_PER_CALL = 100  # MLflow's log_batch limit
 _RECORD_BYTES = 1 << 20  # a run record is a few hundred bytes; a larger file there is not one
 
 
 def check_tracker(config: utils.TrainConfig) -> None:
     """Refuse, before the run starts, a tracker whose package (or database driver) is missing."""
-    if config.tracker == MLFLOW_TRACKER:
-        _check_database_driver(config.tracking_uri or _import_mlflow().get_tracking_uri())
+    for backend in backends(config.tracker):
+        backend.check(config)
 
 
 @contextlib.contextmanager
 def open_tracker(model_dir: Path, config: utils.TrainConfig, params: dict[str, Any],
                  should_stop: Callable[[], bool] = lambda: False) -> Iterator[Tracker]:
-    """The run's tracker, for the main process; the MLflow run (if any) ends FINISHED when the tracker was told
-    that training finished, KILLED when the run stopped resumably, FAILED on an error. `should_stop` (a stop
-    signal arrived) ends the wait for a backend that is being opened."""
+    """The run's tracker, for the main process; each backend's run ends FINISHED when the tracker was told that
+    training finished, KILLED (W&B: marked preempting) when the run stopped resumably, FAILED on an error (or when
+    another backend refused the start). `should_stop` (a stop signal arrived) ends the wait for a backend that is
+    being opened."""
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_only_errors_from(URLLIB3_LOGGER))
         mirrors = []
-        if config.tracker == MLFLOW_TRACKER:
-            stack.enter_context(_environment_defaults({
-                "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, round(TIMEOUT_S))),
-                "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(MLFLOW_HTTP_RETRIES)}))
-            mirrors.append(open_mirror(MlflowRun, model_dir, config, params, should_stop))
-        tracker = Tracker(SummaryWriter(model_dir), [mirror for mirror in mirrors if mirror is not None])
+        try:
+            for backend in backends(config.tracker):
+                stack.enter_context(_environment_defaults(backend.environment()))
+                if (mirror := open_mirror(backend, model_dir, config, params, should_stop)) is not None:
+                    mirrors.append(mirror)
+        except BaseException:
+            close_mirrors(mirrors, "FAILED")
+            raise
+        tracker = Tracker(SummaryWriter(model_dir), mirrors)
         status = "KILLED"
         try:
             yield tracker
@@ -73,7 +89,7 @@ def open_tracker(model_dir: Path, config: utils.TrainConfig, params: dict[str, A
 
 
 class Tracker:
-    """Logs to TensorBoard and hands the scalars to the mirrors (MLflow), which never make it wait."""
+    """Logs to TensorBoard and hands the scalars to the mirrors (MLflow, W&B), which never make it wait."""
 
     def __init__(self, writer: SummaryWriter, mirrors: list[Mirror]) -> None:
         self.writer, self.mirrors = writer, mirrors
@@ -132,6 +148,7 @@ class Mirror:
             self._calls.put_nowait(None)
 
     def wait(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds for the queued calls (close's last); one warning if they are not done."""
         self._thread.join(max(0.0, timeout))
         if self._thread.is_alive() and not self.stopped:
             self.stop(f"no answer within {TIMEOUT_S:g} s at the end of the run (its last values and status may be "
@@ -230,6 +247,18 @@ def _call_in_time(function: Callable[[], Any], should_stop: Callable[[], bool]) 
 
 
 @contextlib.contextmanager
+def _only_errors_from(logger_name: str) -> Iterator[None]:
+    """Only the logger's errors reach the log for the duration."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
 def _environment_defaults(values: dict[str, str]) -> Iterator[None]:
     """Set the environment variables that are not set, for the duration."""
     added = {key: value for key, value in values.items() if key not in os.environ}
@@ -253,6 +282,17 @@ class MlflowRun:
         self.client, self.run_id, self.record = client, run_id, record
 
     @staticmethod
+    def check(config: utils.TrainConfig) -> None:
+        """The package, and for a database store its driver."""
+        _check_database_driver(config.tracking_uri or _import("mlflow", config.tracker).get_tracking_uri())
+
+    @staticmethod
+    def environment() -> dict[str, str]:
+        """MLflow's HTTP limits for this run (see MLFLOW_HTTP_RETRIES)."""
+        return {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, round(TIMEOUT_S))),
+                "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(MLFLOW_HTTP_RETRIES)}
+
+    @staticmethod
     def errors() -> tuple[type[Exception], ...]:
         """What the store, its connection and its driver raise."""
         from mlflow.exceptions import MlflowException  # noqa: PLC0415 -- mlflow is imported only when chosen
@@ -263,7 +303,7 @@ class MlflowRun:
                 record: dict[str, Any] | None) -> Opening:
         """A call that creates the run (experiment: $MLFLOW_EXPERIMENT_NAME, else the run folder's parent's name;
         run name: the folder's) or continues the one `record` names; it logs the settings not logged yet."""
-        mlflow = _import_mlflow()
+        mlflow = _import("mlflow", config.tracker)
         given = config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")  # "": MLflow's default store
         if record and record.get("given_uri") == given and isinstance(record.get("tracking_uri"), str):
             uri = record["tracking_uri"]  # the first start's store, from whatever folder this resume started
@@ -322,13 +362,13 @@ def mlflow_name(name: str) -> str:
     return _NOT_IN_MLFLOW_NAMES.sub("_", name)
 
 
-def _import_mlflow():
+def _import(package: str, tracker: str) -> Any:
+    """An optional backend's package, imported only when chosen; missing, it refuses the run in one line."""
     try:
-        import mlflow  # noqa: PLC0415 -- an optional dependency, imported only when chosen
+        return importlib.import_module(package)
     except ImportError as error:
-        raise utils.ParamsError(f'tracker "{MLFLOW_TRACKER}" needs the mlflow package ({error}): pip install '
-                                f'mlflow, or set tracker to "tensorboard"') from None
-    return mlflow
+        raise utils.ParamsError(f'tracker "{tracker}" needs the {package} package ({error}): pip install '
+                                f'{package}, or set tracker to "tensorboard"') from None
 
 
 def _check_database_driver(uri: str) -> None:
@@ -354,6 +394,74 @@ def _recorded_run(client: Any, record: dict[str, Any] | None, uri: str) -> str |
     except MlflowException:  # a run the store no longer has: a new MLflow run starts
         return None
     return run.info.run_id if run.info.lifecycle_stage == "active" else None
+
+
+# ----------------------------------------------------------------------------------------------- W&B
+
+class WandbRun:
+    """The W&B run mirroring one training run: created by the first start, continued (same id) by every resume."""
+
+    NAME = "W&B"
+    RUN_FILE = WANDB_RUN_FILE
+
+    def __init__(self, run: Any, record: dict[str, str]) -> None:
+        self.run, self.record = run, record
+
+    @staticmethod
+    def check(config: utils.TrainConfig) -> None:
+        _import("wandb", config.tracker)
+
+    @staticmethod
+    def environment() -> dict[str, str]:
+        return {}
+
+    @staticmethod
+    def errors() -> tuple[type[Exception], ...]:
+        """What W&B raises for its server, its settings and its files."""
+        import wandb  # noqa: PLC0415 -- wandb is imported only when chosen
+        return wandb.Error, OSError
+
+    @classmethod
+    def opening(cls, model_dir: Path, config: utils.TrainConfig, params: dict[str, Any],
+                record: dict[str, Any] | None) -> Opening:
+        """A call that creates the run (project: $WANDB_PROJECT, else the run folder's parent's name; run name: the
+        folder's; W&B's own files in <run folder>/wandb unless $WANDB_DIR) or resumes the one `record` names; every
+        setting goes to its config, the current value of each."""
+        wandb = _import("wandb", config.tracker)
+        project = os.environ.get("WANDB_PROJECT") or _NOT_IN_WANDB_PROJECTS.sub(
+            "_", model_dir.resolve().parent.name)[:_WANDB_PROJECT_LENGTH]
+        run_id = record.get("run_id") if record and record.get("project") == project else None
+        files = None if os.environ.get("WANDB_DIR") else model_dir
+
+        def open_run() -> WandbRun:
+            run = wandb.init(project=project, name=model_dir.name, id=run_id if isinstance(run_id, str) else None,
+                             resume="allow", reinit="create_new", dir=files,
+                             settings=wandb.Settings(console="off", finish_timeout=TIMEOUT_S,
+                                                     init_timeout=TIMEOUT_S + 1))  # W&B's own, after ours
+            run.define_metric(WANDB_STEP)
+            run.define_metric("*", step_metric=WANDB_STEP)
+            run.config.update(params, allow_val_change=True)
+            return cls(run, {"project": project, "run_id": run.id})
+        return Opening(f"W&B project {project}", "set WANDB_MODE=offline to log without the server", open_run)
+
+    def log(self, values: dict[str, float], step: int, _seconds: float) -> None:
+        self.run.log({WANDB_STEP: step, **values})
+
+    def log_best(self, values: dict[str, float], _step: int, _seconds: float) -> None:
+        self.run.summary.update(values)
+
+    def end(self, status: str) -> None:
+        if status == "KILLED":  # stopped, resumable: W&B shows it preempted
+            self.run.mark_preempting()
+        self.run.finish(exit_code=0 if status == "FINISHED" else 1)
+
+
+BACKENDS = {"mlflow": MlflowRun, "wandb": WandbRun}
+
+
+def backends(tracker: str) -> list[Any]:
+    """The backends a TrainConfig.tracker names beside TensorBoard, e.g. "tensorboard+mlflow+wandb"."""
+    return [BACKENDS[name] for name in tracker.split("+")[1:]]
 
 
 # ----------------------------------------------------------------------------------------------- helpers

@@ -153,7 +153,7 @@ def test_metric_names_become_names_mlflow_accepts(mlflow):
 def test_mlflow_is_imported_only_when_chosen_and_a_missing_package_is_one_line(experiment, monkeypatch, capsys):
     model_dir = experiment(num_iterations=1)
     program = ("import sys, train; code = train.cli(['--model_dir', sys.argv[1]]); "
-               "sys.exit(code or 3 * ('mlflow' in sys.modules))")
+               "sys.exit(code or 3 * ('mlflow' in sys.modules or 'wandb' in sys.modules))")  # W&B's too
     assert subprocess.run([sys.executable, "-c", program, str(model_dir)], cwd=REPO).returncode == 0
 
     monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed: importing it raises ImportError
@@ -305,6 +305,24 @@ def test_mlflow_requests_to_a_store_that_hangs_time_out_with_few_retries(mlflow,
             run.log({"train/loss": 1.0}, 1, 0.0)
     assert store.hung == 1 + tracking.MLFLOW_HTTP_RETRIES
     assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ  # only for the run
+
+
+def test_a_backend_that_falls_behind_never_makes_training_wait_and_is_dropped_with_one_warning(monkeypatch, caplog):
+    release = threading.Event()
+    monkeypatch.setattr(tracking, "BACKLOG", 3)
+    mirror = tracking.Mirror(SimpleNamespace(NAME="Fake", log=lambda *args: release.wait(HANG_S)))  # never answers
+    submitting = threading.Thread(target=lambda: [mirror.submit("log", {"train/loss": 1.0}, step, 0.0)
+                                                  for step in range(10)], daemon=True)
+    try:
+        submitting.start()
+        submitting.join(10)
+        assert not submitting.is_alive(), "submit waited for the backend"
+    finally:
+        release.set()
+    assert mirror.stopped
+    assert [record.getMessage() for record in caplog.records] == [
+        "Fake: 3 calls are waiting (the store stopped answering?); logging to Fake stops here, TensorBoard and the run "
+        "folder keep everything"]
 
 
 def test_a_store_that_hangs_at_start_refuses_a_first_start_and_a_resume_goes_on(experiment, mlflow, fake_store,
