@@ -18,7 +18,7 @@ import pytest
 
 import tracking
 import utils
-from test_tracking import fake_store, spawn, tensorboard_scalars  # noqa: F401 -- fixtures used here
+from test_tracking import fake_store, mlflow, spawn, tensorboard_scalars  # noqa: F401 -- fixtures used here
 from test_train import read_json, run_train, stop_after_first_step
 
 WANDB_LOG_BLOCK = 32768  # W&B's run-*.wandb files: LevelDB-style log records in 32 KiB blocks
@@ -195,6 +195,17 @@ def test_a_wandb_server_that_hangs_at_start_refuses_a_first_start(experiment, wa
     assert process.returncode == 2, stderr[-3000:]
     assert stderr == ("error: W&B project sweep: no answer within 2 s (set WANDB_MODE=offline to log without the "
                       "server, or set tracker to \"tensorboard\")\n"), stderr[-3000:]
+    assert not (model_dir / utils.LAST_CHECKPOINT).exists()
+
+
+def test_with_both_backends_a_refusal_by_wandb_ends_the_mlflow_run_it_opened(experiment, wandb, mlflow,  # noqa: F811
+                                                                             monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "online")  # and no API key: W&B refuses at once
+    model_dir = experiment(tracker="tensorboard+mlflow+wandb", tracking_uri=mlflow.uri)
+    assert run_train(model_dir) == 2
+    assert capsys.readouterr().err.startswith(f"error: W&B project {model_dir.parent.name}: ")
+    record = read_json(model_dir / tracking.MLFLOW_RUN_FILE)
+    assert mlflow.package.MlflowClient(mlflow.uri).get_run(record["run_id"]).info.status == "FAILED"  # not RUNNING
     assert not (model_dir / utils.LAST_CHECKPOINT).exists()
 
 
