@@ -42,6 +42,7 @@ TIMEOUT_S = 10.0  # the longest a tracking backend may hold the run: to open it,
 BACKLOG = 1000  # calls a backend may fall behind (a store that stopped answering) before it is dropped
 MLFLOW_HTTP_RETRIES = 2  # MLflow's own defaults (120 s per request, 7 retries with back-off) keep one call
 # waiting for minutes: its requests get TIMEOUT_S and this many retries, unless $MLFLOW_HTTP_REQUEST_* say otherwise
+THREAD_PREFIX = "tracking: "  # names the threads that call the backends
 URLLIB3_LOGGER = "urllib3.connectionpool"  # warns at each HTTP retry; a backend's failure is one warning of ours
 _NOT_IN_MLFLOW_NAMES = re.compile(r"[^\w\-. /]")  # MLflow's keys allow letters, digits, _ - . space and /
 _NOT_IN_WANDB_PROJECTS = re.compile(r"[/\\#?%:]")  # W&B refuses these in a project name...
@@ -64,7 +65,7 @@ def open_tracker(model_dir: Path, config: utils.TrainConfig, params: dict[str, A
     another backend refused the start). `should_stop` (a stop signal arrived) ends the wait for a backend that is
     being opened."""
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_only_errors_from(URLLIB3_LOGGER))
+        _quieten_tracking_threads(logging.getLogger(URLLIB3_LOGGER))
         mirrors = []
         try:
             for backend in backends(config.tracker):
@@ -129,7 +130,7 @@ class Mirror:
         self.backend, self.name = backend, backend.NAME
         self.stopped = False
         self._calls: queue.Queue = queue.Queue(BACKLOG)
-        self._thread = threading.Thread(target=self._serve, name=f"{self.name} tracking", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name=f"{THREAD_PREFIX}{self.name}", daemon=True)
         self._thread.start()
 
     def submit(self, method: str, *args: Any) -> None:
@@ -235,7 +236,7 @@ def _call_in_time(function: Callable[[], Any], should_stop: Callable[[], bool]) 
             future.set_result(function())
         except BaseException as error:  # noqa: BLE001 -- handed to the waiting thread
             future.set_exception(error)
-    threading.Thread(target=call, name="tracking start", daemon=True).start()
+    threading.Thread(target=call, name=f"{THREAD_PREFIX}start", daemon=True).start()
     deadline = time.monotonic() + TIMEOUT_S
     while not future.done():
         if should_stop():
@@ -246,16 +247,17 @@ def _call_in_time(function: Callable[[], Any], should_stop: Callable[[], bool]) 
     return future.result()
 
 
-@contextlib.contextmanager
-def _only_errors_from(logger_name: str) -> Iterator[None]:
-    """Only the logger's errors reach the log for the duration."""
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+class _NotFromTrackingThreads(logging.Filter):
+    """Drops the records logged from the threads that call the backends (also those given up on, which may retry
+    after the run ended)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.threadName or "").startswith(THREAD_PREFIX)
+
+
+def _quieten_tracking_threads(logger: logging.Logger) -> None:
+    if not any(isinstance(existing, _NotFromTrackingThreads) for existing in logger.filters):
+        logger.addFilter(_NotFromTrackingThreads())
 
 
 @contextlib.contextmanager

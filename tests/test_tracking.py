@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -323,6 +324,17 @@ def test_a_backend_that_falls_behind_never_makes_training_wait_and_is_dropped_wi
     assert [record.getMessage() for record in caplog.records] == [
         "Fake: 3 calls are waiting (the store stopped answering?); logging to Fake stops here, TensorBoard and the run "
         "folder keep everything"]
+
+
+def test_http_retry_warnings_from_the_tracking_threads_stay_out_of_the_log(experiment, caplog):
+    with tracking.open_tracker(experiment(), utils.TrainConfig(), {}):
+        pass
+    urllib3 = logging.getLogger(tracking.URLLIB3_LOGGER)
+    for name in (f"{tracking.THREAD_PREFIX}MLflow", "a thread of the program's own"):
+        warning = threading.Thread(target=urllib3.warning, args=("Retrying after a read time-out",), name=name)
+        warning.start()
+        warning.join()
+    assert [record.threadName for record in caplog.records] == ["a thread of the program's own"]
 
 
 def test_a_store_that_hangs_at_start_refuses_a_first_start_and_a_resume_goes_on(experiment, mlflow, fake_store,

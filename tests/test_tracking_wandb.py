@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Iterator
 
 import pytest
 
@@ -26,7 +27,7 @@ WANDB_LOG_HEADER = b":W&B\xe1\xbe\x00"
 
 
 @pytest.fixture
-def wandb(tmp_path, monkeypatch) -> SimpleNamespace:
+def wandb(tmp_path, monkeypatch) -> Iterator[SimpleNamespace]:
     """The wandb package (.package), offline, its own files in tmp_path. A clone without wandb skips, saying so;
     .ci/run installs it and sets GCN_REQUIRE_WANDB=1, and there a missing package fails."""
     try:
@@ -42,7 +43,8 @@ def wandb(tmp_path, monkeypatch) -> SimpleNamespace:
     monkeypatch.setenv("WANDB_SILENT", "true")
     for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(name, str(tmp_path / "wandb_home" / name))
-    return SimpleNamespace(package=wandb)
+    yield SimpleNamespace(package=wandb)
+    wandb.teardown()  # W&B keeps its settings (the mode too) and its service process until then
 
 
 @dataclass
