@@ -375,7 +375,7 @@ def test_a_stop_signal_ends_the_wait_for_a_store_at_once(experiment, mlflow, fak
 
 
 def test_a_fifo_at_the_run_record_never_holds_a_resume(experiment, mlflow, monkeypatch, spawn, tmp_path):
-    model_dir = mlflow_experiment(experiment, mlflow)
+    model_dir = mlflow_experiment(experiment, mlflow, num_iterations=2)
     with monkeypatch.context() as patch:
         stop_after_first_step(patch)
         assert run_train(model_dir) == 128 + signal.SIGTERM
@@ -421,7 +421,7 @@ def test_the_run_record_names_its_store_absolutely_and_a_resume_from_elsewhere_c
     first, elsewhere = tmp_path / "first", tmp_path / "elsewhere"
     first.mkdir()
     elsewhere.mkdir()
-    model_dir = experiment(tracker=tracking.MLFLOW_TRACKER, tracking_uri="file:./mlruns")
+    model_dir = experiment(tracker=tracking.MLFLOW_TRACKER, tracking_uri="file:./mlruns", num_iterations=2)
     monkeypatch.chdir(first)
     with monkeypatch.context() as patch:
         stop_after_first_step(patch)
