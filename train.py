@@ -1,7 +1,7 @@
 """Train the GCN of an experiment folder: python train.py --model_dir experiments/demo
 
 Everything the run produces lands in --model_dir: train.log, params_resolved.json, last.pth.tar / best.pth.tar,
-metrics JSON, TensorBoard events; `tracker: "tensorboard+mlflow"` copies the scalars to MLflow too.
+metrics JSON, TensorBoard events; `tracker: "tensorboard+mlflow"` (or +wandb) copies the scalars to MLflow (W&B).
 Several GPUs or nodes: torchrun --nproc_per_node N train.py --model_dir ...
 SIGTERM/SIGINT (Ctrl-C, pre-emption) saves a resumable checkpoint and exits 128+N; --restore_file last resumes.
 """
@@ -38,7 +38,7 @@ OUTPUTS = (utils.LAST_CHECKPOINT, utils.BEST_CHECKPOINT, utils.METRICS_LAST, uti
            utils.COMPLETE_MARKER)  # a previous run's files
 CONFIGS = utils.experiment_configs((DataConfig, GCNConfig))  # every setting of an experiment
 STALE_WITH_A_NEW_RUN = ("events.out.tfevents.*", "metrics_*.json", "confusion_*.png",  # --force clears them too
-                        tracking.MLFLOW_RUN_FILE)
+                        *tracking.RUN_FILES)
 
 
 @dataclass
@@ -82,7 +82,7 @@ class Run:
     window: int | None = None  # validation's sliding window (None: whole images)
     progress: Progress = field(default_factory=Progress)
     stop: utils.StopSignal = field(default_factory=utils.StopSignal)
-    tracker: tracking.Tracker | None = None  # the main process's TensorBoard (and MLflow) logging
+    tracker: tracking.Tracker | None = None  # the main process's TensorBoard (and MLflow, W&B) logging
     clock: float = field(default_factory=time.monotonic)  # when progress.seconds was last brought up to date
 
     @property
@@ -175,7 +175,8 @@ def main(args) -> int:
                                                           "precision": placement.precision})
             utils.set_logger(model_dir / utils.TRAIN_LOG)
             exit_stack.enter_context(utils.errors_in_log((utils.UserError, DatasetError, PretrainedWeightsError)))
-            run.tracker = exit_stack.enter_context(tracking.open_tracker(model_dir, config, params.dict))
+            run.tracker = exit_stack.enter_context(tracking.open_tracker(model_dir, config, params.dict,
+                                                                         run.stop.requested))
         if restore_file:
             logging.info("Resumed from %s: epoch %d, iteration %d, best mIoU %.4f", restore_file,
                          run.progress.epoch, run.progress.iteration, run.progress.best_miou)
@@ -459,7 +460,7 @@ def run_is_complete(run: Run) -> bool:
 def claim_run_folder(model_dir: Path, fresh: bool):
     """Hold the folder's lock; clear what killed writers left and, for a fresh run, the previous run's outputs."""
     with utils.RunLock(model_dir):
-        utils.remove_stale_temporary_files(model_dir, (*OUTPUTS, utils.RESOLVED_PARAMS_FILE, tracking.MLFLOW_RUN_FILE))
+        utils.remove_stale_temporary_files(model_dir, (*OUTPUTS, utils.RESOLVED_PARAMS_FILE, *tracking.RUN_FILES))
         if fresh:
             stale = [model_dir / name for name in OUTPUTS]
             for pattern in STALE_WITH_A_NEW_RUN:

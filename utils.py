@@ -59,7 +59,8 @@ class ParamsError(UserError):
 
 
 KEEP_CHECKPOINTS = ("all", "best_weights")  # what a finished run keeps (TrainConfig.keep_checkpoints)
-TRACKERS = ("tensorboard", "tensorboard+mlflow")  # where a run's scalars go (TrainConfig.tracker; tracking.py)
+TRACKERS = ("tensorboard", "tensorboard+mlflow", "tensorboard+wandb",  # where a run's scalars go
+            "tensorboard+mlflow+wandb")  # (TrainConfig.tracker; tracking.py)
 EVAL_PRECISIONS = ("float32", "bfloat16", "float16")  # what evaluation and prediction compute in (EvalConfig)
 
 
@@ -122,7 +123,7 @@ class TrainConfig:
         "at_least": 1, "may_change_on_resume": True})
     keep_checkpoints: str = field(default="all", metadata={  # best_weights: best as weights only, no last once done
         "choices": KEEP_CHECKPOINTS, "may_change_on_resume": True})
-    tracker: str = field(default="tensorboard", metadata={  # +mlflow: scalars, settings and results to MLflow too
+    tracker: str = field(default="tensorboard", metadata={  # +mlflow, +wandb: scalars, settings, results there too
         "choices": TRACKERS, "may_change_on_resume": True})
     tracking_uri: str = field(default="", metadata={  # MLflow's store; "": $MLFLOW_TRACKING_URI, else MLflow's default
         "may_change_on_resume": True})
