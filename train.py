@@ -349,8 +349,8 @@ def build_data(data_config: DataConfig, num_classes: int, config: utils.TrainCon
     at the first batch of training or validation."""
     train_set = build_dataset(data_config, num_classes, data_config.train_split, train=True)
     val_set = build_dataset(data_config, num_classes, data_config.val_split, train=False)
-    for dataset in (train_set, val_set):
-        check_label_values(dataset)
+    check_label_values(train_set, min_classes=min(2, num_classes))  # a model of one class learns nothing
+    check_label_values(val_set)
     if len(train_set) < config.batch_size * world_size:
         raise utils.ParamsError(f"batch_size {config.batch_size} × {world_size} process(es) exceeds the "
                                 f"{len(train_set)} training images")

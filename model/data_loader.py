@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from model import IGNORE_INDEX
 from model.datasets import (CamVidSegmentation, CityscapesSegmentation, DatasetError, FolderSegmentation,
                             SyntheticSegmentation, VOCAugSegmentation, VOCSegmentation)
 from model.datasets.base import Transform, check_num_classes, read_label
@@ -118,15 +119,27 @@ def _open(config: DataConfig, num_classes: int, split: str, transform: Transform
     return SyntheticSegmentation(split, transform, config.synthetic_seed, length, config.synthetic_image_size)
 
 
-def check_label_values(dataset: Dataset, sample: int = LABEL_CHECK_SAMPLE) -> None:
+def check_label_values(dataset: Dataset, min_classes: int = 1, sample: int = LABEL_CHECK_SAMPLE) -> None:
     """Read the label files of `sample` images spread evenly over the split (all of them when fewer): a value that
-    is neither a class nor void is a DatasetError naming the file and the fix, before any training step."""
+    is neither a class nor void is a DatasetError naming the file and the fix, before any training step. So is a
+    split whose labels hold fewer than `min_classes` classes (void aside: e.g. 0/255 masks read without
+    mask_values, whose foreground is void); only then are the split's other labels read too, for a rare class."""
     paths = getattr(dataset, "label_paths", None)
     if not paths:  # generated data, or a split without ground truth
         return
-    indices = sorted({i * len(paths) // sample for i in range(sample)}) if len(paths) > sample else range(len(paths))
-    for index in indices:
-        read_label(paths[index], dataset.lut, dataset.num_classes)
+    sampled = sorted({i * len(paths) // sample for i in range(sample)}) if len(paths) > sample else range(len(paths))
+    rest = sorted(set(range(len(paths))) - set(sampled))
+    present = np.zeros(256, dtype=bool)
+    for count, index in enumerate([*sampled, *rest]):
+        if count >= len(sampled) and present[:IGNORE_INDEX].sum() >= min_classes:
+            return
+        present |= np.bincount(read_label(paths[index], dataset.lut, dataset.num_classes).ravel(), minlength=256) > 0
+    classes = np.flatnonzero(present[:IGNORE_INDEX]).tolist()
+    if len(classes) < min_classes:
+        held = f"only class {classes[0]}" if classes else "no class"
+        raise DatasetError(f"the {len(paths)} labels in {paths[0].parent} hold {held} besides void ({IGNORE_INDEX}): "
+                           f"nothing to learn or score; masks stored as 0/255 read 255 as void: map each stored value "
+                           f"to its class with mask_values, e.g. {{\"0\": 0, \"255\": 1}}")
 
 
 def build_dataset(config: DataConfig, num_classes: int, split: str, train: bool) -> Dataset:
