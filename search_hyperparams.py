@@ -40,6 +40,8 @@ UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._+\-]")
 PAIR_SEPARATOR = "__"  # between key_value pairs in a child's folder name: no commas, which shells and tools split
 SPEC = utils.experiment_configs((DataConfig, GCNConfig))  # what train.py accepts, checked before any folder exists
 SWEEP_DEFAULTS = {"keep_checkpoints": "best_weights"}  # children keep their best weights only (unless the parent says)
+MAY_CHANGE_ON_RESUME = {key for key, setting in utils.experiment_settings(SPEC).items()  # a trained child's too
+                        if setting.may_change_on_resume}
 
 Grid = dict[str, list[Any]]
 
@@ -180,7 +182,8 @@ def check_against_spec(parent_dir: Path, parent_params: dict[str, Any], grids: l
 
 def prepare_child(child: Child) -> str:
     """Write the child's params.json and .gitignore; returns 'skipped', 'resumed' or 'trained'. A child that
-    already trained with another params.json is a SweepError, so that results never mix two settings."""
+    already trained with another params.json is a SweepError, so that results never mix two settings, unless the
+    settings that differ are those a resumed run may change (train.py's rule): then its params.json is updated."""
     params_path = child.directory / utils.PARAMS_FILE
     complete = (child.directory / utils.COMPLETE_MARKER).exists()
     resume = (child.directory / utils.LAST_CHECKPOINT).exists()
@@ -192,9 +195,17 @@ def prepare_child(child: Child) -> str:
             not isinstance(existing, dict) or {**SWEEP_DEFAULTS, **existing} != child.params):  # an older sweep's
         existing = existing if isinstance(existing, dict) else {}
         changed = sorted(k for k in existing.keys() | child.params.keys() if existing.get(k) != child.params.get(k))
-        raise SweepError(f"{params_path} differs from the sweep's settings in {', '.join(changed)}; "
-                         f"remove {child.directory} to retrain it, or restore the parent's params.json")
+        fixed = [key for key in changed if key not in MAY_CHANGE_ON_RESUME]
+        if fixed:
+            raise SweepError(f"{params_path} differs from the sweep's settings in {', '.join(fixed)}; "
+                             f"remove {child.directory} to retrain it, or restore the parent's params.json")
+        write_text(params_path, json.dumps(child.params, indent=4) + "\n")
     return "skipped" if complete else "resumed" if resume else "trained"
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a child's file through utils.atomic_write: never through a link planted at its name."""
+    utils.atomic_write(path, lambda f: f.write(text.encode()))
 
 
 class Sweep:
@@ -228,7 +239,7 @@ class Sweep:
         name, output, slot = child.directory.name, child.directory / CHILD_OUTPUT, self.worker.slot
         try:
             status = prepare_child(child)
-        except (SweepError, OSError) as exc:
+        except (SweepError, utils.UserError, OSError) as exc:
             return Outcome(child, "failed", (str(exc),))
         if status == "skipped":
             say(f"{name}: already complete, skipped")

@@ -137,7 +137,7 @@ def main(args) -> int:
     total_iterations = config.num_iterations or config.num_epochs * (sampler.per_rank // config.batch_size)
 
     torch.manual_seed(config.seed)  # the model's initialisation; the data pipeline seeds every sample itself
-    net = placement.module(build_net(model_config, config.sync_bn and world_size > 1))
+    net = placement.module(build_net(model_config, config.sync_bn and world_size > 1, checkpoint))
     optimizer = build_optimizer(net, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, poly_lr_lambda(total_iterations, config.lr_power, config.warmup_iterations))
@@ -359,9 +359,13 @@ def build_data(data_config: DataConfig, num_classes: int, config: utils.TrainCon
             eval_loader(val_set, data_config.num_workers, rank, world_size))
 
 
-def build_net(config: GCNConfig, sync_bn: bool) -> GCN:
-    """The GCN of `config`, its batch norms synchronised across processes if asked."""
-    net = GCN(config)
+def build_net(config: GCNConfig, sync_bn: bool, resumed: dict[str, Any] | None = None) -> GCN:
+    """The GCN of `config`, its batch norms synchronised across processes if asked. Resuming from the checkpoint
+    `resumed`, which holds every weight, the backbone is not built from its pretrained weights (a file may have moved
+    or changed since), and the record of the weights the run started from stays the checkpoint's."""
+    net = GCN(config if resumed is None else dataclasses.replace(config, pretrained=False))
+    if resumed is not None:
+        net.pretrained_weights = resumed.get("pretrained_weights")
     return nn.SyncBatchNorm.convert_sync_batchnorm(net) if sync_bn else net
 
 

@@ -70,6 +70,7 @@ class CheckpointError(UserError):
 
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeds both take 0 .. 2**32 - 1
 BACKBONE_STRIDE = 32  # the ResNet's smallest feature map is 1/32 of the input (rounded up)
+MAX_BATCH_SIZE = 1024  # batch_size per process
 
 
 def _stride_32_values(batch_size: int, crop_size: int) -> int:
@@ -97,7 +98,8 @@ class TrainConfig:
     momentum: float = field(default=0.9, metadata={"at_least": 0, "below": 1})  # SGD
     weight_decay: float = field(default=1e-4, metadata={"at_least": 0})  # SGD
     batch_size: int = field(default=8, metadata={  # images per process and step
-        "at_least": 1, "with": ("crop_size", _batch_norm_needs, _batch_norm_has_statistics)})
+        "at_least": 1, "at_most": MAX_BATCH_SIZE, "with": ("crop_size", _batch_norm_needs, _batch_norm_has_statistics),
+        "memory": lambda v: f"it would need {v * 512 * 512 * 3 * 4 / 1e9:.3g} GB per batch of 512² float crops"})
     num_epochs: int = field(default=30, metadata={"at_least": 1})  # budget in epochs...
     num_iterations: int | None = field(default=None, metadata={"at_least": 1})  # ...or iterations (overrides it)
     lr_power: float = field(default=0.9, metadata={"at_least": 0})  # poly decay, stepped every iteration
@@ -132,21 +134,32 @@ class TrainConfig:
         return self.dice_weight if self.loss == "cross_entropy+dice" else 0.0
 
 
+MAX_EVAL_PAD_SIZE = 4096  # eval_pad_size: Cityscapes' 2048×1024 fits; one padded float image is 0.2 GB, far more
+MAX_LOGGED_IMAGES = 64  # num_logged_images: validation keeps its pictures in memory until they are logged
+
+
 @dataclass
 class EvalConfig:
-    """The evaluation settings (params.json's evaluation keys)."""
+    """The evaluation settings (params.json's evaluation keys). They say how the val split is scored, not what is
+    trained, so a resumed run may change every one of them (its next validation uses the new value)."""
 
     num_logged_images: int = field(default=4, metadata={  # validation pictures (TensorBoard, evaluate.py)
-        "at_least": 0, "may_change_on_resume": True})
+        "at_least": 0, "at_most": MAX_LOGGED_IMAGES, "may_change_on_resume": True,
+        "memory": lambda v: f"validation keeps them in memory: {v * 4 * 2048 * 1024 * 3 / 1e9:.3g} GB at 2048×1024"})
     tta_scales: list = field(default_factory=lambda: [0.75, 1.0, 1.25], metadata={  # --tta's scales
-        "items": (float, int), "above": 0, "at_most": 8})
-    tta_flip: bool = True  # --tta also averages horizontal flips
-    sliding_window: bool = False  # evaluate images larger than crop_size in overlapping windows
-    gaussian_windows: bool = False  # windows averaged with Gaussian weights (centres over borders), not uniform
-    eval_pad_size: int | None = field(default=None, metadata={"at_least": 1})  # pad inputs to this size to score them
+        "items": (float, int), "above": 0, "at_most": 8, "may_change_on_resume": True})
+    tta_flip: bool = field(default=True, metadata={"may_change_on_resume": True})  # --tta also averages flips
+    sliding_window: bool = field(default=False, metadata={  # score images larger than crop_size in windows
+        "may_change_on_resume": True})
+    gaussian_windows: bool = field(default=False, metadata={  # windows averaged with Gaussian weights, not uniform
+        "may_change_on_resume": True})
+    eval_pad_size: int | None = field(default=None, metadata={  # pad inputs to this size to score them
+        "at_least": 1, "at_most": MAX_EVAL_PAD_SIZE, "may_change_on_resume": True,
+        "memory": lambda v: f"it would need {v * v * 3 * 4 / 1e9:.3g} GB per padded float image"})
     boundary_distance: str = field(default="chebyshev", metadata={  # the boundary band's metric (Table 5)
-        "choices": ("chebyshev", "euclidean")})
-    boundary_void: str = field(default="label", metadata={"choices": ("label", "ignored")})  # void makes a boundary?
+        "choices": ("chebyshev", "euclidean"), "may_change_on_resume": True})
+    boundary_void: str = field(default="label", metadata={  # void makes a boundary?
+        "choices": ("label", "ignored"), "may_change_on_resume": True})
 
 
 REQUIRED = dataclasses.MISSING

@@ -243,6 +243,16 @@ def test_changed_parent_params_do_not_overwrite_a_trained_child(tmp_path, stub, 
     assert "differs from the sweep's settings in num_epochs" in capsys.readouterr().err
 
 
+def test_a_trained_child_takes_a_change_that_train_py_allows_on_resume(tmp_path, stub, capsys):
+    parent = make_parent(tmp_path, {"learning_rate": 0.01, "num_workers": 0}, {"stub": ["crash_once", "ok"]})
+    assert sh.main(["--parent_dir", str(parent)], train_script=stub, spec=None) == 1  # stub_crash_once stopped
+    (parent / "params.json").write_text(json.dumps({"learning_rate": 0.01, "num_workers": 2}))
+    assert sh.main(["--parent_dir", str(parent)], train_script=stub, spec=None) == 0, capsys.readouterr().err
+    assert child_params(parent, "stub_crash_once")["num_workers"] == 2  # resumed with it, as train.py allows
+    assert child_params(parent, "stub_ok")["num_workers"] == 2  # complete: skipped, its record up to date
+    assert invocations(parent)[-1]["argv"][-2:] == ["--restore_file", "last"] and len(invocations(parent)) == 3
+
+
 def signal_sweep(parent: Path, stub: Path, signals: list[signal.Signals], prelude: str = "pass") -> tuple[int, bytes]:
     """Run a sweep in a subprocess (after `prelude`), send it `signals` once its first child waits; (status, stderr)."""
     code = (f"import signal, sys; from pathlib import Path; import search_hyperparams as sh; {prelude}; "
