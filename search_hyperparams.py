@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import shlex
@@ -34,6 +35,7 @@ CHILD_GITIGNORE = ("# A sweep child, generated from the parent's params.json and
                    "*\n")
 DEFAULT_LR_FACTORS = (0.1, 0.3, 1.0, 3.0)
 TAIL_LINES = 12
+MAX_CHILDREN = 10_000  # runs in one sweep: each is a training run and a folder
 MAX_NAME_LENGTH = 120
 KEY_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._+\-]")
@@ -70,20 +72,25 @@ def say(text: str, err: bool = False) -> None:
 
 
 def load_json(path: Path) -> Any:
-    """Parse a JSON file; a missing or broken file is a SweepError naming it."""
+    """Parse a JSON file; a missing or broken file (or one nested too deeply) is a SweepError naming it."""
     try:
-        return json.loads(path.read_text())
+        return utils.parse_json(path.read_text(), str(path))
     except FileNotFoundError:
         raise SweepError(f"{path} does not exist") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SweepError(f"{path} is not valid JSON: {exc}") from None
+    except utils.ParamsError as exc:
+        raise SweepError(str(exc)) from None
 
 
-def parse_value(text: str) -> Any:
-    """JSON where it parses (but NaN and Infinity stay text), else the literal text."""
+def parse_value(text: str, source: str = "--param") -> Any:
+    """JSON where it parses (but NaN and Infinity stay text), else the literal text; nested too deeply: a
+    SweepError naming `source`."""
     try:
-        return json.loads(text, parse_constant=str)
-    except ValueError:
+        return utils.parse_json(text, source, parse_constant=str)
+    except utils.ParamsError as exc:
+        raise SweepError(str(exc)) from None
+    except ValueError:  # not JSON
         return text
 
 
@@ -92,8 +99,9 @@ def parse_param_option(option: str) -> tuple[str, list[Any]]:
     key, sep, values = option.partition("=")
     if not sep or not values:
         raise SweepError(f"--param {option!r}: expected key=value[,value...]")
-    parsed = parse_value(f"[{values}]")
-    return key, parsed if isinstance(parsed, list) else [parse_value(value) for value in values.split(",")]
+    source = f"--param {key}"
+    parsed = parse_value(f"[{values}]", source)
+    return key, parsed if isinstance(parsed, list) else [parse_value(value, source) for value in values.split(",")]
 
 
 def check_grid(grid: Any, where: str) -> Grid:
@@ -150,7 +158,12 @@ def child_name(combination: dict[str, Any]) -> str:
 
 
 def plan_children(parent_dir: Path, parent_params: dict[str, Any], grids: list[Grid]) -> list[Child]:
-    """One Child per combination of each grid, in definition order; two sharing a folder are a SweepError."""
+    """One Child per combination of each grid, in definition order; two sharing a folder, or more than MAX_CHILDREN
+    (counted before any is built), are a SweepError."""
+    count = sum(math.prod(map(len, grid.values())) for grid in grids)
+    if count > MAX_CHILDREN:
+        raise SweepError(f"the sweep ({SEARCH_FILE} and --param) defines {count} runs, more than {MAX_CHILDREN}; "
+                         f"sweep fewer values, or split it over several parent folders")
     children: dict[str, Child] = {}
     for combination in (dict(zip(g, values)) for g in grids for values in itertools.product(*g.values())):
         name = child_name(combination)

@@ -187,7 +187,7 @@ class Setting:
 
     def allows(self, value: Any, values: dict[str, Any]) -> bool:
         """Whether `value` is allowed, given the other settings' `values` (a list's length may name one)."""
-        if value is None or not _is_instance(value, self.types):
+        if value is None or not _is_instance(value, self.types) or json_depth(value) > MAX_JSON_DEPTH:
             return value is None and type(None) in self.types
         if isinstance(value, list) and "items" in self.rules:
             return (len(value) == self._length(values) if "length" in self.rules else len(value) > 0) and all(
@@ -223,8 +223,9 @@ class Setting:
         return text + (" or null" if type(None) in self.types else "")
 
     def _fits(self, value: Any, values: dict[str, Any]) -> bool:
-        """The cross-check with another setting ("with": (its key, why, predicate(value, its value)))."""
-        if "with" not in self.rules or value is None:
+        """The cross-check with another setting ("with": (its key, why, predicate(value, its value))); a value of
+        another type has already failed its own check."""
+        if "with" not in self.rules or value is None or not _is_instance(value, self.types):
             return True
         other, _, predicate = self.rules["with"]
         return other not in values or not _is_instance(values[other], (int, float)) or predicate(value, values[other])
@@ -260,6 +261,37 @@ class Setting:
 def _is_instance(value: Any, types: Iterable[type]) -> bool:
     """isinstance, except that a bool is not an int (JSON's true is no number)."""
     return any(isinstance(value, t) and not (isinstance(value, bool) and t is not bool) for t in types)
+
+
+MAX_JSON_DEPTH = 32  # no setting nests deeper than 3; deeper JSON is refused before a recursive reader overflows
+
+
+def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deeply lists and objects nest in `value` (a number or text: 0), counted without recursion and only up to
+    limit + 1."""
+    depth, level = 0, [value]
+    while depth <= limit:
+        containers = [v for v in level if isinstance(v, (list, tuple, dict))]
+        if not containers:
+            break
+        depth += 1
+        level = [item for c in containers for item in (c.values() if isinstance(c, dict) else c)]
+    return depth
+
+
+def parse_json(text: str, source: str, **options: Any) -> Any:
+    """json.loads(text, **options), refusing (ParamsError naming `source`) lists or objects nested deeper than
+    MAX_JSON_DEPTH: deep enough input overflows json's own recursion, a little less every later reader's.
+    Broken JSON raises json.JSONDecodeError, for the caller to handle."""
+    try:
+        value = json.loads(text, **options)
+    except RecursionError:
+        deep = True
+    else:
+        deep = json_depth(value) > MAX_JSON_DEPTH
+    if deep:
+        raise ParamsError(f"{source}: lists or objects nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
 
 
 def settings_of(config_class: type) -> dict[str, Setting]:
@@ -300,6 +332,10 @@ class Params:
         overrides = overrides or {}
         self._check_keys(values, source)
         self._check_keys(overrides, "--set")
+        for key, value in {**values, **overrides}.items():  # before anything recursive reads them
+            if json_depth(value) > MAX_JSON_DEPTH:
+                raise ParamsError(f"{'--set' if key in overrides else source}: {key!r} is {_json(value)}; expected "
+                                  f"{self._settings[key].describe({})}")
         self._sources = {**dict.fromkeys(values, source), **dict.fromkeys(overrides, "--set")}
         values = {**values, **overrides}
         missing = [k for k, s in self._settings.items() if s.default is REQUIRED and k not in values]
@@ -311,7 +347,7 @@ class Params:
         for key in sorted(self._settings, key=lambda k: self._settings[k].cross_checked):  # num_classes first
             setting = self._settings[key]
             if not setting.allows(values[key], values):
-                raise ParamsError(f"{self._sources.get(key, 'defaults')}: {key!r} is {json.dumps(values[key])}; "
+                raise ParamsError(f"{self._sources.get(key, 'defaults')}: {key!r} is {_json(values[key])}; "
                                   f"expected {setting.describe(values)}")
 
     @classmethod
@@ -324,7 +360,7 @@ class Params:
         if not path.is_file():
             raise ParamsError(f"{path}: no such params file")
         try:
-            values = json.loads(path.read_text(encoding="utf-8"))
+            values = parse_json(path.read_text(encoding="utf-8"), str(path))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ParamsError(f"{path}: not valid JSON ({exc})") from exc
         if not isinstance(values, dict):
@@ -457,7 +493,7 @@ def parse_overrides(assignments: Sequence[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ParamsError(f"--set {assignment!r}: expected key=value, e.g. --set learning_rate=0.02")
         try:
-            overrides[key] = json.loads(text)
+            overrides[key] = parse_json(text, f"--set {key}")
         except json.JSONDecodeError:
             overrides[key] = text
     return overrides
@@ -641,6 +677,9 @@ def check_values(values: dict[str, Any], settings: dict[str, Setting], source: s
 
 
 def _json(value: Any) -> str:
+    """A value as JSON for a message; one nested too deeply to print is described instead."""
+    if json_depth(value) > MAX_JSON_DEPTH:
+        return f"a {type(value).__name__} nested deeper than {MAX_JSON_DEPTH} levels"
     try:
         return json.dumps(value)
     except (TypeError, ValueError):

@@ -344,6 +344,9 @@ def test_child_name_sanitises_and_keeps_distinct_values_apart():
     (json.dumps({"kernel_size": [3, 3]}), "defines 'kernel_size_3' twice"),
     (json.dumps([]), "the list of grids is empty"),
     (json.dumps([{"kernel_size": [3]}, {"kernel_size": [3, 5]}]), "defines 'kernel_size_3' twice"),
+    ('{"seed": ' + "[" * 5000 + "]" * 5000 + "}", "search.json: lists or objects nested deeper than 32 levels"),
+    (json.dumps({key: list(range(100)) for key in ("seed", "batch_size", "num_epochs", "synthetic_seed")}),
+     "defines 100000000 runs, more than 10000"),
 ])
 def test_bad_search_json_is_one_clear_error(tmp_path, stub, capsys, search, message):
     parent = tmp_path / "sweep"
@@ -361,6 +364,7 @@ def test_bad_search_json_is_one_clear_error(tmp_path, stub, capsys, search, mess
     (["--param", "lr=1", "--param", "lr=2"], "--param lr given more than once"),
     (["--gpus", "0,a"], "expected distinct GPU indices"),
     (["--gpus", "1,1"], "expected distinct GPU indices"),
+    (["--param", "seed=" + "[" * 5000 + "]" * 5000], "--param seed: lists or objects nested deeper than 32 levels"),
 ])
 def test_bad_command_line_is_one_clear_error(tmp_path, stub, capsys, argv, message):
     parent = make_parent(tmp_path, {"learning_rate": 0.01})
