@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import utils
 from model import IGNORE_INDEX, visualize
-from model.data_loader import DataConfig, DatasetError, build_dataset, eval_loader
+from model.data_loader import DataConfig, DatasetError, build_dataset, eval_loader, worker_death
 from model.datasets.base import is_safe_id
 from model.inference import padded_logits, predict_logits
 from model.metrics import SegmentationMetrics
@@ -194,7 +194,12 @@ def cli(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
 
     def run() -> int:
-        main(args)
+        try:
+            main(args)
+        except RuntimeError as error:  # a DataLoader worker killed (the out-of-memory killer) is one line too
+            if (died := worker_death(error)) is None:
+                raise
+            raise died from None
         return 0
     return utils.run_cli(run, (DatasetError, PretrainedWeightsError, CheckpointMismatchError, OSError))
 

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -123,6 +124,7 @@ def main(args) -> int:
     if args.restore_file == "auto" and completed_without_last(model_dir):
         print(f"{model_dir}: nothing to do, this run is complete ({utils.COMPLETE_MARKER})")
         return 0
+    seen = run_folder_state(model_dir)  # what every decision below is taken on; checked again under the lock
     restore_file = choose_restore_file(model_dir, args.restore_file, args.force)
     checkpoint, checkpoint_file = None, restore_file and utils.checkpoint_path(model_dir, restore_file)
     if checkpoint_file:
@@ -155,6 +157,9 @@ def main(args) -> int:
     if checkpoint is not None:
         restore(run, checkpoint, checkpoint_file)
     if run_is_complete(run):
+        if run.main_process and restore_file == "last" and config.keep_checkpoints == "best_weights":
+            with claim_run_folder(model_dir, fresh=False, seen=seen):  # a kill as the run ended left it
+                checkpoint_file.unlink()
         print(f"{model_dir}: nothing to do, this run already trained its {total_iterations} iterations")
         return 0
 
@@ -163,7 +168,7 @@ def main(args) -> int:
     with contextlib.ExitStack() as exit_stack:
         exit_stack.enter_context(run.stop)
         if run.main_process:
-            exit_stack.enter_context(claim_run_folder(model_dir, fresh=not restore_file))
+            exit_stack.enter_context(claim_run_folder(model_dir, fresh=not restore_file, seen=seen))
             utils.write_json(model_dir / utils.RESOLVED_PARAMS_FILE, utils.run_record(
                 params, overrides, vars(args), device) | {"pretrained_weights": net.pretrained_weights,
                                                           "precision": placement.precision})
@@ -189,12 +194,8 @@ def train(run: Run) -> int:
         run.sampler.set_epoch(progress.epoch, progress.batch_in_epoch)
         try:
             finished = train_one_epoch(run)
-        except RuntimeError as error:  # a dead worker ends like a stop: what the main process holds is saved
-            if (died := worker_death(error)) is None:
-                raise
-            save(run, utils.LAST_CHECKPOINT)
-            raise utils.UserError(f"{died}; saved {run.model_dir / utils.LAST_CHECKPOINT} at iteration "
-                                  f"{progress.iteration}: resume with --restore_file last") from None
+        except RuntimeError as error:
+            raise saved_after_worker_death(run, error) from None
         if not finished:
             save(run, utils.LAST_CHECKPOINT)
             return stopped(run)
@@ -258,8 +259,11 @@ def validate(run: Run) -> bool:
             dist.broadcast(buffer, 0)
     # Not through DDP: its forward synchronises buffers, which would deadlock ranks with fewer images.
     model = run.model.module if isinstance(run.model, DistributedDataParallel) else run.model
-    metrics = evaluate(model, run.val_loader, run.criterion, run.eval_config, run.placement, window=run.window,
-                       on_image=pictures, should_stop=run.stop.requested if run.world_size == 1 else None)
+    try:
+        metrics = evaluate(model, run.val_loader, run.criterion, run.eval_config, run.placement, window=run.window,
+                           on_image=pictures, should_stop=run.stop.requested if run.world_size == 1 else None)
+    except RuntimeError as error:
+        raise saved_after_worker_death(run, error) from None
     if metrics is None:
         return False
     metrics["epoch"] = progress.epoch
@@ -304,6 +308,17 @@ def save(run: Run, name: str) -> None:
                   "scaler": run.scaler.state_dict(), "progress": dataclasses.asdict(run.progress),
                   "overrides": run.overrides}
     utils.save_checkpoint(state, run.model_dir / name)
+
+
+def saved_after_worker_death(run: Run, error: RuntimeError) -> utils.UserError:
+    """A dead DataLoader worker ends like a stop: the main process saves what it holds (in training, the batches
+    trained; in validation, the epoch, saved before it and still to validate) and the error says how to resume.
+    Any other error is raised again."""
+    if (died := worker_death(error)) is None:
+        raise error
+    save(run, utils.LAST_CHECKPOINT)
+    return utils.UserError(f"{died}; saved {run.model_dir / utils.LAST_CHECKPOINT} at iteration "
+                           f"{run.progress.iteration}: resume with --restore_file last")
 
 
 def restore(run: Run, checkpoint: dict[str, Any], path: Path) -> None:
@@ -433,10 +448,25 @@ def run_is_complete(run: Run) -> bool:
     return done and (run.model_dir / utils.COMPLETE_MARKER).exists()
 
 
+def run_folder_state(model_dir: Path) -> dict[str, tuple[int, int, int]]:
+    """What the folder holds of a run: each output's identity, size and time."""
+    state = {}
+    for name in OUTPUTS:
+        with contextlib.suppress(FileNotFoundError):
+            found = os.lstat(model_dir / name)
+            state[name] = (found.st_ino, found.st_size, found.st_mtime_ns)
+    return state
+
+
 @contextlib.contextmanager
-def claim_run_folder(model_dir: Path, fresh: bool):
-    """Hold the folder's lock; clear what killed writers left and, for a fresh run, the previous run's outputs."""
+def claim_run_folder(model_dir: Path, fresh: bool, seen: dict[str, tuple[int, int, int]]):
+    """Hold the folder's lock; refuse a folder at an output's name, and a folder that changed since the run decided
+    what to do (`seen`: another writer saved or finished there meanwhile); clear what killed writers left and, for a
+    fresh run, the previous run's outputs."""
     with utils.RunLock(model_dir):
+        if run_folder_state(model_dir) != seen:
+            raise utils.UserError(f"{model_dir} changed while this run was starting (another train.py saved or "
+                                  f"finished there meanwhile); nothing was changed: run the command again")
         utils.remove_stale_temporary_files(model_dir, (*OUTPUTS, utils.RESOLVED_PARAMS_FILE, tracking.MLFLOW_RUN_FILE))
         if fresh:
             stale = [model_dir / name for name in OUTPUTS]
