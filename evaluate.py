@@ -159,6 +159,8 @@ def main(args) -> dict[str, Any]:
     trained = load_trained_model(utils.checkpoint_path(model_dir, args.restore_file),
                                  params.config(GCNConfig).architecture())
     utils.output_folder(model_dir, "the model folder")  # metrics, confusion matrix and log go there
+    tag = metrics_tag(model_dir, trained.path, args.split, args.tta)
+    utils.check_output_names([model_dir / f"metrics_{tag}.json", model_dir / f"confusion_{tag}.png"])
     on_image = None
     if args.save_predictions:
         out_dir = utils.output_folder(Path(args.save_predictions), "--save_predictions")
@@ -173,7 +175,6 @@ def main(args) -> dict[str, Any]:
     if not metrics:
         logging.info("Split %s has no ground truth: wrote predictions only", args.split)
         return metrics
-    tag = metrics_tag(model_dir, trained.path, args.split, args.tta)
     utils.write_json(model_dir / f"metrics_{tag}.json", {**metrics, "epoch": trained.epoch})
     report(metrics, tag, dataset.classes, model_dir)
     return metrics

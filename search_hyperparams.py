@@ -202,8 +202,8 @@ def prepare_child(child: Child) -> str:
     resume = (child.directory / utils.LAST_CHECKPOINT).exists()
     if not (complete or resume) or not params_path.exists():
         child.directory.mkdir(parents=True, exist_ok=True)
-        params_path.write_text(json.dumps(child.params, indent=4) + "\n")
-        (child.directory / ".gitignore").write_text(CHILD_GITIGNORE)
+        write_text(params_path, json.dumps(child.params, indent=4) + "\n")
+        write_text(child.directory / ".gitignore", CHILD_GITIGNORE)
     elif (existing := load_json(params_path)) != child.params and (
             not isinstance(existing, dict) or {**SWEEP_DEFAULTS, **existing} != child.params):  # an older sweep's
         existing = existing if isinstance(existing, dict) else {}
@@ -264,14 +264,14 @@ class Sweep:
             if self.stop_signal is not None:
                 return Outcome(child, "interrupted", ("not started",))
             try:
-                with output.open("a") as log:
+                with utils.open_append(output) as log:
                     log.write(f"\n=== search_hyperparams {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(command)}\n")
                     log.flush()
                     offset = log.tell()
                     env = None if slot is None else dict(os.environ, CUDA_VISIBLE_DEVICES=slot)
                     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                                env=env, start_new_session=True)
-            except OSError as exc:
+            except (utils.UserError, OSError) as exc:
                 return Outcome(child, "failed", (f"cannot start {shlex.join(command)}: {exc}",))
             self.running.add(process)
         on_gpu = "" if slot is None else f" on GPU {slot}"

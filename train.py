@@ -467,6 +467,7 @@ def claim_run_folder(model_dir: Path, fresh: bool, seen: dict[str, tuple[int, in
         if run_folder_state(model_dir) != seen:
             raise utils.UserError(f"{model_dir} changed while this run was starting (another train.py saved or "
                                   f"finished there meanwhile); nothing was changed: run the command again")
+        utils.check_output_names(model_dir / name for name in (*OUTPUTS, utils.RESOLVED_PARAMS_FILE, utils.TRAIN_LOG))
         utils.remove_stale_temporary_files(model_dir, (*OUTPUTS, utils.RESOLVED_PARAMS_FILE, tracking.MLFLOW_RUN_FILE))
         if fresh:
             stale = [model_dir / name for name in OUTPUTS]

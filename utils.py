@@ -18,6 +18,7 @@ import os
 import platform
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -511,16 +512,23 @@ def run_cli(main: Callable[[], int], user_errors: tuple[type[BaseException], ...
 
 # ----------------------------------------------------------------------------------------------- run folder
 
-def atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
+# Every file an entry point writes goes through atomic_write (whole files: JSON, checkpoints, pictures, tables) or
+# open_append (logs); neither ever writes through a link planted at its name, and a FIFO there never blocks.
+
+def atomic_write(path: Path, write: Callable[[Any], Any], *, what: str = "") -> None:
     """Write `path` through `.<name>.tmp` and a rename: readers never see half a file, a crash keeps the old one.
 
     The file gets the umask's permissions; the fixed temporary name is reused, so a crash leaves at most one. No link
-    is ever followed: a link planted at the temporary name is removed, not written through, and one at `path` is
-    replaced by the file. A folder that does not exist (e.g. a run folder deleted mid-run) is not recreated.
+    is ever followed: a link (or FIFO) planted at the temporary name is removed, not written through, and one at
+    `path` is replaced by the file. A folder that does not exist (e.g. a run folder deleted mid-run) is not recreated.
+    Any failure (a folder in the way, a full disk) is a UserError naming the file (`what` it is, e.g. "checkpoint"),
+    and leaves no temporary file behind.
     """
+    name = f"{what} {path}" if what else str(path)
     if not path.parent.is_dir():
-        raise UserError(f"cannot write {path}: the folder {path.parent} does not exist (deleted while running?); "
+        raise UserError(f"cannot write {name}: the folder {path.parent} does not exist (deleted while running?); "
                         f"not recreating it")
+    check_output_names([path])
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open_new(tmp) as f:
@@ -528,8 +536,11 @@ def atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise UserError(f"cannot write {name}: {exc.strerror or exc}") from exc
         raise
 
 
@@ -538,6 +549,36 @@ def open_new(path: Path) -> io.BufferedWriter:
     first, and O_EXCL | O_NOFOLLOW refuse to write through anything that appears there meanwhile."""
     path.unlink(missing_ok=True)
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666), "wb")
+
+
+def open_append(path: Path) -> io.TextIOWrapper:
+    """`path` opened to append text (a log), created if missing, never through a link: a link, FIFO or other
+    non-file at the name is replaced by a new file (a link's target is untouched) and nothing blocks; a folder there
+    is a UserError. The open itself does not follow links (O_NOFOLLOW), so none planted meanwhile is written through."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    check_output_names([path])
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError:
+        if stat.S_ISREG(os.lstat(path).st_mode):  # a file that cannot be opened (permissions): not ours to replace
+            raise
+        fd = None  # a link (O_NOFOLLOW: ELOOP) or a FIFO without a reader (O_NONBLOCK: ENXIO)
+    if fd is not None and not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device that opened
+        os.close(fd)
+        fd = None
+    if fd is None:
+        path.unlink()
+        fd = os.open(path, flags | os.O_EXCL, 0o666)
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
+def check_output_names(paths: Iterable[Path]) -> None:
+    """Refuse (UserError) a folder at the name of an output file, e.g. before any work; a link, FIFO or file there
+    is replaced when the file is written."""
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            raise UserError(f"cannot write {path}: a folder is in the way; remove or rename it")
 
 
 def output_folder(path: Path, what: str) -> Path:
@@ -567,10 +608,7 @@ def output_file(path: Path, what: str) -> Path:
 
 def write_json(path: Path, values: dict[str, Any]) -> None:
     """Atomically write `values` as indented JSON; a write error (full disk, read-only folder) is one line."""
-    try:
-        atomic_write(path, lambda f: f.write((json.dumps(values, indent=4) + "\n").encode()))
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    atomic_write(path, lambda f: f.write((json.dumps(values, indent=4) + "\n").encode()))
 
 
 def checkpoint_path(model_dir: Path, restore_file: str) -> Path:
@@ -587,10 +625,9 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     try:
-        atomic_write(path, lambda f: f.write(buffer.getbuffer()))
-    except OSError as exc:
-        raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}; the previous one is "
-                              f"kept") from exc
+        atomic_write(path, lambda f: f.write(buffer.getbuffer()), what="checkpoint")
+    except UserError as exc:
+        raise CheckpointError(f"{exc}; the previous one is kept") from exc
 
 
 TRAINING_STATE_KEYS = ("optimizer", "scheduler", "scaler", "progress", "params")  # train.py's, for resuming
@@ -760,9 +797,11 @@ def check_same_architecture(path: Path, saved: dict[str, Any], current: dict[str
 
 def remove_stale_temporary_files(folder: Path, names: Iterable[str]) -> None:
     """The `.<name>.tmp` files of these names that a killed writer left behind (call with the folder's lock held;
-    other writers' temporaries, e.g. export.py's, may be in flight)."""
-    for name in names:
-        (folder / f".{name}.tmp").unlink(missing_ok=True)
+    other writers' temporaries, e.g. export.py's, may be in flight); a folder at such a name is a UserError."""
+    temporaries = [folder / f".{name}.tmp" for name in names]
+    check_output_names(temporaries)
+    for path in temporaries:
+        path.unlink(missing_ok=True)
 
 
 class RunLock:
@@ -812,12 +851,20 @@ def set_logger(log_path: Path | None, level: int = logging.INFO) -> logging.Logg
             handler.close()
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if log_path is not None:
-        handlers.append(logging.FileHandler(log_path, delay=True))
+        check_output_names([log_path])
+        handlers.append(AppendingLog(log_path, delay=True))
     for handler in handlers:
         handler._gcn = True  # type: ignore[attr-defined]
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         logger.addHandler(handler)
     return logger
+
+
+class AppendingLog(logging.FileHandler):
+    """A log file opened by open_append when the first record comes: never through a link; a FIFO never blocks."""
+
+    def _open(self) -> io.TextIOWrapper:
+        return open_append(Path(self.baseFilename))
 
 
 @contextlib.contextmanager
