@@ -135,7 +135,7 @@ class TrainConfig:
         return self.dice_weight if self.loss == "cross_entropy+dice" else 0.0
 
 
-MAX_EVAL_PAD_SIZE = 4096  # eval_pad_size: Cityscapes' 2048×1024 fits; one padded float image is 0.2 GB, far more
+MAX_EVAL_PAD_SIZE = 4096  # eval_pad_size: Cityscapes' 2048×1024 fits; a 4096² float image is 0.2 GB, activations more
 MAX_LOGGED_IMAGES = 64  # num_logged_images: validation keeps its pictures in memory until they are logged
 
 
@@ -264,7 +264,7 @@ def _is_instance(value: Any, types: Iterable[type]) -> bool:
     return any(isinstance(value, t) and not (isinstance(value, bool) and t is not bool) for t in types)
 
 
-MAX_JSON_DEPTH = 32  # no setting nests deeper than 3; deeper JSON is refused before a recursive reader overflows
+MAX_JSON_DEPTH = 32  # no setting nests deeper than 2; deeper JSON is refused before a recursive reader overflows
 
 
 def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
