@@ -143,7 +143,7 @@ def figure(columns: Sequence[tuple[str, Analysis, int]], path: Path) -> None:
     fig.suptitle("+: output pixel; cyan: k×k head kernel (res-5 cells\nof 32 px; grey beyond the image); "
                  "green: 90 % of |gradient|", fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    utils.atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 def parse_pixel(text: str) -> tuple[int, int]:

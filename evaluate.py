@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import utils
 from model import IGNORE_INDEX, visualize
-from model.data_loader import DataConfig, DatasetError, build_dataset, eval_loader
+from model.data_loader import DataConfig, DatasetError, build_dataset, eval_loader, worker_death
 from model.datasets.base import is_safe_id
 from model.inference import padded_logits, predict_logits
 from model.metrics import SegmentationMetrics
@@ -180,6 +180,8 @@ def main(args) -> dict[str, Any]:
     trained = load_trained_model(utils.checkpoint_path(model_dir, args.restore_file),
                                  params.config(GCNConfig).architecture())
     utils.output_folder(model_dir, "the model folder")  # metrics, confusion matrix and log go there
+    tag = metrics_tag(model_dir, trained.path, args.split, args.tta)
+    utils.check_output_names([model_dir / f"metrics_{tag}.json", model_dir / f"confusion_{tag}.png"])
     on_image = None
     if args.save_predictions:
         out_dir = utils.output_folder(Path(args.save_predictions), "--save_predictions")
@@ -195,7 +197,6 @@ def main(args) -> dict[str, Any]:
     if not metrics:
         logging.info("Split %s has no ground truth: wrote predictions only", args.split)
         return metrics
-    tag = metrics_tag(model_dir, trained.path, args.split, args.tta)
     utils.write_json(model_dir / f"metrics_{tag}.json", {**metrics, "epoch": trained.epoch})
     report(metrics, tag, dataset.classes, model_dir)
     return metrics
@@ -216,7 +217,12 @@ def cli(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
 
     def run() -> int:
-        main(args)
+        try:
+            main(args)
+        except RuntimeError as error:  # a DataLoader worker killed (the out-of-memory killer) is one line too
+            if (died := worker_death(error)) is None:
+                raise
+            raise died from None
         return 0
     return utils.run_cli(run, (DatasetError, PretrainedWeightsError, CheckpointMismatchError, OSError))
 

@@ -64,21 +64,16 @@ def export_onnx(model: GCN, path: Path, metadata: dict[str, str]) -> float:
     logits = program.model.graph.outputs[0]
     logits.shape = onnx_ir.Shape(["batch", model.config.num_classes, "height", "width"])
     program.model.metadata_props.update(metadata)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)  # never write through a link planted at the temporary name
-    program.save(str(tmp))
-    try:
-        x = torch.randn(CHECK_SHAPE, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            expected = model(x).numpy()
-        session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        got = session.run(None, {"image": x.numpy()})[0]
-        if got.shape != expected.shape or np.abs(got - expected).max() > logits_tolerance(expected):
-            raise RuntimeError(f"the exported model's logits differ from PyTorch's (max abs diff "
-                               f"{np.abs(got - expected).max() if got.shape == expected.shape else got.shape})")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    data = onnx_ir.to_proto(program.model).SerializeToString()  # checked in memory: no file until it is kept
+    x = torch.randn(CHECK_SHAPE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(x).numpy()
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    got = session.run(None, {"image": x.numpy()})[0]
+    if got.shape != expected.shape or np.abs(got - expected).max() > logits_tolerance(expected):
+        raise RuntimeError(f"the exported model's logits differ from PyTorch's (max abs diff "
+                           f"{np.abs(got - expected).max() if got.shape == expected.shape else got.shape})")
+    utils.atomic_write(path, lambda f: f.write(data))  # a full disk leaves no partial file behind
     return float(np.abs(got - expected).max())
 
 
@@ -109,6 +104,7 @@ def main(args) -> Path:
         print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB; sha256 {digest})")
         return out
     out = out or stem.with_suffix(".onnx")
+    utils.check_output_names([out])  # before the export, which takes a while
     metadata = {"class_names": json.dumps(trained.class_names), "palette": json.dumps(trained.palette),
                 "mean": json.dumps(utils.IMAGENET_MEAN), "std": json.dumps(utils.IMAGENET_STD)}
     diff = export_onnx(trained.net, out, metadata)

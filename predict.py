@@ -130,6 +130,7 @@ def main(args) -> int:
     names = find_images(args.inputs, out)
     for folder in (out, out / "labels", out / "overlays"):
         utils.output_folder(folder, "--out")
+    utils.check_output_names(out / kind / name for name in names.values() for kind in ("labels", "overlays"))
     batches, errors = size_batches(list(names), args.batch_size)
 
     device = utils.default_device()

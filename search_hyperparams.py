@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import shlex
@@ -38,12 +39,15 @@ CHILD_GITIGNORE = ("# A sweep child, generated from the parent's params.json and
                    "*\n")
 DEFAULT_LR_FACTORS = (0.1, 0.3, 1.0, 3.0)
 TAIL_LINES = 12
+MAX_CHILDREN = 10_000  # runs in one sweep: each is a training run and a folder
 MAX_NAME_LENGTH = 120
 KEY_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._+\-]")
 PAIR_SEPARATOR = "__"  # between key_value pairs in a child's folder name: no commas, which shells and tools split
 SPEC = utils.experiment_configs((DataConfig, GCNConfig))  # what train.py accepts, checked before any folder exists
 SWEEP_DEFAULTS = {"keep_checkpoints": "best_weights"}  # children keep their best weights only (unless the parent says)
+MAY_CHANGE_ON_RESUME = {key for key, setting in utils.experiment_settings(SPEC).items()  # a trained child's too
+                        if setting.may_change_on_resume}
 
 Grid = dict[str, list[Any]]
 
@@ -75,20 +79,25 @@ def say(text: str, err: bool = False) -> None:
 
 
 def load_json(path: Path) -> Any:
-    """Parse a JSON file; a missing or broken file is a SweepError naming it."""
+    """Parse a JSON file; a missing or broken file (or one nested too deeply) is a SweepError naming it."""
     try:
-        return json.loads(path.read_text())
+        return utils.parse_json(path.read_text(), str(path))
     except FileNotFoundError:
         raise SweepError(f"{path} does not exist") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SweepError(f"{path} is not valid JSON: {exc}") from None
+    except utils.ParamsError as exc:
+        raise SweepError(str(exc)) from None
 
 
-def parse_value(text: str) -> Any:
-    """JSON where it parses (but NaN and Infinity stay text), else the literal text."""
+def parse_value(text: str, source: str = "--param") -> Any:
+    """JSON where it parses (but NaN and Infinity stay text), else the literal text; nested too deeply: a
+    SweepError naming `source`."""
     try:
-        return json.loads(text, parse_constant=str)
-    except ValueError:
+        return utils.parse_json(text, source, parse_constant=str)
+    except utils.ParamsError as exc:
+        raise SweepError(str(exc)) from None
+    except ValueError:  # not JSON
         return text
 
 
@@ -97,8 +106,9 @@ def parse_param_option(option: str) -> tuple[str, list[Any]]:
     key, sep, values = option.partition("=")
     if not sep or not values:
         raise SweepError(f"--param {option!r}: expected key=value[,value...]")
-    parsed = parse_value(f"[{values}]")
-    return key, parsed if isinstance(parsed, list) else [parse_value(value) for value in values.split(",")]
+    source = f"--param {key}"
+    parsed = parse_value(f"[{values}]", source)
+    return key, parsed if isinstance(parsed, list) else [parse_value(value, source) for value in values.split(",")]
 
 
 def check_grid(grid: Any, where: str) -> Grid:
@@ -155,7 +165,12 @@ def child_name(combination: dict[str, Any]) -> str:
 
 
 def plan_children(parent_dir: Path, parent_params: dict[str, Any], grids: list[Grid]) -> list[Child]:
-    """One Child per combination of each grid, in definition order; two sharing a folder are a SweepError."""
+    """One Child per combination of each grid, in definition order; two sharing a folder, or more than MAX_CHILDREN
+    (counted before any is built), are a SweepError."""
+    count = sum(math.prod(map(len, grid.values())) for grid in grids)
+    if count > MAX_CHILDREN:
+        raise SweepError(f"the sweep ({SEARCH_FILE} and --param) defines {count} runs, more than {MAX_CHILDREN}; "
+                         f"sweep fewer values, or split it over several parent folders")
     children: dict[str, Child] = {}
     for combination in (dict(zip(g, values)) for g in grids for values in itertools.product(*g.values())):
         name = child_name(combination)
@@ -187,21 +202,30 @@ def check_against_spec(parent_dir: Path, parent_params: dict[str, Any], grids: l
 
 def prepare_child(child: Child) -> str:
     """Write the child's params.json and .gitignore; returns 'skipped', 'resumed' or 'trained'. A child that
-    already trained with another params.json is a SweepError, so that results never mix two settings."""
+    already trained with another params.json is a SweepError, so that results never mix two settings, unless the
+    settings that differ are those a resumed run may change (train.py's rule): then its params.json is updated."""
     params_path = child.directory / utils.PARAMS_FILE
     complete = (child.directory / utils.COMPLETE_MARKER).exists()
     resume = (child.directory / utils.LAST_CHECKPOINT).exists()
     if not (complete or resume) or not params_path.exists():
         child.directory.mkdir(parents=True, exist_ok=True)
-        params_path.write_text(json.dumps(child.params, indent=4) + "\n")
-        (child.directory / ".gitignore").write_text(CHILD_GITIGNORE)
+        write_text(params_path, json.dumps(child.params, indent=4) + "\n")
+        write_text(child.directory / ".gitignore", CHILD_GITIGNORE)
     elif (existing := load_json(params_path)) != child.params and (
             not isinstance(existing, dict) or {**SWEEP_DEFAULTS, **existing} != child.params):  # an older sweep's
         existing = existing if isinstance(existing, dict) else {}
         changed = sorted(k for k in existing.keys() | child.params.keys() if existing.get(k) != child.params.get(k))
-        raise SweepError(f"{params_path} differs from the sweep's settings in {', '.join(changed)}; "
-                         f"remove {child.directory} to retrain it, or restore the parent's params.json")
+        fixed = [key for key in changed if key not in MAY_CHANGE_ON_RESUME]
+        if fixed:
+            raise SweepError(f"{params_path} differs from the sweep's settings in {', '.join(fixed)}; "
+                             f"remove {child.directory} to retrain it, or restore the parent's params.json")
+        write_text(params_path, json.dumps(child.params, indent=4) + "\n")
     return "skipped" if complete else "resumed" if resume else "trained"
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a child's file through utils.atomic_write: never through a link planted at its name."""
+    utils.atomic_write(path, lambda f: f.write(text.encode()))
 
 
 class Sweep:
@@ -247,7 +271,7 @@ class Sweep:
         name, output, slot = child.directory.name, child.directory / CHILD_OUTPUT, self.worker.slot
         try:
             status = prepare_child(child)
-        except (SweepError, OSError) as exc:
+        except (SweepError, utils.UserError, OSError) as exc:
             return Outcome(child, "failed", (str(exc),))
         if status == "skipped":
             say(f"{name}: already complete, skipped")
@@ -259,14 +283,14 @@ class Sweep:
             if self.stop_signal is not None:
                 return Outcome(child, "interrupted", ("not started",))
             try:
-                with output.open("a") as log:
+                with utils.open_append(output) as log:
                     log.write(f"\n=== search_hyperparams {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(command)}\n")
                     log.flush()
                     offset = log.tell()
                     env = None if slot is None else dict(os.environ, CUDA_VISIBLE_DEVICES=slot)
                     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                                env=env, start_new_session=True)
-            except OSError as exc:
+            except (utils.UserError, OSError) as exc:
                 return Outcome(child, "failed", (f"cannot start {shlex.join(command)}: {exc}",))
             self.running.add(process)
         on_gpu = "" if slot is None else f" on GPU {slot}"

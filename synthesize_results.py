@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import shutil
 import statistics
@@ -319,7 +320,7 @@ def plot_results(rows: list[Run], keys: list[str], metric: str, title: str, path
         title = f"{title}\n{metric}: mean ± std over {over} (n={n})"
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    fig.savefig(path, dpi=120)
+    utils.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
     return fig
 
@@ -340,9 +341,12 @@ def hparam_value(value: Any) -> int | float | str:
 
 
 def write_hparams(directory: Path, rows: list[Run], keys: list[str]) -> None:
-    """Replace `directory` by TensorBoard HParams event files: one run per row, named by its folder."""
-    if directory.exists():
+    """Replace `directory` by TensorBoard HParams event files: one run per row, named by its folder. A link, file or
+    FIFO at its name is removed (a link's target is untouched)."""
+    if directory.is_dir() and not directory.is_symlink():
         shutil.rmtree(directory)
+    elif os.path.lexists(directory):
+        directory.unlink()
     with SummaryWriter(str(directory)) as writer:
         for run in rows:
             writer.add_hparams({k: hparam_value(run.params.get(k, MISSING)) for k in keys},
@@ -390,8 +394,9 @@ def synthesize(args: argparse.Namespace) -> int:
     runs = collect(parent_dir, args.metric, args.metrics_file)
     text, rows, keys = render_report(parent_dir, runs, args.metric, args.metrics_file, args.average_over)
     hparams = hparams_dir(parent_dir, runs)
+    utils.check_output_names([parent_dir / RESULTS_TABLE, parent_dir / RESULTS_PLOT])
     print(text)
-    (parent_dir / RESULTS_TABLE).write_text(text)
+    utils.atomic_write(parent_dir / RESULTS_TABLE, lambda f: f.write(text.encode()))
     if not rows:
         print(f"wrote {parent_dir / RESULTS_TABLE}; no results to plot")
         return 0

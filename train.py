@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -125,6 +126,7 @@ def main(args) -> int:
     if args.restore_file == "auto" and completed_without_last(model_dir):
         print(f"{model_dir}: nothing to do, this run is complete ({utils.COMPLETE_MARKER})")
         return 0
+    seen = run_folder_state(model_dir)  # what every decision below is taken on; checked again under the lock
     restore_file = choose_restore_file(model_dir, args.restore_file, args.force)
     checkpoint, checkpoint_file = None, restore_file and utils.checkpoint_path(model_dir, restore_file)
     if checkpoint_file:
@@ -141,7 +143,7 @@ def main(args) -> int:
     total_iterations = config.num_iterations or config.num_epochs * (sampler.per_rank // config.batch_size)
 
     torch.manual_seed(config.seed)  # the model's initialisation; the data pipeline seeds every sample itself
-    net = placement.module(build_net(model_config, config.sync_bn and world_size > 1))
+    net = placement.module(build_net(model_config, config.sync_bn and world_size > 1, checkpoint))
     optimizer = build_optimizer(net, config, placement)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, poly_lr_lambda(total_iterations, config.lr_power, config.warmup_iterations))
@@ -159,6 +161,9 @@ def main(args) -> int:
     if checkpoint is not None:
         restore(run, checkpoint, checkpoint_file)
     if run_is_complete(run):
+        if run.main_process and restore_file == "last" and config.keep_checkpoints == "best_weights":
+            with claim_run_folder(model_dir, fresh=False, seen=seen):  # a kill as the run ended left it
+                checkpoint_file.unlink()
         print(f"{model_dir}: nothing to do, this run already trained its {total_iterations} iterations")
         return 0
 
@@ -167,7 +172,7 @@ def main(args) -> int:
     with contextlib.ExitStack() as exit_stack:
         exit_stack.enter_context(run.stop)
         if run.main_process:
-            exit_stack.enter_context(claim_run_folder(model_dir, fresh=not restore_file))
+            exit_stack.enter_context(claim_run_folder(model_dir, fresh=not restore_file, seen=seen))
             if definition is not None:  # the folder stands alone: evaluate.py and resumes read its params.json
                 utils.write_json(model_dir / utils.PARAMS_FILE, definition)
             utils.write_json(model_dir / utils.RESOLVED_PARAMS_FILE, utils.run_record(
@@ -197,12 +202,8 @@ def train(run: Run) -> int:
         run.sampler.set_epoch(progress.epoch, progress.batch_in_epoch)
         try:
             finished = train_one_epoch(run)
-        except RuntimeError as error:  # a dead worker ends like a stop: what the main process holds is saved
-            if (died := worker_death(error)) is None:
-                raise
-            save(run, utils.LAST_CHECKPOINT)
-            raise utils.UserError(f"{died}; saved {run.model_dir / utils.LAST_CHECKPOINT} at iteration "
-                                  f"{progress.iteration}: resume with --restore_file last") from None
+        except RuntimeError as error:
+            raise saved_after_worker_death(run, error) from None
         if not finished:
             save(run, utils.LAST_CHECKPOINT)
             return stopped(run)
@@ -269,9 +270,13 @@ def validate(run: Run) -> bool:
             dist.broadcast(buffer, 0)
     # Not through DDP: its forward synchronises buffers, which would deadlock ranks with fewer images.
     model = run.model.module if isinstance(run.model, DistributedDataParallel) else run.model
-    metrics = evaluate(model, run.val_loader, run.criterion, run.eval_config, run.eval_placement, window=run.window,
-                       on_image=pictures, should_stop=run.stop.requested if run.world_size == 1 else None,
-                       bar=f"val {progress.epoch}" if run.main_process else None)
+    try:
+        metrics = evaluate(model, run.val_loader, run.criterion, run.eval_config, run.eval_placement,
+                           window=run.window, on_image=pictures,
+                           should_stop=run.stop.requested if run.world_size == 1 else None,
+                           bar=f"val {progress.epoch}" if run.main_process else None)
+    except RuntimeError as error:
+        raise saved_after_worker_death(run, error) from None
     if metrics is None:
         return False
     metrics["epoch"] = progress.epoch
@@ -318,6 +323,17 @@ def save(run: Run, name: str) -> None:
     utils.save_checkpoint(state, run.model_dir / name)
 
 
+def saved_after_worker_death(run: Run, error: RuntimeError) -> utils.UserError:
+    """A dead DataLoader worker ends like a stop: the main process saves what it holds (in training, the batches
+    trained; in validation, the epoch, saved before it and still to validate) and the error says how to resume.
+    Any other error is raised again."""
+    if (died := worker_death(error)) is None:
+        raise error
+    save(run, utils.LAST_CHECKPOINT)
+    return utils.UserError(f"{died}; saved {run.model_dir / utils.LAST_CHECKPOINT} at iteration "
+                           f"{run.progress.iteration}: resume with --restore_file last")
+
+
 def restore(run: Run, checkpoint: dict[str, Any], path: Path) -> None:
     """Load a checkpoint's weights and training state (resume_settings's) into `run`."""
     utils.check_same_architecture(path, checkpoint["model_config"], run.net.config.architecture())
@@ -361,8 +377,8 @@ def build_data(data_config: DataConfig, num_classes: int, config: utils.TrainCon
     at the first batch of training or validation."""
     train_set = build_dataset(data_config, num_classes, data_config.train_split, train=True)
     val_set = build_dataset(data_config, num_classes, data_config.val_split, train=False)
-    for dataset in (train_set, val_set):
-        check_label_values(dataset)
+    check_label_values(train_set, min_classes=min(2, num_classes))  # a model of one class learns nothing
+    check_label_values(val_set)
     if len(train_set) < config.batch_size * world_size:
         raise utils.ParamsError(f"batch_size {config.batch_size} × {world_size} process(es) exceeds the "
                                 f"{len(train_set)} training images")
@@ -371,9 +387,13 @@ def build_data(data_config: DataConfig, num_classes: int, config: utils.TrainCon
             eval_loader(val_set, data_config.num_workers, rank, world_size))
 
 
-def build_net(config: GCNConfig, sync_bn: bool) -> GCN:
-    """The GCN of `config`, its batch norms synchronised across processes if asked."""
-    net = GCN(config)
+def build_net(config: GCNConfig, sync_bn: bool, resumed: dict[str, Any] | None = None) -> GCN:
+    """The GCN of `config`, its batch norms synchronised across processes if asked. Resuming from the checkpoint
+    `resumed`, which holds every weight, the backbone is not built from its pretrained weights (a file may have moved
+    or changed since), and the record of the weights the run started from stays the checkpoint's."""
+    net = GCN(config if resumed is None else dataclasses.replace(config, pretrained=False))
+    if resumed is not None:
+        net.pretrained_weights = resumed.get("pretrained_weights")
     return nn.SyncBatchNorm.convert_sync_batchnorm(net) if sync_bn else net
 
 
@@ -456,10 +476,26 @@ def run_is_complete(run: Run) -> bool:
     return done and (run.model_dir / utils.COMPLETE_MARKER).exists()
 
 
+def run_folder_state(model_dir: Path) -> dict[str, tuple[int, int, int]]:
+    """What the folder holds of a run: each output's identity, size and time."""
+    state = {}
+    for name in OUTPUTS:
+        with contextlib.suppress(FileNotFoundError):
+            found = os.lstat(model_dir / name)
+            state[name] = (found.st_ino, found.st_size, found.st_mtime_ns)
+    return state
+
+
 @contextlib.contextmanager
-def claim_run_folder(model_dir: Path, fresh: bool):
-    """Hold the folder's lock; clear what killed writers left and, for a fresh run, the previous run's outputs."""
+def claim_run_folder(model_dir: Path, fresh: bool, seen: dict[str, tuple[int, int, int]]):
+    """Hold the folder's lock; refuse a folder at an output's name, and a folder that changed since the run decided
+    what to do (`seen`: another writer saved or finished there meanwhile); clear what killed writers left and, for a
+    fresh run, the previous run's outputs."""
     with utils.RunLock(model_dir):
+        if run_folder_state(model_dir) != seen:
+            raise utils.UserError(f"{model_dir} changed while this run was starting (another train.py saved or "
+                                  f"finished there meanwhile); nothing was changed: run the command again")
+        utils.check_output_names(model_dir / name for name in (*OUTPUTS, utils.RESOLVED_PARAMS_FILE, utils.TRAIN_LOG))
         utils.remove_stale_temporary_files(model_dir, (*OUTPUTS, utils.RESOLVED_PARAMS_FILE, *tracking.RUN_FILES))
         if fresh:
             stale = [model_dir / name for name in OUTPUTS]

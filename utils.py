@@ -18,6 +18,7 @@ import os
 import platform
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -72,6 +73,7 @@ class CheckpointError(UserError):
 
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeds both take 0 .. 2**32 - 1
 BACKBONE_STRIDE = 32  # the ResNet's smallest feature map is 1/32 of the input (rounded up)
+MAX_BATCH_SIZE = 1024  # batch_size per process
 
 
 def _stride_32_values(batch_size: int, crop_size: int) -> int:
@@ -99,7 +101,8 @@ class TrainConfig:
     momentum: float = field(default=0.9, metadata={"at_least": 0, "below": 1})  # SGD
     weight_decay: float = field(default=1e-4, metadata={"at_least": 0})  # SGD
     batch_size: int = field(default=8, metadata={  # images per process and step
-        "at_least": 1, "with": ("crop_size", _batch_norm_needs, _batch_norm_has_statistics)})
+        "at_least": 1, "at_most": MAX_BATCH_SIZE, "with": ("crop_size", _batch_norm_needs, _batch_norm_has_statistics),
+        "memory": lambda v: f"it would need {v * 512 * 512 * 3 * 4 / 1e9:.3g} GB per batch of 512² float crops"})
     num_epochs: int = field(default=30, metadata={"at_least": 1})  # budget in epochs...
     num_iterations: int | None = field(default=None, metadata={"at_least": 1})  # ...or iterations (overrides it)
     lr_power: float = field(default=0.9, metadata={"at_least": 0})  # poly decay, stepped every iteration
@@ -134,21 +137,32 @@ class TrainConfig:
         return self.dice_weight if self.loss == "cross_entropy+dice" else 0.0
 
 
+MAX_EVAL_PAD_SIZE = 4096  # eval_pad_size: Cityscapes' 2048×1024 fits; a 4096² float image is 0.2 GB, activations more
+MAX_LOGGED_IMAGES = 64  # num_logged_images: validation keeps its pictures in memory until they are logged
+
+
 @dataclass
 class EvalConfig:
-    """The evaluation settings (params.json's evaluation keys)."""
+    """The evaluation settings (params.json's evaluation keys). They say how the val split is scored, not what is
+    trained, so a resumed run may change every one of them (its next validation uses the new value)."""
 
     num_logged_images: int = field(default=4, metadata={  # validation pictures (TensorBoard, evaluate.py)
-        "at_least": 0, "may_change_on_resume": True})
+        "at_least": 0, "at_most": MAX_LOGGED_IMAGES, "may_change_on_resume": True,
+        "memory": lambda v: f"validation keeps them in memory: {v * 4 * 2048 * 1024 * 3 / 1e9:.3g} GB at 2048×1024"})
     tta_scales: list = field(default_factory=lambda: [0.75, 1.0, 1.25], metadata={  # --tta's scales
-        "items": (float, int), "above": 0, "at_most": 8})
-    tta_flip: bool = True  # --tta also averages horizontal flips
-    sliding_window: bool = False  # evaluate images larger than crop_size in overlapping windows
-    gaussian_windows: bool = False  # windows averaged with Gaussian weights (centres over borders), not uniform
-    eval_pad_size: int | None = field(default=None, metadata={"at_least": 1})  # pad inputs to this size to score them
+        "items": (float, int), "above": 0, "at_most": 8, "may_change_on_resume": True})
+    tta_flip: bool = field(default=True, metadata={"may_change_on_resume": True})  # --tta also averages flips
+    sliding_window: bool = field(default=False, metadata={  # score images larger than crop_size in windows
+        "may_change_on_resume": True})
+    gaussian_windows: bool = field(default=False, metadata={  # windows averaged with Gaussian weights, not uniform
+        "may_change_on_resume": True})
+    eval_pad_size: int | None = field(default=None, metadata={  # pad inputs to this size to score them
+        "at_least": 1, "at_most": MAX_EVAL_PAD_SIZE, "may_change_on_resume": True,
+        "memory": lambda v: f"it would need {v * v * 3 * 4 / 1e9:.3g} GB per padded float image"})
     boundary_distance: str = field(default="chebyshev", metadata={  # the boundary band's metric (Table 5)
-        "choices": ("chebyshev", "euclidean")})
-    boundary_void: str = field(default="label", metadata={"choices": ("label", "ignored")})  # void makes a boundary?
+        "choices": ("chebyshev", "euclidean"), "may_change_on_resume": True})
+    boundary_void: str = field(default="label", metadata={  # void makes a boundary?
+        "choices": ("label", "ignored"), "may_change_on_resume": True})
     eval_precision: str = field(default="float32", metadata={  # evaluation and prediction (not training's amp)
         "choices": EVAL_PRECISIONS, "may_change_on_resume": True})
 
@@ -178,7 +192,7 @@ class Setting:
 
     def allows(self, value: Any, values: dict[str, Any]) -> bool:
         """Whether `value` is allowed, given the other settings' `values` (a list's length may name one)."""
-        if value is None or not _is_instance(value, self.types):
+        if value is None or not _is_instance(value, self.types) or json_depth(value) > MAX_JSON_DEPTH:
             return value is None and type(None) in self.types
         if isinstance(value, list) and "items" in self.rules:
             return (len(value) == self._length(values) if "length" in self.rules else len(value) > 0) and all(
@@ -214,8 +228,9 @@ class Setting:
         return text + (" or null" if type(None) in self.types else "")
 
     def _fits(self, value: Any, values: dict[str, Any]) -> bool:
-        """The cross-check with another setting ("with": (its key, why, predicate(value, its value)))."""
-        if "with" not in self.rules or value is None:
+        """The cross-check with another setting ("with": (its key, why, predicate(value, its value))); a value of
+        another type has already failed its own check."""
+        if "with" not in self.rules or value is None or not _is_instance(value, self.types):
             return True
         other, _, predicate = self.rules["with"]
         return other not in values or not _is_instance(values[other], (int, float)) or predicate(value, values[other])
@@ -251,6 +266,37 @@ class Setting:
 def _is_instance(value: Any, types: Iterable[type]) -> bool:
     """isinstance, except that a bool is not an int (JSON's true is no number)."""
     return any(isinstance(value, t) and not (isinstance(value, bool) and t is not bool) for t in types)
+
+
+MAX_JSON_DEPTH = 32  # no setting nests deeper than 2; deeper JSON is refused before a recursive reader overflows
+
+
+def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deeply lists and objects nest in `value` (a number or text: 0), counted without recursion and only up to
+    limit + 1."""
+    depth, level = 0, [value]
+    while depth <= limit:
+        containers = [v for v in level if isinstance(v, (list, tuple, dict))]
+        if not containers:
+            break
+        depth += 1
+        level = [item for c in containers for item in (c.values() if isinstance(c, dict) else c)]
+    return depth
+
+
+def parse_json(text: str, source: str, **options: Any) -> Any:
+    """json.loads(text, **options), refusing (ParamsError naming `source`) lists or objects nested deeper than
+    MAX_JSON_DEPTH: deep enough input overflows json's own recursion, a little less every later reader's.
+    Broken JSON raises json.JSONDecodeError, for the caller to handle."""
+    try:
+        value = json.loads(text, **options)
+    except RecursionError:
+        deep = True
+    else:
+        deep = json_depth(value) > MAX_JSON_DEPTH
+    if deep:
+        raise ParamsError(f"{source}: lists or objects nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
 
 
 def settings_of(config_class: type) -> dict[str, Setting]:
@@ -291,6 +337,10 @@ class Params:
         overrides = overrides or {}
         self._check_keys(values, source)
         self._check_keys(overrides, "--set")
+        for key, value in {**values, **overrides}.items():  # before anything recursive reads them
+            if json_depth(value) > MAX_JSON_DEPTH:
+                raise ParamsError(f"{'--set' if key in overrides else source}: {key!r} is {_json(value)}; expected "
+                                  f"{self._settings[key].describe({})}")
         self._sources = {**dict.fromkeys(values, source), **dict.fromkeys(overrides, "--set")}
         values = {**values, **overrides}
         missing = [k for k, s in self._settings.items() if s.default is REQUIRED and k not in values]
@@ -302,7 +352,7 @@ class Params:
         for key in sorted(self._settings, key=lambda k: self._settings[k].cross_checked):  # num_classes first
             setting = self._settings[key]
             if not setting.allows(values[key], values):
-                raise ParamsError(f"{self._sources.get(key, 'defaults')}: {key!r} is {json.dumps(values[key])}; "
+                raise ParamsError(f"{self._sources.get(key, 'defaults')}: {key!r} is {_json(values[key])}; "
                                   f"expected {setting.describe(values)}")
 
     @classmethod
@@ -315,7 +365,7 @@ class Params:
         if not path.is_file():
             raise ParamsError(f"{path}: no such params file")
         try:
-            values = json.loads(path.read_text(encoding="utf-8"))
+            values = parse_json(path.read_text(encoding="utf-8"), str(path))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ParamsError(f"{path}: not valid JSON ({exc})") from exc
         if not isinstance(values, dict):
@@ -448,7 +498,7 @@ def parse_overrides(assignments: Sequence[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ParamsError(f"--set {assignment!r}: expected key=value, e.g. --set learning_rate=0.02")
         try:
-            overrides[key] = json.loads(text)
+            overrides[key] = parse_json(text, f"--set {key}")
         except json.JSONDecodeError:
             overrides[key] = text
     return overrides
@@ -466,16 +516,23 @@ def run_cli(main: Callable[[], int], user_errors: tuple[type[BaseException], ...
 
 # ----------------------------------------------------------------------------------------------- run folder
 
-def atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
+# Every file an entry point writes goes through atomic_write (whole files: JSON, checkpoints, pictures, tables) or
+# open_append (logs); neither ever writes through a link planted at its name, and a FIFO there never blocks.
+
+def atomic_write(path: Path, write: Callable[[Any], Any], *, what: str = "") -> None:
     """Write `path` through `.<name>.tmp` and a rename: readers never see half a file, a crash keeps the old one.
 
     The file gets the umask's permissions; the fixed temporary name is reused, so a crash leaves at most one. No link
-    is ever followed: a link planted at the temporary name is removed, not written through, and one at `path` is
-    replaced by the file. A folder that does not exist (e.g. a run folder deleted mid-run) is not recreated.
+    is ever followed: a link (or FIFO) planted at the temporary name is removed, not written through, and one at
+    `path` is replaced by the file. A folder that does not exist (e.g. a run folder deleted mid-run) is not recreated.
+    Any failure (a folder in the way, a full disk) is a UserError naming the file (`what` it is, e.g. "checkpoint"),
+    and leaves no temporary file behind.
     """
+    name = f"{what} {path}" if what else str(path)
     if not path.parent.is_dir():
-        raise UserError(f"cannot write {path}: the folder {path.parent} does not exist (deleted while running?); "
+        raise UserError(f"cannot write {name}: the folder {path.parent} does not exist (deleted while running?); "
                         f"not recreating it")
+    check_output_names([path])
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open_new(tmp) as f:
@@ -483,8 +540,11 @@ def atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise UserError(f"cannot write {name}: {exc.strerror or exc}") from exc
         raise
 
 
@@ -493,6 +553,36 @@ def open_new(path: Path) -> io.BufferedWriter:
     first, and O_EXCL | O_NOFOLLOW refuse to write through anything that appears there meanwhile."""
     path.unlink(missing_ok=True)
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666), "wb")
+
+
+def open_append(path: Path) -> io.TextIOWrapper:
+    """`path` opened to append text (a log), created if missing, never through a link: a link, FIFO or other
+    non-file at the name is replaced by a new file (a link's target is untouched) and nothing blocks; a folder there
+    is a UserError. The open itself does not follow links (O_NOFOLLOW), so none planted meanwhile is written through."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    check_output_names([path])
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError:
+        if stat.S_ISREG(os.lstat(path).st_mode):  # a file that cannot be opened (permissions): not ours to replace
+            raise
+        fd = None  # a link (O_NOFOLLOW: ELOOP) or a FIFO without a reader (O_NONBLOCK: ENXIO)
+    if fd is not None and not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device that opened
+        os.close(fd)
+        fd = None
+    if fd is None:
+        path.unlink()
+        fd = os.open(path, flags | os.O_EXCL, 0o666)
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
+def check_output_names(paths: Iterable[Path]) -> None:
+    """Refuse (UserError) a folder at the name of an output file, e.g. before any work; a link, FIFO or file there
+    is replaced when the file is written."""
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            raise UserError(f"cannot write {path}: a folder is in the way; remove or rename it")
 
 
 def output_folder(path: Path, what: str) -> Path:
@@ -522,10 +612,7 @@ def output_file(path: Path, what: str) -> Path:
 
 def write_json(path: Path, values: dict[str, Any]) -> None:
     """Atomically write `values` as indented JSON; a write error (full disk, read-only folder) is one line."""
-    try:
-        atomic_write(path, lambda f: f.write((json.dumps(values, indent=4) + "\n").encode()))
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    atomic_write(path, lambda f: f.write((json.dumps(values, indent=4) + "\n").encode()))
 
 
 def checkpoint_path(model_dir: Path, restore_file: str) -> Path:
@@ -542,10 +629,9 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     try:
-        atomic_write(path, lambda f: f.write(buffer.getbuffer()))
-    except OSError as exc:
-        raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}; the previous one is "
-                              f"kept") from exc
+        atomic_write(path, lambda f: f.write(buffer.getbuffer()), what="checkpoint")
+    except UserError as exc:
+        raise CheckpointError(f"{exc}; the previous one is kept") from exc
 
 
 TRAINING_STATE_KEYS = ("optimizer", "scheduler", "scaler", "progress", "params")  # train.py's, for resuming
@@ -632,6 +718,9 @@ def check_values(values: dict[str, Any], settings: dict[str, Setting], source: s
 
 
 def _json(value: Any) -> str:
+    """A value as JSON for a message; one nested too deeply to print is described instead."""
+    if json_depth(value) > MAX_JSON_DEPTH:
+        return f"a {type(value).__name__} nested deeper than {MAX_JSON_DEPTH} levels"
     try:
         return json.dumps(value)
     except (TypeError, ValueError):
@@ -712,9 +801,11 @@ def check_same_architecture(path: Path, saved: dict[str, Any], current: dict[str
 
 def remove_stale_temporary_files(folder: Path, names: Iterable[str]) -> None:
     """The `.<name>.tmp` files of these names that a killed writer left behind (call with the folder's lock held;
-    other writers' temporaries, e.g. export.py's, may be in flight)."""
-    for name in names:
-        (folder / f".{name}.tmp").unlink(missing_ok=True)
+    other writers' temporaries, e.g. export.py's, may be in flight); a folder at such a name is a UserError."""
+    temporaries = [folder / f".{name}.tmp" for name in names]
+    check_output_names(temporaries)
+    for path in temporaries:
+        path.unlink(missing_ok=True)
 
 
 class RunLock:
@@ -764,12 +855,20 @@ def set_logger(log_path: Path | None, level: int = logging.INFO) -> logging.Logg
             handler.close()
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if log_path is not None:
-        handlers.append(logging.FileHandler(log_path, delay=True))
+        check_output_names([log_path])
+        handlers.append(AppendingLog(log_path, delay=True))
     for handler in handlers:
         handler._gcn = True  # type: ignore[attr-defined]
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         logger.addHandler(handler)
     return logger
+
+
+class AppendingLog(logging.FileHandler):
+    """A log file opened by open_append when the first record comes: never through a link; a FIFO never blocks."""
+
+    def _open(self) -> io.TextIOWrapper:
+        return open_append(Path(self.baseFilename))
 
 
 @contextlib.contextmanager

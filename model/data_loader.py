@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from model import IGNORE_INDEX
 from model.datasets import (CamVidSegmentation, CityscapesSegmentation, DatasetError, FolderSegmentation,
                             SyntheticSegmentation, VOCAugSegmentation, VOCSegmentation)
 from model.datasets.base import Transform, check_num_classes, read_label
@@ -45,13 +46,20 @@ def _stored_values_to_classes(value: dict) -> bool:
 
 MAX_IMAGE_SIZE = 4096  # crop_size, synthetic_image_size: a 4096² float image is 0.2 GB, its activations far more
 SYNTHETIC_BYTES_PER_PIXEL = 15  # what drawing a synthetic image holds at once (float coordinates, masks, colours)
+MAX_WORKERS = 64  # num_workers: each is a process of its own
+WORKER_BYTES = 5e8  # what a DataLoader worker holds at least (its copy of the main process's touched pages)
+MAX_SYNTHETIC_IMAGES = 10**6  # synthetic_train_images, synthetic_val_images
+SAMPLER_BYTES_PER_IMAGE = 200  # what the samplers' index lists hold per image of a split (measured: 180)
 
 
 def _gigabytes(num_bytes: float) -> str:
     return f"it would need {num_bytes / 1e9:.3g} GB"
 
 
-SYNTHETIC_SPLITS = ("train", "val")
+def _sampler_memory(images: int) -> str:
+    return f"{_gigabytes(images * SAMPLER_BYTES_PER_IMAGE)} for the sampler's index lists alone"
+
+
 DATASET_NAMES = ("voc", "voc_aug", "cityscapes", "camvid", "folder", "synthetic")
 SYNTHETIC_SPLITS = ("train", "val")
 LABEL_CHECK_SAMPLE = 64  # label files read before training starts (all of them in a smaller split)
@@ -71,7 +79,9 @@ class DataConfig:
         "rule": ("[low, high] with low <= high", _ascending_pair)})
     flip: bool = True  # random horizontal flip
     color_jitter: float = field(default=0.0, metadata={"at_least": 0, "at_most": 1})  # brightness/contrast/saturation
-    num_workers: int = field(default=4, metadata={"at_least": 0, "may_change_on_resume": True})  # DataLoader processes
+    num_workers: int = field(default=4, metadata={  # DataLoader processes
+        "at_least": 0, "at_most": MAX_WORKERS, "may_change_on_resume": True,
+        "memory": lambda v: f"{v} processes: {_gigabytes(v * WORKER_BYTES)} or more"})
     train_split: str = "train"  # split names (voc_aug: train_aug)
     val_split: str = "val"  # the split validated during training
     mask_values: dict | None = field(default=None, metadata={  # folder: stored mask value -> class
@@ -85,8 +95,10 @@ class DataConfig:
     synthetic_image_size: int = field(default=128, metadata={  # its square images' side
         "at_least": 8, "at_most": MAX_IMAGE_SIZE,
         "memory": lambda v: f"{_gigabytes(v * v * SYNTHETIC_BYTES_PER_PIXEL)} to draw one image"})
-    synthetic_train_images: int = field(default=1000, metadata={"at_least": 1})  # its split sizes
-    synthetic_val_images: int = field(default=100, metadata={"at_least": 1})  # its split sizes
+    synthetic_train_images: int = field(default=1000, metadata={  # its split sizes
+        "at_least": 1, "at_most": MAX_SYNTHETIC_IMAGES, "memory": _sampler_memory})
+    synthetic_val_images: int = field(default=100, metadata={  # its split sizes
+        "at_least": 1, "at_most": MAX_SYNTHETIC_IMAGES, "memory": _sampler_memory})
 
 
 def _open(config: DataConfig, num_classes: int, split: str, transform: Transform) -> Dataset:
@@ -118,15 +130,27 @@ def _open(config: DataConfig, num_classes: int, split: str, transform: Transform
     return SyntheticSegmentation(split, transform, config.synthetic_seed, length, config.synthetic_image_size)
 
 
-def check_label_values(dataset: Dataset, sample: int = LABEL_CHECK_SAMPLE) -> None:
+def check_label_values(dataset: Dataset, min_classes: int = 1, sample: int = LABEL_CHECK_SAMPLE) -> None:
     """Read the label files of `sample` images spread evenly over the split (all of them when fewer): a value that
-    is neither a class nor void is a DatasetError naming the file and the fix, before any training step."""
+    is neither a class nor void is a DatasetError naming the file and the fix, before any training step. So is a
+    split whose labels hold fewer than `min_classes` classes (void aside: e.g. 0/255 masks read without
+    mask_values, whose foreground is void); only then are the split's other labels read too, for a rare class."""
     paths = getattr(dataset, "label_paths", None)
     if not paths:  # generated data, or a split without ground truth
         return
-    indices = sorted({i * len(paths) // sample for i in range(sample)}) if len(paths) > sample else range(len(paths))
-    for index in indices:
-        read_label(paths[index], dataset.lut, dataset.num_classes)
+    sampled = sorted({i * len(paths) // sample for i in range(sample)}) if len(paths) > sample else range(len(paths))
+    rest = sorted(set(range(len(paths))) - set(sampled))
+    present = np.zeros(256, dtype=bool)
+    for count, index in enumerate([*sampled, *rest]):
+        if count >= len(sampled) and present[:IGNORE_INDEX].sum() >= min_classes:
+            return
+        present |= np.bincount(read_label(paths[index], dataset.lut, dataset.num_classes).ravel(), minlength=256) > 0
+    classes = np.flatnonzero(present[:IGNORE_INDEX]).tolist()
+    if len(classes) < min_classes:
+        held = f"only class {classes[0]}" if classes else "no class"
+        raise DatasetError(f"the {len(paths)} labels in {paths[0].parent} hold {held} besides void ({IGNORE_INDEX}): "
+                           f"nothing to learn or score; masks stored as 0/255 read 255 as void: map each stored value "
+                           f"to its class with mask_values, e.g. {{\"0\": 0, \"255\": 1}}")
 
 
 def build_dataset(config: DataConfig, num_classes: int, split: str, train: bool) -> Dataset:

@@ -2,6 +2,7 @@
 matrices.
 
 Pictures are uint8 3×H×W tensors (TensorBoard's add_image takes them as they are; `save_picture` writes PNG).
+Every file is written by utils.atomic_write: never through a link planted at its name.
 Small images are enlarged by an integer nearest-neighbour factor, so every label pixel stays one exact block.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torchvision.utils import draw_segmentation_masks
 
 from model import IGNORE_INDEX
 from model.transforms import colorize
+from utils import atomic_write
 
 VOID_COLOR = (255, 255, 255)    # as colorize draws void; the canvas is dark so it stands out
 # Wrong pixels of the errors panel: red, unless a class colour (or void's white) is within WRONG_COLOR_DISTANCE of it
@@ -124,8 +126,8 @@ def save_picture(picture: Tensor, path: str | Path) -> None:
     if path.suffix.lower() != ".png":
         raise ValueError(f"pictures are written as PNG; name the file *.png, got {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)  # a link planted at the name is replaced, never written through
-    Image.fromarray(picture.detach().cpu().permute(1, 2, 0).numpy()).save(path, format="PNG")
+    png = Image.fromarray(picture.detach().cpu().permute(1, 2, 0).numpy())
+    atomic_write(path, lambda f: png.save(f, format="PNG"))
 
 
 def save_label_png(label: Tensor, palette: Sequence[Sequence[int]], path: str | Path) -> None:
@@ -134,8 +136,7 @@ def save_label_png(label: Tensor, palette: Sequence[Sequence[int]], path: str | 
     path.parent.mkdir(parents=True, exist_ok=True)
     png = Image.fromarray(label.detach().cpu().to(torch.uint8).numpy())  # mode L; a palette makes it P
     png.putpalette([c for rgb in palette for c in rgb])
-    path.unlink(missing_ok=True)  # a link planted at the name is replaced, never written through
-    png.save(path, format="PNG")
+    atomic_write(path, lambda f: png.save(f, format="PNG"))
 
 
 def row_normalised(matrix: Tensor | np.ndarray) -> np.ndarray:
@@ -179,7 +180,7 @@ def confusion_matrix_figure(matrix: Tensor | np.ndarray, class_names: Sequence[s
                     color="white" if value > 0.55 else "black")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 class Layout(NamedTuple):

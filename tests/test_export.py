@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -135,3 +138,39 @@ def test_predict_labels_equal_onnx_by_default_where_amp_trains_in_bf16(onnx_file
         agree += (labels == logits[0].argmax(0).numpy()).sum()
         total += labels.size
     assert agree / total >= 0.999
+
+
+# export.py with a 2.4 MB stand-in network and a 1 MB file-size limit: every write past it fails with EFBIG, as on a
+# full disk (SIGXFSZ ignored). The network's file goes through export.py's own path.
+FULL_DISK_EXPORT = """
+import resource, signal, sys, types
+import torch
+import export
+
+class Wide(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.Sequential(torch.nn.Conv2d(3, 256, 1), torch.nn.Conv2d(256, 256, 3, padding=1),
+                                          torch.nn.Conv2d(256, 2, 1))
+        self.config = types.SimpleNamespace(num_classes=2)
+
+    def forward(self, x):
+        return self.layers(x)
+
+export.load_trained_model = lambda path: types.SimpleNamespace(
+    path=path, checkpoint={}, class_names=["a", "b"], palette=[(0, 0, 0), (9, 9, 9)], net=Wide())
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (10**6, 10**6))
+sys.exit(export.cli(sys.argv[1:]))
+"""
+
+
+def test_an_onnx_export_that_fills_the_disk_leaves_no_partial_file(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    result = subprocess.run([sys.executable, "-c", FULL_DISK_EXPORT, "--model_dir", str(folder), "--format", "onnx"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert os.listdir(folder) == []  # neither the file nor its temporary: the space is given back
+    assert result.stderr.splitlines()[-1] == f"error: cannot write {folder / 'best.onnx'}: File too large"

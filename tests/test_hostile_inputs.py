@@ -173,6 +173,32 @@ def test_a_killed_dataloader_worker_saves_and_stops_in_one_line_naming_memory(ex
     assert train.cli(["--model_dir", str(model_dir), "--restore_file", "last"]) == 0  # the run resumes
 
 
+def test_a_dataloader_worker_killed_during_validation_is_one_line_and_the_epoch_resumes(experiment, monkeypatch,
+                                                                                        capsys):
+    original = SyntheticSegmentation.__getitem__
+
+    def killed_in_validation(self, index):  # runs in a validation worker (forked with this patch)
+        if self.names[0].startswith("synthetic_val"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, index)
+
+    monkeypatch.setattr(SyntheticSegmentation, "__getitem__", killed_in_validation)
+    model_dir = experiment(num_workers=1, num_epochs=1)
+    assert train.cli(["--model_dir", str(model_dir)]) == 2
+    stderr = capsys.readouterr().err
+    err = stderr.rstrip().splitlines()[-1].split("   ")[-1]
+    assert err.startswith("error: DataLoader worker") and "out of memory" in err, err
+    assert "saved" in err and "resume with --restore_file last" in err and "Traceback" not in stderr
+    saved = torch.load(model_dir / utils.LAST_CHECKPOINT, weights_only=True)["progress"]
+    assert saved["iteration"] == 4 and saved["validation_pending"]  # the trained epoch, still to validate
+    assert evaluate.cli(["--model_dir", str(model_dir), "--restore_file", "last"]) == 2  # evaluate.py alike
+    stderr = capsys.readouterr().err
+    assert stderr.splitlines()[-1].startswith("error: DataLoader worker") and "Traceback" not in stderr
+    monkeypatch.setattr(SyntheticSegmentation, "__getitem__", original)
+    assert train.cli(["--model_dir", str(model_dir), "--restore_file", "last"]) == 0
+    assert json.loads((model_dir / utils.METRICS_LAST).read_text())["epoch"] == 1
+
+
 def test_ctrl_c_while_starting_is_one_line_and_force_deletes_nothing(experiment, monkeypatch, capsys):
     model_dir = experiment()
     (model_dir / utils.LAST_CHECKPOINT).write_bytes(b"the previous run")

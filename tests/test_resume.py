@@ -32,6 +32,9 @@ def strike(*args, **kwargs):
     counted = ":" not in where or args[0].name == where.split(":")[1]
     calls.append(counted)
     if counted and sum(calls) == when:
+        if action == "kill_after":  # SIGKILL right after the call (a write: the file is in place) returns
+            original(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGKILL)
         if action == "kill":  # SIGKILL half-way through a write: the temporary file is written, never renamed
             path, write = args
             with open(path.with_name(f".{path.name}.tmp"), "wb") as f:
@@ -137,6 +140,50 @@ def test_sigkill_in_the_middle_of_any_save_resumes_to_a_complete_run(experiment,
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (model_dir / utils.BEST_CHECKPOINT).exists() and (model_dir / utils.COMPLETE_MARKER).exists()
     assert_same_run(model_dir, uninterrupted[0, 1])
+
+
+def test_sigkill_as_a_best_weights_run_ends_never_keeps_its_last_checkpoint(experiment):
+    """keep_checkpoints best_weights: a kill between train_complete.json and the deletion of last.pth.tar leaves
+    both; the next start of the same requeued command finds the run complete and deletes last.pth.tar."""
+    model_dir = experiment(num_epochs=1, keep_checkpoints="best_weights")
+    killed = train_py(model_dir, "--restore_file", "auto", strike=(f"write:{utils.COMPLETE_MARKER}", 1, "kill_after"))
+    assert killed.returncode == -signal.SIGKILL
+    assert (model_dir / utils.COMPLETE_MARKER).exists() and (model_dir / utils.LAST_CHECKPOINT).exists()
+    again = train_py(model_dir, "--restore_file", "auto")
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr[-3000:]
+    assert not (model_dir / utils.LAST_CHECKPOINT).exists() and (model_dir / utils.BEST_CHECKPOINT).exists()
+    assert sorted(p.name for p in model_dir.iterdir() if p.name.startswith(".")) == [utils.LOCK_FILE]
+
+
+@pytest.mark.parametrize("start", ["fresh", "resumed"])
+def test_a_run_another_writer_completes_while_this_one_starts_is_never_deleted(experiment, monkeypatch, capsys,
+                                                                               start):
+    """--restore_file auto decides (afresh, resume, nothing to do) before it holds the folder; the folder is checked
+    again under the lock, so a run that another writer completed in between is refused, untouched."""
+    import train  # noqa: PLC0415 -- in this process: the other writer is simulated between decision and lock
+    from test_train import stop_after_first_step  # noqa: PLC0415
+
+    model_dir = experiment(num_iterations=2, keep_checkpoints="best_weights")
+    if start == "resumed":
+        with monkeypatch.context() as patch:
+            stop_after_first_step(patch)
+            assert train.cli(["--model_dir", str(model_dir)]) == 128 + signal.SIGTERM
+    finished = (utils.BEST_CHECKPOINT, utils.METRICS_BEST, utils.METRICS_LAST, utils.COMPLETE_MARKER)
+    real = train.build_data
+
+    def another_writer_completes_the_run(*args):
+        built = real(*args)
+        with utils.RunLock(model_dir):
+            for name in finished:
+                (model_dir / name).write_text("the other writer's")
+            (model_dir / utils.LAST_CHECKPOINT).unlink(missing_ok=True)  # keep_checkpoints: best_weights
+        return built
+
+    monkeypatch.setattr(train, "build_data", another_writer_completes_the_run)
+    assert train.cli(["--model_dir", str(model_dir), "--restore_file", "auto"]) == 2
+    assert "changed while this run was starting" in capsys.readouterr().err
+    assert all((model_dir / name).read_text() == "the other writer's" for name in finished)
+    assert not (model_dir / utils.LAST_CHECKPOINT).exists()
 
 
 def test_restore_auto_is_the_one_requeue_command(experiment):

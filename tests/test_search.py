@@ -252,6 +252,16 @@ def test_changed_parent_params_do_not_overwrite_a_trained_child(tmp_path, stub, 
     assert "differs from the sweep's settings in num_epochs" in capsys.readouterr().err
 
 
+def test_a_trained_child_takes_a_change_that_train_py_allows_on_resume(tmp_path, stub, capsys):
+    parent = make_parent(tmp_path, {"learning_rate": 0.01, "num_workers": 0}, {"stub": ["crash_once", "ok"]})
+    assert sh.main(["--parent_dir", str(parent)], train_script=stub, spec=None) == 1  # stub_crash_once stopped
+    (parent / "params.json").write_text(json.dumps({"learning_rate": 0.01, "num_workers": 2}))
+    assert sh.main(["--parent_dir", str(parent)], train_script=stub, spec=None) == 0, capsys.readouterr().err
+    assert child_params(parent, "stub_crash_once")["num_workers"] == 2  # resumed with it, as train.py allows
+    assert child_params(parent, "stub_ok")["num_workers"] == 2  # complete: skipped, its record up to date
+    assert invocations(parent)[-1]["argv"][-2:] == ["--restore_file", "last"] and len(invocations(parent)) == 3
+
+
 def signal_sweep(parent: Path, stub: Path, signals: list[signal.Signals], prelude: str = "pass") -> tuple[int, bytes]:
     """Run a sweep in a subprocess (after `prelude`), send it `signals` once its first child waits; (status, stderr)."""
     code = (f"import signal, sys; from pathlib import Path; import search_hyperparams as sh; {prelude}; "
@@ -344,6 +354,9 @@ def test_child_name_sanitises_and_keeps_distinct_values_apart():
     (json.dumps({"kernel_size": [3, 3]}), "defines 'kernel_size_3' twice"),
     (json.dumps([]), "the list of grids is empty"),
     (json.dumps([{"kernel_size": [3]}, {"kernel_size": [3, 5]}]), "defines 'kernel_size_3' twice"),
+    ('{"seed": ' + "[" * 5000 + "]" * 5000 + "}", "search.json: lists or objects nested deeper than 32 levels"),
+    (json.dumps({key: list(range(100)) for key in ("seed", "batch_size", "num_epochs", "synthetic_seed")}),
+     "defines 100000000 runs, more than 10000"),
 ])
 def test_bad_search_json_is_one_clear_error(tmp_path, stub, capsys, search, message):
     parent = tmp_path / "sweep"
@@ -361,6 +374,7 @@ def test_bad_search_json_is_one_clear_error(tmp_path, stub, capsys, search, mess
     (["--param", "lr=1", "--param", "lr=2"], "--param lr given more than once"),
     (["--gpus", "0,a"], "expected distinct GPU indices"),
     (["--gpus", "1,1"], "expected distinct GPU indices"),
+    (["--param", "seed=" + "[" * 5000 + "]" * 5000], "--param seed: lists or objects nested deeper than 32 levels"),
 ])
 def test_bad_command_line_is_one_clear_error(tmp_path, stub, capsys, argv, message):
     parent = make_parent(tmp_path, {"learning_rate": 0.01})

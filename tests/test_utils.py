@@ -129,25 +129,27 @@ def test_allowed_values_pass_unchanged(key, value):
 BAD_VALUES = {
     "dataset": ["GCN", 3], "data_dir": [3, None], "crop_size": [0, 1.5, 4097, 200000],
     "scale_range": [[2, 1], [0.5], [0, 1], [0.5, 1e300]],
-    "flip": ["yes"], "color_jitter": [-0.1, 1.01, 1e300], "num_workers": [-1], "train_split": [None], "val_split": [1],
+    "flip": ["yes"], "color_jitter": [-0.1, 1.01, 1e300], "num_workers": [-1, 65, 100000],
+    "train_split": [None], "val_split": [1],
     "mask_values": [{"x": 1}, {"300": 1}, [0, 1]], "val_fraction": [0, 1, 1.5], "class_names": [["a", "b"], [1] * 5],
     "split_sequences": [{"train": ["a"], "val": ["a"]}, {"train": "a"}, {"train": []}],
-    "synthetic_seed": [0.5, -5, 2**32], "synthetic_image_size": [4, 60000], "synthetic_train_images": [0],
-    "synthetic_val_images": [0], "num_classes": [0, -3, 2.0, 256], "backbone": ["resnet200"],
+    "synthetic_seed": [0.5, -5, 2**32], "synthetic_image_size": [4, 60000],
+    "synthetic_train_images": [0, 10**6 + 1, 10**12],
+    "synthetic_val_images": [0, 10**6 + 1], "num_classes": [0, -3, 2.0, 256], "backbone": ["resnet200"],
     "kernel_size": [8, 0, -3, 257, 400001], "head": ["GCN", "dense"],
     "boundary_refine": [1], "upsample": ["nearest"], "stack_channels": [0, 4097], "pretrained": [3],
     "learning_rate": [-0.1, 0, "0.1", float("nan"), float("inf")], "head_lr_multiplier": [0],
     "momentum": [1.0, -0.1], "weight_decay": [-1e-4],
-    "batch_size": [0, -2], "num_epochs": [0], "num_iterations": [-5, 0], "lr_power": [-1],
+    "batch_size": [0, -2, 1025], "num_epochs": [0], "num_iterations": [-5, 0], "lr_power": [-1],
     "warmup_iterations": [-1], "loss": ["dice", "cross entropy"], "class_weights": [["a"] * 5, [1, 2], [-1] * 5],
     "dice_weight": [-1], "grad_clip_norm": [0, -5], "sync_bn": ["false"], "seed": [1.5, -1, 2**32, 2**70],
     "val_every_epochs": [0], "amp": [0], "channels_last": [None], "compile": ["true"], "cuda_graph": [1],
     "save_summary_steps": [0],
-    "keep_checkpoints": ["best"], "tracker": ["mlflow", None], "tracking_uri": [None, 3], "num_logged_images": [-1],
+    "keep_checkpoints": ["best"], "tracker": ["mlflow", None], "tracking_uri": [None, 3], "num_logged_images": [-1, 65],
     "tta_scales": [[], [0], [1, -1], [float("nan")], [1, 1e6]], "tta_flip": [2],
     "sliding_window": [[]], "gaussian_windows": ["yes"],
-    "frozen_bn": ["yes"], "eval_pad_size": [0, 1.5], "boundary_distance": ["manhattan"], "boundary_void": [True],
-    "eval_precision": ["fp32", "bf16", None],
+    "frozen_bn": ["yes"], "eval_pad_size": [0, 1.5, 4097, 100000],
+    "boundary_distance": ["manhattan"], "boundary_void": [True], "eval_precision": ["fp32", "bf16", None],
 }
 
 
@@ -168,7 +170,9 @@ def test_every_setting_refuses_a_bad_value_in_one_line(tmp_path, key, value):
 # Both ends of every bounded range pass.
 EDGE_VALUES = {"crop_size": [1, 4096], "color_jitter": [0, 1], "seed": [0, 2**32 - 1], "synthetic_seed": [0, 2**32 - 1],
                "synthetic_image_size": [8, 4096], "num_classes": [1, 255], "kernel_size": [1, 255],
-               "stack_channels": [1, 4096], "scale_range": [[1e-3, 8]], "tta_scales": [[1e-3, 8]]}
+               "stack_channels": [1, 4096], "scale_range": [[1e-3, 8]], "tta_scales": [[1e-3, 8]],
+               "num_workers": [0, 64], "eval_pad_size": [1, 4096], "synthetic_train_images": [1, 10**6],
+               "synthetic_val_images": [1, 10**6], "batch_size": [2, 1024], "num_logged_images": [0, 64]}
 
 
 @pytest.mark.parametrize("key,value", [(k, v) for k, values in EDGE_VALUES.items() for v in values])

@@ -108,18 +108,31 @@ def image_size(path: Path) -> tuple[int, int]:
         raise DatasetError(f"unreadable image {path}: {err}") from None
 
 
+# Label image modes read as the values stored in them: 1-bit (0/1), 8-bit grayscale or palette indices, and 16- or
+# 32-bit integers whose values are 0..255. Colour (RGB) and alpha modes are refused: a pixel's class is not its colour.
+LABEL_MODES = ("1", "L", "P", "I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def read_label(path: Path, lut: np.ndarray, num_classes: int) -> np.ndarray:
-    """Read a single-channel label PNG as stored indices (never via RGB) and map it through `lut` to uint8."""
+    """Read a single-channel label image as the values it stores (never via RGB: a 1-bit mask reads 0 and 1) and map
+    it through `lut` to uint8; other modes, and 16/32-bit values above 255, are a DatasetError naming the file."""
     if not path.is_file():  # Image.open would block on a FIFO
         raise DatasetError(f"unreadable label {path}: not a regular file")
     try:
         with Image.open(path) as img:
             mode = img.mode
-            raw = np.array(img.convert("L") if mode == "1" else img)
+            raw = np.array(img) if mode in LABEL_MODES else None
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
         raise DatasetError(f"unreadable label {path}: {err}") from None
-    if mode not in ("P", "L", "1"):
-        raise DatasetError(f"label {path} has mode {mode}; expected a palette (P) or grayscale (L) PNG")
+    if raw is None:
+        raise DatasetError(f"label {path} has mode {mode}; expected stored class values: a palette (P), grayscale "
+                           f"(L), 1-bit (1) or 16/32-bit integer (I;16, I) image with values 0..255 (colour masks "
+                           f"are refused: convert each colour to its class value first)")
+    if raw.dtype not in (np.uint8, bool) and (raw.min() < 0 or raw.max() > 255):  # 16/32-bit integers
+        bad = np.unique(raw[(raw < 0) | (raw > 255)])[:5].tolist()
+        raise DatasetError(f"label {path} ({mode}) holds value(s) {bad} outside 0..255; store class values "
+                           f"0..{num_classes - 1} and {IGNORE_INDEX} (void)")
+    raw = raw.astype(np.uint8, copy=False)  # a 1-bit mask's True is 1
     mapped = np.take(lut, raw)
     if mapped.min() == INVALID:
         bad = np.unique(raw[mapped == INVALID])[:5].tolist()
