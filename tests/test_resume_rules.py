@@ -32,7 +32,7 @@ RESUME_RULES: dict[str, tuple[object, bool]] = {
     # how the val split is scored
     "tta_scales": ([1.0, 1.5], True), "tta_flip": (False, True), "sliding_window": (True, True),
     "gaussian_windows": (True, True), "eval_pad_size": (512, True), "boundary_distance": ("euclidean", True),
-    "boundary_void": ("ignored", True),
+    "boundary_void": ("ignored", True), "eval_precision": ("bfloat16", True),
     # what is trained: the data and its augmentation
     "dataset": ("folder", False), "crop_size": (96, False), "scale_range": ([1.0, 1.0], False),
     "flip": (False, False), "color_jitter": (0.1, False), "train_split": ("trainval", False),
