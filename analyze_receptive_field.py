@@ -20,14 +20,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
+import checkpoints
+import errors
+import settings
 import utils
-from model.data_loader import DataConfig, DatasetError, build_dataset
+from checkpoints import load_trained_model
+from model import transforms
+from model.data_loader import DataConfig, build_dataset
 from model.datasets.base import read_image
 from model.net import GCN, GCNConfig
 from model.transforms import denormalise
-from trained_model import load_trained_model
 
-RES5_STRIDE = 32  # torchvision ResNet: res-5 feature j sits on image pixel 32·j (README: Pixel-exact geometry)
+RES5_STRIDE = 32  # torchvision ResNet: res-5 feature j sits on image pixel 32·j (docs/model.md: Pixel-exact geometry)
 
 
 class Gradients(NamedTuple):
@@ -150,18 +154,18 @@ def parse_pixel(text: str) -> tuple[int, int]:
     try:
         row, col = (int(v) for v in text.split(","))
     except ValueError:
-        raise utils.UserError(f"--pixel {text!r}: expected ROW,COL, e.g. --pixel 180,240") from None
+        raise errors.UserError(f"--pixel {text!r}: expected ROW,COL, e.g. --pixel 180,240") from None
     return row, col
 
 
 def load_images(paths: Sequence[str], model_dir: Path) -> list[tuple[str, Tensor]]:
     """(name, normalised 1×3×H×W) of each image file, or of the first val image of the experiment."""
     if paths:
-        return [(Path(p).stem, utils.normalise(read_image(Path(p)))[None]) for p in paths]
-    params = utils.load_params(model_dir, (DataConfig, GCNConfig))
+        return [(Path(p).stem, transforms.normalise(read_image(Path(p)))[None]) for p in paths]
+    params = settings.load_params(model_dir)
     dataset = build_dataset(params.config(DataConfig), params.num_classes, params.val_split, train=False)
     image, _ = dataset[0]
-    return [(Path(str(dataset.names[0])).name, utils.normalise(image)[None])]
+    return [(Path(str(dataset.names[0])).name, transforms.normalise(image)[None])]
 
 
 def parse_args(argv: Sequence[str] | None):
@@ -176,15 +180,15 @@ def parse_args(argv: Sequence[str] | None):
     return parser.parse_args(argv)
 
 
-def main(args) -> dict[str, Any]:
+def analyze_receptive_field(args) -> dict[str, Any]:
     if not 0 < args.mass <= 1:
-        raise utils.UserError(f"--mass {args.mass}: expected a fraction in (0, 1]")
+        raise errors.UserError(f"--mass {args.mass}: expected a fraction in (0, 1]")
     pixels = [parse_pixel(p) for p in args.pixel]
     images = load_images(args.images, Path(args.model_dir[0]))
     comparison: list[tuple[str, Analysis, int]] = []
     results = {}
     for model_dir in map(Path, args.model_dir):
-        trained = load_trained_model(utils.checkpoint_path(model_dir, args.restore_file))
+        trained = load_trained_model(checkpoints.checkpoint_path(model_dir, args.restore_file))
         model, path = trained.net, trained.path
         kernel = head_kernel(model.config)
         records = []
@@ -192,7 +196,7 @@ def main(args) -> dict[str, Any]:
             height, width = image.shape[-2:]
             for row, col in pixels or [(height // 2, width // 2)]:
                 if not (0 <= row < height and 0 <= col < width):
-                    raise utils.UserError(f"--pixel {row},{col} is outside {name} ({height}×{width})")
+                    raise errors.UserError(f"--pixel {row},{col} is outside {name} ({height}×{width})")
                 analysis = analyse(model, name, image, (row, col), args.mass)
                 label = f"{model_dir.name}: {model.config.head}, k = {kernel}"
                 figure([(label, analysis, kernel)], model_dir / "receptive_field" / f"{name}_{row}_{col}.png")
@@ -214,15 +218,15 @@ def main(args) -> dict[str, Any]:
     return results
 
 
-def cli(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     utils.set_logger(None)
 
     def run() -> int:
-        main(args)
+        analyze_receptive_field(args)
         return 0
-    return utils.run_cli(run, (DatasetError,))
+    return utils.run_cli(run)
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(main())

@@ -17,21 +17,24 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+import checkpoints
+import errors
+import settings
 import utils
+from checkpoints import load_trained_model
 from model import IGNORE_INDEX, visualize
 from model.data_loader import DataConfig, DatasetError, build_dataset, eval_loader, worker_death
 from model.datasets.base import is_safe_id
 from model.inference import padded_logits, predict_logits
 from model.metrics import SegmentationMetrics
-from model.net import CheckpointMismatchError, GCNConfig, PretrainedWeightsError, SegmentationLoss
+from model.net import GCNConfig, SegmentationLoss
 from terminal import progress_bar
-from trained_model import load_trained_model
 
 WORST_MARK = "  <- worst"  # flags the lowest-IoU classes of the per-class table: 1 in 4, at most 3
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, criterion: SegmentationLoss, config: utils.EvalConfig,
+def evaluate(model: nn.Module, loader: DataLoader, criterion: SegmentationLoss, config: settings.EvalConfig,
              placement: utils.Placement, tta: bool = False, window: int | None = None,
              on_image: Callable[[int, Tensor, Tensor, Tensor], None] | None = None,
              should_stop: Callable[[], bool] | None = None, bar: str | None = None) -> dict[str, Any] | None:
@@ -140,11 +143,11 @@ def prediction_saver(out_dir: Path, dataset: Dataset, dataset_name: str, num_pic
     all), under out_dir."""
     def save(index: int, image: Tensor, label: Tensor, pred: Tensor) -> None:
         name = str(dataset.names[index])
-        visualize.save_label_png(pred.cpu(), dataset.palette, prediction_path(out_dir, dataset_name, name))
+        utils.write_png(prediction_path(out_dir, dataset_name, name), visualize.label_png(pred.cpu(), dataset.palette))
         if num_pictures is None or index < num_pictures:  # the name was checked by prediction_path
             picture = visualize.prediction_picture(image, label.cpu() if dataset.has_labels else
                                                    None, pred.cpu(), dataset.palette, dataset.classes)
-            visualize.save_picture(picture, out_dir / "pictures" / f"{name}.png")
+            utils.write_png(out_dir / "pictures" / f"{name}.png", visualize.picture_png(picture))
     return save
 
 
@@ -163,21 +166,21 @@ def parse_args(argv: Sequence[str] | None):
     return parser.parse_args(argv)
 
 
-def main(args) -> dict[str, Any]:
+def evaluate_checkpoint(args) -> dict[str, Any]:
     """Score a checkpoint on a split with the experiment's params.json settings; writes the metrics and pictures."""
     model_dir = Path(args.model_dir)
-    overrides = utils.parse_overrides(args.set) | ({"data_dir": args.data_dir} if args.data_dir is not None else {})
-    params = utils.load_params(model_dir, (DataConfig, GCNConfig), overrides)
-    data_config, config = params.config(DataConfig), params.config(utils.TrainConfig)
-    eval_config = params.config(utils.EvalConfig)
+    overrides = settings.parse_overrides(args.set) | ({"data_dir": args.data_dir} if args.data_dir is not None else {})
+    params = settings.load_params(model_dir, overrides)
+    data_config, config = params.config(DataConfig), params.config(settings.TrainConfig)
+    eval_config = params.config(settings.EvalConfig)
     if args.num_pictures not in (None, "all") and not args.num_pictures.isdigit():
-        raise utils.UserError(f"--num_pictures {args.num_pictures!r}: expected a number or 'all'")
+        raise errors.UserError(f"--num_pictures {args.num_pictures!r}: expected a number or 'all'")
     num_pictures = None if args.num_pictures == "all" else int(args.num_pictures or eval_config.num_logged_images)
     device = utils.default_device()
     placement = utils.Placement(device, config.channels_last,
                                 utils.eval_autocast_dtype(device, eval_config.eval_precision))
     dataset = build_dataset(data_config, params.num_classes, args.split, train=False)
-    trained = load_trained_model(utils.checkpoint_path(model_dir, args.restore_file),
+    trained = load_trained_model(checkpoints.checkpoint_path(model_dir, args.restore_file),
                                  params.config(GCNConfig).architecture())
     utils.output_folder(model_dir, "the model folder")  # metrics, confusion matrix and log go there
     tag = metrics_tag(model_dir, trained.path, args.split, args.tta)
@@ -204,8 +207,8 @@ def main(args) -> dict[str, Any]:
 
 def report(metrics: dict[str, Any], tag: str, class_names: Sequence[str], model_dir: Path) -> None:
     """The confusion matrix picture and the per-class table and summary line in evaluate.log."""
-    visualize.confusion_matrix_figure(metrics["confusion_matrix"]["counts"], class_names,
-                                      model_dir / f"confusion_{tag}.png", title=f"{model_dir.name}: {tag}")
+    utils.write_png(model_dir / f"confusion_{tag}.png", visualize.confusion_matrix_png(
+        metrics["confusion_matrix"]["counts"], class_names, title=f"{model_dir.name}: {tag}"))
     logging.info("Per class (%s):\n%s", tag, per_class_table(metrics))
     logging.info("mIoU %.4f, pixel accuracy %.4f, mean accuracy %.4f, boundary / interior accuracy %s / %s",
                  metrics["miou"], metrics["pixel_accuracy"], metrics["mean_accuracy"],
@@ -213,19 +216,19 @@ def report(metrics: dict[str, Any], tag: str, class_names: Sequence[str], model_
                    for k in ("boundary_accuracy", "interior_accuracy")))
 
 
-def cli(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
 
     def run() -> int:
         try:
-            main(args)
+            evaluate_checkpoint(args)
         except RuntimeError as error:  # a DataLoader worker killed (the out-of-memory killer) is one line too
             if (died := worker_death(error)) is None:
                 raise
             raise died from None
         return 0
-    return utils.run_cli(run, (DatasetError, PretrainedWeightsError, CheckpointMismatchError, OSError))
+    return utils.run_cli(run)
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(main())

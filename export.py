@@ -20,9 +20,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+import checkpoints
 import utils
-from model.net import GCN, CheckpointMismatchError
-from trained_model import load_trained_model
+from checkpoints import load_trained_model
+from model import transforms
+from model.net import GCN
 
 WEIGHTS_KEYS = ("state_dict", "model_config", "class_names", "palette", "params", "pretrained_weights")
 CHECK_SHAPE = (2, 3, 97, 131)  # odd sizes: every decoder crop is exercised
@@ -93,8 +95,8 @@ def parse_args(argv: Sequence[str] | None):
     return parser.parse_args(argv)
 
 
-def main(args) -> Path:
-    trained = load_trained_model(utils.checkpoint_path(Path(args.model_dir), args.restore_file))
+def export_checkpoint(args) -> Path:
+    trained = load_trained_model(checkpoints.checkpoint_path(Path(args.model_dir), args.restore_file))
     path, checkpoint = trained.path, trained.checkpoint
     out = Path(args.out) if args.out else None
     stem = path.with_name(path.name.split(".")[0])
@@ -106,21 +108,21 @@ def main(args) -> Path:
     out = out or stem.with_suffix(".onnx")
     utils.check_output_names([out])  # before the export, which takes a while
     metadata = {"class_names": json.dumps(trained.class_names), "palette": json.dumps(trained.palette),
-                "mean": json.dumps(utils.IMAGENET_MEAN), "std": json.dumps(utils.IMAGENET_STD)}
+                "mean": json.dumps(transforms.IMAGENET_MEAN), "std": json.dumps(transforms.IMAGENET_STD)}
     diff = export_onnx(trained.net, out, metadata)
     print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB; ONNX Runtime vs PyTorch max abs diff {diff:.1e} "
           f"at {CHECK_SHAPE})")
     return out
 
 
-def cli(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
 
     def run() -> int:
-        main(args)
+        export_checkpoint(args)
         return 0
-    return utils.run_cli(run, (CheckpointMismatchError, OSError))  # OSError: e.g. a disk that fills up
+    return utils.run_cli(run)
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(main())

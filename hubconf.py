@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from checkpoints import load_trained_model
 from model.net import GCN
-from trained_model import load_trained_model
 
 dependencies = ["torch", "torchvision", "PIL", "numpy"]
 

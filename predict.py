@@ -18,14 +18,16 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+import checkpoints
+import settings
 import utils
+from checkpoints import load_trained_model
+from errors import UserError
 from model import visualize
 from model.datasets.base import DatasetError, read_image
 from model.datasets.folder import IMAGE_SUFFIXES
 from model.inference import predict_logits
-from model.net import CheckpointMismatchError
 from terminal import progress_bar
-from trained_model import load_trained_model
 
 GLOB_CHARS = "*?["
 
@@ -44,19 +46,19 @@ def find_images(inputs: Sequence[str], exclude: Path) -> dict[Path, Path]:
         pattern = any(c in text for c in GLOB_CHARS) and not Path(text).exists()
         matches = sorted(glob.glob(text, recursive=True)) if pattern else [text]
         if not matches:
-            raise utils.UserError(f"{text}: the pattern matches nothing")
+            raise UserError(f"{text}: the pattern matches nothing")
         for path in (Path(m).absolute() for m in matches):
             if not path.exists():
-                raise utils.UserError(f"{text}: no such file or folder")
+                raise UserError(f"{text}: no such file or folder")
             if not (path.is_dir() or path.is_file()):
                 if pattern:
                     continue
-                raise utils.UserError(f"{text}: not a regular file or folder (a FIFO or device is never read)")
+                raise UserError(f"{text}: not a regular file or folder (a FIFO or device is never read)")
             roots.append(path if path.is_dir() else path.parent)
             files += _folder_images(path, exclude.absolute()) if path.is_dir() else [path]
     files = list(dict.fromkeys(files))
     if not files:
-        raise utils.UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(inputs)}")
+        raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(inputs)}")
     base = Path(os.path.commonpath(roots))
     stems = [f.relative_to(base).with_suffix(".png") for f in files]
     taken = Counter(stems)
@@ -64,7 +66,7 @@ def find_images(inputs: Sequence[str], exclude: Path) -> dict[Path, Path]:
     counts = Counter(names.values())
     clashes = [f for f, name in names.items() if counts[name] > 1]
     if clashes:
-        raise utils.UserError(f"{clashes[0]} and {clashes[1]} would both be written as {names[clashes[0]]}; "
+        raise UserError(f"{clashes[0]} and {clashes[1]} would both be written as {names[clashes[0]]}; "
                               f"rename one of them or segment them separately")
     return names
 
@@ -116,16 +118,16 @@ def parse_args(argv: Sequence[str] | None):
                         help="with --window: Gaussian-weighted window average (default: the checkpoint's "
                              "gaussian_windows, else uniform)")
     parser.add_argument("--batch_size", type=int, default=4, help="images of one size scored together")
-    parser.add_argument("--eval_precision", choices=utils.EVAL_PRECISIONS, default=None,
+    parser.add_argument("--eval_precision", choices=settings.EVAL_PRECISIONS, default=None,
                         help="what the network computes in (default: the checkpoint's eval_precision, float32 unless "
                              "set; bfloat16/float16 only where the device has them natively)")
     return parser.parse_intermixed_args(argv)  # inputs may come before and after options
 
 
-def main(args) -> int:
+def predict_images(args) -> int:
     if args.batch_size < 1 or (args.window is not None and args.window < 1):
-        raise utils.UserError("--batch_size and --window must be positive integers")
-    trained = load_trained_model(utils.checkpoint_path(Path(args.model_dir), args.restore_file))
+        raise UserError("--batch_size and --window must be positive integers")
+    trained = load_trained_model(checkpoints.checkpoint_path(Path(args.model_dir), args.restore_file))
     out = Path(args.out)
     names = find_images(args.inputs, out)
     for folder in (out, out / "labels", out / "overlays"):
@@ -156,10 +158,9 @@ def main(args) -> int:
                     preds = predict_logits(model, x, scales, flip, args.window,
                                            args.gaussian or eval_config.gaussian_windows).argmax(1).cpu()
                 for (file, image), pred in zip(images.items(), preds):
-                    visualize.save_label_png(pred, trained.palette, out / "labels" / names[file])
-                    visualize.save_picture(visualize.overlay_picture(image, pred, trained.palette,
-                                                                     trained.class_names),
-                                           out / "overlays" / names[file])
+                    overlay = visualize.overlay_picture(image, pred, trained.palette, trained.class_names)
+                    utils.write_png(out / "labels" / names[file], visualize.label_png(pred, trained.palette))
+                    utils.write_png(out / "overlays" / names[file], visualize.picture_png(overlay))
                 written += len(images)
             bar.update(len(batch))
     print(f"Wrote {written} label maps and overlays to {out}" + (f"; skipped {len(errors)} unreadable file(s)"
@@ -167,10 +168,10 @@ def main(args) -> int:
     return 1 if errors else 0
 
 
-def cli(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    return utils.run_cli(lambda: main(args), (CheckpointMismatchError, OSError))  # OSError: e.g. a full disk
+    return utils.run_cli(lambda: predict_images(args))
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """Hyper-parameter sweeps: one child experiment per value combination, each trained by train.py.
 
-The combinations come from <parent_dir>/search.json (a grid, or a list of grids) and --param; README.md,
-"Sweeping", describes the child folders, re-runs, GPUs, signals and exit statuses.
+The combinations come from <parent_dir>/search.json (a grid, or a list of grids) and --param; docs/sweeps.md
+describes the child folders, re-runs, GPUs, signals and exit statuses.
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ from typing import Any, NamedTuple, Sequence
 
 from tqdm import tqdm
 
+import errors
+import settings
 import utils
-from model.data_loader import DataConfig
-from model.net import GCNConfig
 from terminal import progress_bar
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
@@ -44,15 +44,15 @@ MAX_NAME_LENGTH = 120
 KEY_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._+\-]")
 PAIR_SEPARATOR = "__"  # between key_value pairs in a child's folder name: no commas, which shells and tools split
-SPEC = utils.experiment_configs((DataConfig, GCNConfig))  # what train.py accepts, checked before any folder exists
+SPEC = settings.EXPERIMENT_CONFIGS  # what train.py accepts, checked before any folder exists
 SWEEP_DEFAULTS = {"keep_checkpoints": "best_weights"}  # children keep their best weights only (unless the parent says)
-MAY_CHANGE_ON_RESUME = {key for key, setting in utils.experiment_settings(SPEC).items()  # a trained child's too
+MAY_CHANGE_ON_RESUME = {key for key, setting in settings.experiment_settings(SPEC).items()  # a trained child's too
                         if setting.may_change_on_resume}
 
 Grid = dict[str, list[Any]]
 
 
-class SweepError(ValueError):
+class SweepError(errors.UserError):
     """A bad sweep definition or parent folder; the message names the file, key or value at fault."""
 
 
@@ -81,12 +81,12 @@ def say(text: str, err: bool = False) -> None:
 def load_json(path: Path) -> Any:
     """Parse a JSON file; a missing or broken file (or one nested too deeply) is a SweepError naming it."""
     try:
-        return utils.parse_json(path.read_text(), str(path))
+        return settings.parse_json(path.read_text(), str(path))
     except FileNotFoundError:
         raise SweepError(f"{path} does not exist") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SweepError(f"{path} is not valid JSON: {exc}") from None
-    except utils.ParamsError as exc:
+    except errors.ParamsError as exc:
         raise SweepError(str(exc)) from None
 
 
@@ -94,8 +94,8 @@ def parse_value(text: str, source: str = "--param") -> Any:
     """JSON where it parses (but NaN and Infinity stay text), else the literal text; nested too deeply: a
     SweepError naming `source`."""
     try:
-        return utils.parse_json(text, source, parse_constant=str)
-    except utils.ParamsError as exc:
+        return settings.parse_json(text, source, parse_constant=str)
+    except errors.ParamsError as exc:
         raise SweepError(str(exc)) from None
     except ValueError:  # not JSON
         return text
@@ -143,7 +143,7 @@ def load_grids(parent_dir: Path, param_options: list[str], parent_params: dict[s
         return [{**grid, **overrides} for grid in grids or [{}]]
     lr = parent_params.get("learning_rate")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise SweepError(f"no {SEARCH_FILE} and no --param given, and {parent_dir / utils.PARAMS_FILE} has no "
+        raise SweepError(f"no {SEARCH_FILE} and no --param given, and {parent_dir / settings.PARAMS_FILE} has no "
                          f"positive 'learning_rate' to sweep around (got {lr!r})")
     return [{"learning_rate": [float(f"{lr * factor:.3g}") for factor in DEFAULT_LR_FACTORS]}]
 
@@ -182,21 +182,21 @@ def plan_children(parent_dir: Path, parent_params: dict[str, Any], grids: list[G
 
 def check_against_spec(parent_dir: Path, parent_params: dict[str, Any], grids: list[Grid], children: list[Child],
                        spec: Sequence[type], data_dir: str | None) -> None:
-    """Every swept key and every child's settings as train.py would check them (utils.Params): a typo or a value
+    """Every swept key and every child's settings as train.py would check them (settings.Params): a typo or a value
     not allowed is a SweepError before any folder exists."""
-    settings = utils.experiment_settings(spec)
+    known = settings.experiment_settings(spec)
     for key in dict.fromkeys(k for grid in grids for k in grid):
-        if key not in settings:
-            close = difflib.get_close_matches(key, settings, n=1)
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise SweepError(f"the sweep ({SEARCH_FILE} or --param) sweeps {key!r}, which is not a params.json "
                              f"key{hint}; train.py --help-params lists them")
     data_dir_override = {"data_dir": data_dir} if data_dir is not None else {}
     try:
-        utils.Params(parent_params, spec, str(parent_dir / utils.PARAMS_FILE), data_dir_override)
+        settings.Params(parent_params, spec, str(parent_dir / settings.PARAMS_FILE), data_dir_override)
         for child in children:
-            utils.Params(child.params, spec, f"sweep child {child.directory.name}", data_dir_override)
-    except utils.ParamsError as exc:
+            settings.Params(child.params, spec, f"sweep child {child.directory.name}", data_dir_override)
+    except errors.ParamsError as exc:
         raise SweepError(str(exc)) from None
 
 
@@ -204,7 +204,7 @@ def prepare_child(child: Child) -> str:
     """Write the child's params.json and .gitignore; returns 'skipped', 'resumed' or 'trained'. A child that
     already trained with another params.json is a SweepError, so that results never mix two settings, unless the
     settings that differ are those a resumed run may change (train.py's rule): then its params.json is updated."""
-    params_path = child.directory / utils.PARAMS_FILE
+    params_path = child.directory / settings.PARAMS_FILE
     complete = (child.directory / utils.COMPLETE_MARKER).exists()
     resume = (child.directory / utils.LAST_CHECKPOINT).exists()
     if not (complete or resume) or not params_path.exists():
@@ -271,7 +271,7 @@ class Sweep:
         name, output, slot = child.directory.name, child.directory / CHILD_OUTPUT, self.worker.slot
         try:
             status = prepare_child(child)
-        except (SweepError, utils.UserError, OSError) as exc:
+        except (errors.UserError, OSError) as exc:
             return Outcome(child, "failed", (str(exc),))
         if status == "skipped":
             say(f"{name}: already complete, skipped")
@@ -290,7 +290,7 @@ class Sweep:
                     env = None if slot is None else dict(os.environ, CUDA_VISIBLE_DEVICES=slot)
                     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                                env=env, start_new_session=True)
-            except (utils.UserError, OSError) as exc:
+            except (errors.UserError, OSError) as exc:
                 return Outcome(child, "failed", (f"cannot start {shlex.join(command)}: {exc}",))
             self.running.add(process)
         on_gpu = "" if slot is None else f" on GPU {slot}"
@@ -323,19 +323,20 @@ def report(outcomes: list[Outcome]) -> None:
         say("\n".join([f"\nFAILED: {outcome.child.directory}", *(f"  | {line}" for line in outcome.detail)]), err=True)
 
 
-def main(argv: list[str] | None = None, train_script: Path = TRAIN_SCRIPT, spec: Sequence[type] | None = SPEC) -> int:
+def main(argv: Sequence[str] | None = None, *, train_script: Path = TRAIN_SCRIPT,
+         spec: Sequence[type] | None = SPEC) -> int:
     """Run the sweep; returns the exit status (0 all complete, 1 a child failed, 2 bad input, 128+N signal N).
 
     `spec`: the config dataclasses every child's settings are checked against (None: no check, for stand-ins of
     train.py with settings of their own)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = utils.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parent_dir", required=True, help="folder with the base params.json (and search.json)")
     parser.add_argument("--data_dir", help="forwarded to train.py")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=V1,V2",
                         help="sweep KEY over these values (JSON where they parse, else strings); repeatable")
     parser.add_argument("--gpus", help="run one child per GPU at once, e.g. 0,1,2,3 (default: one at a time)")
     args = parser.parse_args(argv)
-    return utils.run_cli(lambda: sweep(args, train_script, spec), (SweepError,))
+    return utils.run_cli(lambda: sweep(args, train_script, spec))
 
 
 def sweep(args: argparse.Namespace, train_script: Path, spec: Sequence[type] | None) -> int:
@@ -344,9 +345,9 @@ def sweep(args: argparse.Namespace, train_script: Path, spec: Sequence[type] | N
     gpus = None if args.gpus is None else [gpu.strip() for gpu in args.gpus.split(",")]
     if gpus is not None and (not all(gpu.isdigit() for gpu in gpus) or len(set(gpus)) != len(gpus)):
         raise SweepError(f"--gpus {args.gpus!r}: expected distinct GPU indices separated by commas, e.g. 0,1,2,3")
-    parent_params = load_json(parent_dir / utils.PARAMS_FILE)
+    parent_params = load_json(parent_dir / settings.PARAMS_FILE)
     if not isinstance(parent_params, dict):
-        raise SweepError(f"{parent_dir / utils.PARAMS_FILE} must hold a JSON object")
+        raise SweepError(f"{parent_dir / settings.PARAMS_FILE} must hold a JSON object")
     grids = load_grids(parent_dir, args.param, parent_params)
     children = plan_children(parent_dir, parent_params, grids)
     if spec is not None:

@@ -26,7 +26,7 @@ import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, Sequence, TypeVar
 
 import matplotlib
 
@@ -35,7 +35,9 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from matplotlib.figure import Figure  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
+import settings  # noqa: E402
 import utils  # noqa: E402
+from errors import UserError  # noqa: E402
 
 RESULTS_TABLE = "results.md"
 RESULTS_PLOT = "results.png"
@@ -47,12 +49,12 @@ LOG_SCALE_DECADES = 2.0
 MISSING = "—"
 
 
-class ResultsError(ValueError):
+class ResultsError(UserError):
     """Bad command-line input (no such folder, no runs, unknown metric); the message says which."""
 
 
-@dataclass
-class Run:
+@dataclass(kw_only=True)
+class RunResult:
     """One run folder: its parameters and metrics, or the reason they cannot be used."""
 
     name: str
@@ -69,14 +71,14 @@ class Point:
 
     name: str  # the run's folder, or "mean over <key>"
     params: dict[str, Any]  # the setting (the parameters of its best run, less the averaged key)
-    runs: list[Run]  # best first
+    runs: list[RunResult]  # best first
     mean: float | None  # None when no run reports the metric
     std: float | None  # None for fewer than two values
     n: int  # runs that report the metric
 
 
 class HasParams(Protocol):
-    """A Run or a Point."""
+    """A RunResult or a Point."""
 
     params: dict[str, Any]
 
@@ -91,7 +93,7 @@ def is_number(value: Any) -> bool:
 
 def find_run_dirs(parent_dir: Path, metrics_file: str) -> list[Path]:
     """Folders below parent_dir with a metrics file, or with a params.json and no such folder beneath them."""
-    candidates = {p.parent for name in (metrics_file, utils.PARAMS_FILE) for p in parent_dir.rglob(name)}
+    candidates = {p.parent for name in (metrics_file, settings.PARAMS_FILE) for p in parent_dir.rglob(name)}
     candidates -= {parent_dir}
 
     def has_candidate_below(directory: Path) -> bool:
@@ -116,17 +118,18 @@ def read_json_object(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     return value, None
 
 
-def load_run(directory: Path, parent_dir: Path, metrics_file: str, metric: str) -> Run:
-    """Read one run folder; any problem is recorded on the Run rather than raised."""
+def load_run(directory: Path, parent_dir: Path, metrics_file: str, metric: str) -> RunResult:
+    """Read one run folder; any problem is recorded on the RunResult rather than raised."""
     name = directory.relative_to(parent_dir).as_posix() if directory != parent_dir else directory.name
     complete = (directory / utils.COMPLETE_MARKER).exists()
-    params, problem = read_json_object(directory / utils.PARAMS_FILE)
-    if params is None and (directory / utils.PARAMS_FILE).exists():
-        return Run(name, directory, {}, None, problem, complete)
+    params, problem = read_json_object(directory / settings.PARAMS_FILE)
+    if params is None and (directory / settings.PARAMS_FILE).exists():
+        return RunResult(name=name, directory=directory, params={}, metrics=None, problem=problem, complete=complete)
     metrics, problem = read_json_object(directory / metrics_file)
     if metrics is not None and not is_number(metrics.get(metric)):
         metrics, problem = None, f"broken {metrics_file}: no numeric {metric!r} (found {metrics.get(metric)!r})"
-    return Run(name, directory, params or {}, metrics, problem, complete)
+    return RunResult(name=name, directory=directory, params=params or {}, metrics=metrics, problem=problem,
+                     complete=complete)
 
 
 def format_value(value: Any) -> str:
@@ -134,20 +137,20 @@ def format_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
-def swept_keys(runs: list[Run]) -> list[str]:
+def swept_keys(runs: list[RunResult]) -> list[str]:
     """Keys whose values differ among the runs with a params.json (a key absent from some differs), in file order."""
     runs = [run for run in runs if run.params]
     keys = list(dict.fromkeys(k for run in runs for k in run.params))
     return [k for k in keys if len({json.dumps(run.params.get(k, MISSING), sort_keys=True) for run in runs}) > 1]
 
 
-def sort_runs(runs: list[Run], metric: str) -> list[Run]:
+def sort_runs(runs: list[RunResult], metric: str) -> list[RunResult]:
     """Runs with the metric, best first (ties by name)."""
     sign = 1 if metric in LOWER_IS_BETTER else -1
     return sorted((r for r in runs if r.metrics is not None), key=lambda r: (sign * r.metrics[metric], r.name))
 
 
-def metric_columns(rows: list[Run], metric: str) -> list[str]:
+def metric_columns(rows: list[RunResult], metric: str) -> list[str]:
     """The sort metric first, then the main metrics that at least one run reports."""
     present = [m for m in MAIN_METRICS if m != metric and any(is_number(r.metrics.get(m)) for r in rows)]
     return [metric, *present]
@@ -177,7 +180,7 @@ def render_table(headers: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def markdown_table(rows: list[Run], keys: list[str], metrics: list[str]) -> str:
+def markdown_table(rows: list[RunResult], keys: list[str], metrics: list[str]) -> str:
     """One Markdown table row per run: folder, swept parameters, metrics (rates in %), completion."""
     headers = ["run", *keys, *(metric_header(m) for m in metrics), "complete"]
     return render_table(headers, [
@@ -186,11 +189,11 @@ def markdown_table(rows: list[Run], keys: list[str], metrics: list[str]) -> str:
         for run in rows])
 
 
-def averaged_points(rows: list[Run], keys: list[str], metric: str, over: str | None = None) -> list[Point]:
+def averaged_points(rows: list[RunResult], keys: list[str], metric: str, over: str | None = None) -> list[Point]:
     """Per setting of the swept keys other than `over` (per run when over is None), in the order of its best
     run in `rows`: the metric's mean and sample standard deviation over the setting's runs."""
     others = [k for k in keys if k != over]
-    groups: dict[Any, list[Run]] = {}
+    groups: dict[Any, list[RunResult]] = {}
     for run in rows:
         setting = run.name if over is None else tuple(format_value(run.params.get(k, MISSING)) for k in others)
         groups.setdefault(setting, []).append(run)
@@ -212,7 +215,7 @@ def format_mean(name: str, point: Point) -> str:
     return mean if point.std is None else f"{mean} ± {format_metric(name, point.std)}"
 
 
-def average_table(rows: list[Run], keys: list[str], metrics: list[str], over: str) -> str:
+def average_table(rows: list[RunResult], keys: list[str], metrics: list[str], over: str) -> str:
     """One row per setting of the swept keys other than `over`: run count, `over` values, mean ± std metrics.
 
     Rows keep the order of their best run in `rows` (sorted best first).
@@ -228,8 +231,8 @@ def average_table(rows: list[Run], keys: list[str], metrics: list[str], over: st
         for points in zip(*columns)])
 
 
-def render_report(parent_dir: Path, runs: list[Run], metric: str, metrics_file: str,
-                  average_over: str | None = None) -> tuple[str, list[Run], list[str]]:
+def render_report(parent_dir: Path, runs: list[RunResult], metric: str, metrics_file: str,
+                  average_over: str | None = None) -> tuple[str, list[RunResult], list[str]]:
     """The Markdown text of results.md, the sorted rows and the swept keys."""
     rows = sort_runs(runs, metric)
     keys = swept_keys(runs)
@@ -278,7 +281,7 @@ def group_lines(items: list[Item], x_key: str, keys: list[str]) -> dict[str, lis
     return {label: sorted(group, key=lambda i: i.params[x_key]) for label, group in groups.items()}
 
 
-def plot_results(rows: list[Run], keys: list[str], metric: str, title: str, path: Path,
+def plot_results(rows: list[RunResult], keys: list[str], metric: str, title: str, path: Path,
                  over: str | None = None) -> Figure:
     """Write results.png and return its (closed) figure: the metric versus the swept value (lines), or one bar
     per run; with `over`, the mean ± sample std over it, one point per setting of the other swept keys."""
@@ -327,7 +330,7 @@ def plot_results(rows: list[Run], keys: list[str], metric: str, title: str, path
 
 # ----------------------------------------------------------------------------- TensorBoard HParams
 
-def hparams_dir(parent_dir: Path, runs: list[Run]) -> Path:
+def hparams_dir(parent_dir: Path, runs: list[RunResult]) -> Path:
     """<parent_dir>/hparams, which write_hparams clears; a ResultsError if a run lies inside it."""
     path = parent_dir / HPARAMS_DIR
     if any(r.directory == path or path in r.directory.parents for r in runs):
@@ -340,7 +343,7 @@ def hparam_value(value: Any) -> int | float | str:
     return value if is_number(value) else format_value(value)
 
 
-def write_hparams(directory: Path, rows: list[Run], keys: list[str]) -> None:
+def write_hparams(directory: Path, rows: list[RunResult], keys: list[str]) -> None:
     """Replace `directory` by TensorBoard HParams event files: one run per row, named by its folder. A link, file or
     FIFO at its name is removed (a link's target is untouched)."""
     if directory.is_dir() and not directory.is_symlink():
@@ -357,7 +360,7 @@ def write_hparams(directory: Path, rows: list[Run], keys: list[str]) -> None:
 # ----------------------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = utils.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parent_dir", required=True, help="folder whose runs to collect")
     parser.add_argument("--metric", default="miou", help="metrics key to sort and plot by (default: miou)")
     parser.add_argument("--metrics_file", default=utils.METRICS_BEST,
@@ -368,13 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def collect(parent_dir: Path, metric: str, metrics_file: str) -> list[Run]:
+def collect(parent_dir: Path, metric: str, metrics_file: str) -> list[RunResult]:
     """Every run below parent_dir; a ResultsError when there is none or no metrics file has the metric."""
     if not parent_dir.is_dir():
         raise ResultsError(f"{parent_dir} is not a folder")
     runs = [load_run(d, parent_dir, metrics_file, metric) for d in find_run_dirs(parent_dir, metrics_file)]
     if not runs:
-        raise ResultsError(f"no runs below {parent_dir} (no {metrics_file} or child {utils.PARAMS_FILE})")
+        raise ResultsError(f"no runs below {parent_dir} (no {metrics_file} or child {settings.PARAMS_FILE})")
     readable = [m for m in (read_json_object(r.directory / metrics_file)[0] for r in runs) if m is not None]
     if readable and all(r.metrics is None for r in runs):
         available = sorted({k for m in readable for k, v in m.items() if is_number(v)})
@@ -383,10 +386,10 @@ def collect(parent_dir: Path, metric: str, metrics_file: str) -> list[Run]:
     return runs
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Print and write results.md, results.png and the HParams event files; 0 on success, 2 on bad input."""
     args = build_parser().parse_args(argv)
-    return utils.run_cli(lambda: synthesize(args), (ResultsError,))
+    return utils.run_cli(lambda: synthesize(args))
 
 
 def synthesize(args: argparse.Namespace) -> int:

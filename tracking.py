@@ -31,9 +31,11 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+import errors
+import settings
 import utils
 
-MLFLOW_TRACKER, WANDB_TRACKER = utils.TRACKERS[1:3]  # the TrainConfig.tracker values that add MLflow, W&B
+MLFLOW_TRACKER, WANDB_TRACKER = settings.TRACKERS[1:3]  # the TrainConfig.tracker values that add MLflow, W&B
 MLFLOW_RUN_FILE = "mlflow_run.json"  # in the run folder: the MLflow run that a resume continues
 WANDB_RUN_FILE = "wandb_run.json"  # in the run folder: the W&B run that a resume continues
 RUN_FILES = (MLFLOW_RUN_FILE, WANDB_RUN_FILE)
@@ -51,14 +53,14 @@ _MLFLOW_PARAMS_PER_CALL = 100  # MLflow's log_batch limit
 _RECORD_BYTES = 1 << 20  # a run record is a few hundred bytes; a larger file there is not one
 
 
-def check_tracker(config: utils.TrainConfig) -> None:
+def check_tracker(config: settings.TrainConfig) -> None:
     """Refuse, before the run starts, a tracker whose package (or database driver) is missing."""
     for backend in backends(config.tracker):
         backend.check(config)
 
 
 @contextlib.contextmanager
-def open_tracker(model_dir: Path, config: utils.TrainConfig, params: dict[str, Any],
+def open_tracker(model_dir: Path, config: settings.TrainConfig, params: dict[str, Any],
                  should_stop: Callable[[], bool] = lambda: False) -> Iterator[Tracker]:
     """The run's tracker, for the main process; each backend's run ends FINISHED when the tracker was told that
     training finished, KILLED (W&B: marked preempting) when the run stopped resumably, FAILED on an error (or when
@@ -173,7 +175,7 @@ class Mirror:
                 self.stop(_first_line(error))
 
 
-def open_mirror(backend_class: Any, model_dir: Path, config: utils.TrainConfig, params: dict[str, Any],
+def open_mirror(backend_class: Any, model_dir: Path, config: settings.TrainConfig, params: dict[str, Any],
                 should_stop: Callable[[], bool]) -> Mirror | None:
     """Open the backend's run (a new one, or the one this folder's record names) within TIMEOUT_S and record it.
     A backend that fails or does not answer refuses the first start in one line; a resume goes on without it, with
@@ -190,7 +192,7 @@ def open_mirror(backend_class: Any, model_dir: Path, config: utils.TrainConfig, 
     except (TimeoutError, *backend_class.errors()) as error:
         reason = f"no answer within {TIMEOUT_S:g} s" if isinstance(error, _NoAnswer) else _first_line(error)
         if record is None:
-            raise utils.UserError(f"{opening.where}: {reason} ({opening.hint}, or set tracker to "
+            raise errors.UserError(f"{opening.where}: {reason} ({opening.hint}, or set tracker to "
                                   f"\"tensorboard\")") from None
         logging.warning("%s: %s; this resume goes on without %s (TensorBoard and the run folder keep everything)",
                         opening.where, reason, backend_class.NAME)
@@ -284,7 +286,7 @@ class MlflowRun:
         self.client, self.run_id, self.record = client, run_id, record
 
     @staticmethod
-    def check(config: utils.TrainConfig) -> None:
+    def check(config: settings.TrainConfig) -> None:
         """The package, and for a database store its driver."""
         _check_database_driver(config.tracking_uri or _import("mlflow", config.tracker).get_tracking_uri())
 
@@ -301,7 +303,7 @@ class MlflowRun:
         return MlflowException, OSError, ImportError
 
     @classmethod
-    def opening(cls, model_dir: Path, config: utils.TrainConfig, params: dict[str, Any],
+    def opening(cls, model_dir: Path, config: settings.TrainConfig, params: dict[str, Any],
                 record: dict[str, Any] | None) -> Opening:
         """A call that creates the run (experiment: $MLFLOW_EXPERIMENT_NAME, else the run folder's parent's name;
         run name: the folder's) or continues the one `record` names; it logs the settings not logged yet."""
@@ -369,7 +371,7 @@ def _import(package: str, tracker: str) -> Any:
     try:
         return importlib.import_module(package)
     except ImportError as error:
-        raise utils.ParamsError(f'tracker "{tracker}" needs the {package} package ({error}): pip install '
+        raise errors.ParamsError(f'tracker "{tracker}" needs the {package} package ({error}): pip install '
                                 f'{package}, or set tracker to "tensorboard"') from None
 
 
@@ -380,7 +382,7 @@ def _check_database_driver(uri: str) -> None:
     try:
         import sqlalchemy  # noqa: F401, PLC0415 -- only to learn whether it is there
     except ImportError:
-        raise utils.ParamsError(f"MLflow tracking store {uri}: a database store needs the full mlflow package (pip "
+        raise errors.ParamsError(f"MLflow tracking store {uri}: a database store needs the full mlflow package (pip "
                                 f"install mlflow; mlflow-skinny has no database support), or set tracking_uri to a "
                                 f"server (http://...)") from None
 
@@ -410,7 +412,7 @@ class WandbRun:
         self.run, self.record = run, record
 
     @staticmethod
-    def check(config: utils.TrainConfig) -> None:
+    def check(config: settings.TrainConfig) -> None:
         _import("wandb", config.tracker)
 
     @staticmethod
@@ -424,7 +426,7 @@ class WandbRun:
         return wandb.Error, OSError
 
     @classmethod
-    def opening(cls, model_dir: Path, config: utils.TrainConfig, params: dict[str, Any],
+    def opening(cls, model_dir: Path, config: settings.TrainConfig, params: dict[str, Any],
                 record: dict[str, Any] | None) -> Opening:
         """A call that creates the run (project: $WANDB_PROJECT, else the run folder's parent's name; run name: the
         folder's; W&B's own files in <run folder>/wandb unless $WANDB_DIR) or resumes the one `record` names; every

@@ -25,43 +25,32 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
+import checkpoints
+import errors
+import settings
 import tracking
 import utils
 from evaluate import evaluate
 from model import visualize
-from model.data_loader import (DataConfig, DatasetError, EpochSampler, build_dataloader, build_dataset,
+from model.data_loader import (DataConfig, EpochSampler, build_dataloader, build_dataset,
                                check_label_values, eval_loader, worker_death)
-from model.net import GCN, CheckpointMismatchError, GCNConfig, PretrainedWeightsError, SegmentationLoss
+from model.net import GCN, GCNConfig, SegmentationLoss
 from terminal import progress_bar
 from train_step import EagerStep, LossMonitor, build_sgd, build_step, host_learning_rates
 
 OUTPUTS = (utils.LAST_CHECKPOINT, utils.BEST_CHECKPOINT, utils.METRICS_LAST, utils.METRICS_BEST,
            utils.COMPLETE_MARKER)  # a previous run's files
-CONFIGS = utils.experiment_configs((DataConfig, GCNConfig))  # every setting of an experiment
 STALE_WITH_A_NEW_RUN = ("events.out.tfevents.*", "metrics_*.json", "confusion_*.png",  # --force clears them too
                         *tracking.RUN_FILES)
 
 
-@dataclass
-class Progress:
-    """Where a run stands; every checkpoint holds it, so that a resumed run continues exactly."""
-
-    epoch: int = 0  # epochs completed
-    iteration: int = 0
-    batch_in_epoch: int = 0  # batches of the current epoch already trained
-    best_miou: float = -1.0
-    best_epoch: int = 0
-    validation_pending: bool = False  # the last epoch is saved but not validated yet
-    seconds: float = 0.0  # wall time spent training and validating, over every resumption
-
-
-@dataclass
+@dataclass(kw_only=True)
 class Run:
-    """One training run's parts, built by main(); the loop below takes everything from here."""
+    """One training run's parts, built by train_experiment(); the loop below takes everything from here."""
 
     model_dir: Path
-    config: utils.TrainConfig
-    eval_config: utils.EvalConfig
+    config: settings.TrainConfig
+    eval_config: settings.EvalConfig
     net: GCN  # the network itself: checkpoints hold its weights
     model: nn.Module  # `net` as the step calls it: compiled if asked, in DistributedDataParallel over processes
     step: EagerStep  # one batch's forward, backward, optimiser and scheduler step (eager or a CUDA graph)
@@ -81,7 +70,7 @@ class Run:
     rank: int = 0
     world_size: int = 1
     window: int | None = None  # validation's sliding window (None: whole images)
-    progress: Progress = field(default_factory=Progress)
+    progress: checkpoints.Progress = field(default_factory=checkpoints.Progress)
     stop: utils.StopSignal = field(default_factory=utils.StopSignal)
     tracker: tracking.Tracker | None = None  # the main process's TensorBoard (and MLflow, W&B) logging
     clock: float = field(default_factory=time.monotonic)  # when progress.seconds was last brought up to date
@@ -111,16 +100,16 @@ def parse_args(argv: Sequence[str] | None):
     parser.add_argument("--params", default=None, metavar="FILE",
                         help="read the settings from FILE instead of <model_dir>/params.json (a run's "
                              "params_resolved.json works: it reruns that run's settings)")
-    parser.add_argument("--help-params", action=utils.ListSettings, configs=CONFIGS,
+    parser.add_argument("--help-params", action=settings.ListSettings, configs=settings.EXPERIMENT_CONFIGS,
                         help="list every params.json key: default, allowed values, meaning; then exit")
     return parser.parse_args(argv)
 
 
-def main(args) -> int:
+def train_experiment(args) -> int:
     """Check every input, build the run (data, model, optimiser, schedule, loss, resumed state), train it."""
     model_dir = Path(args.model_dir)
-    overrides = utils.parse_overrides(args.set) | ({"data_dir": args.data_dir} if args.data_dir is not None else {})
-    params = utils.load_params(model_dir, (DataConfig, GCNConfig), overrides, args.params and Path(args.params))
+    overrides = settings.parse_overrides(args.set) | ({"data_dir": args.data_dir} if args.data_dir is not None else {})
+    params = settings.load_params(model_dir, overrides, args.params and Path(args.params))
     check_folder_name(model_dir)
     definition = own_params(model_dir, Path(args.params)) if args.params else None
     if args.restore_file == "auto" and completed_without_last(model_dir):
@@ -128,11 +117,11 @@ def main(args) -> int:
         return 0
     seen = run_folder_state(model_dir)  # what every decision below is taken on; checked again under the lock
     restore_file = choose_restore_file(model_dir, args.restore_file, args.force)
-    checkpoint, checkpoint_file = None, restore_file and utils.checkpoint_path(model_dir, restore_file)
+    checkpoint, checkpoint_file = None, restore_file and checkpoints.checkpoint_path(model_dir, restore_file)
     if checkpoint_file:
         checkpoint, params, overrides = resume_settings(checkpoint_file, params, overrides)
     data_config, model_config = params.config(DataConfig), params.config(GCNConfig)
-    config, eval_config = params.config(utils.TrainConfig), params.config(utils.EvalConfig)
+    config, eval_config = params.config(settings.TrainConfig), params.config(settings.EvalConfig)
     tracking.check_tracker(config)
     device, rank, world_size = start_processes(config)
     placement = utils.Placement(device, config.channels_last, utils.autocast_dtype(device, config.amp))
@@ -154,10 +143,12 @@ def main(args) -> int:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     step = build_step(config, model, optimizer, scheduler, scaler, criterion, placement, world_size)
     monitor = LossMonitor(config.save_summary_steps, world_size, device)
-    run = Run(model_dir, config, eval_config, net, model, step, optimizer, scheduler, scaler, monitor, criterion,
-              sampler, train_loader, val_loader, placement, eval_placement, total_iterations,
-              checkpoint_record(val_loader.dataset, params, net), overrides, rank, world_size,
-              data_config.crop_size if eval_config.sliding_window else None)
+    run = Run(model_dir=model_dir, config=config, eval_config=eval_config, net=net, model=model, step=step,
+              optimizer=optimizer, scheduler=scheduler, scaler=scaler, monitor=monitor, criterion=criterion,
+              sampler=sampler, train_loader=train_loader, val_loader=val_loader, placement=placement,
+              eval_placement=eval_placement, total_iterations=total_iterations,
+              record=checkpoint_record(val_loader.dataset, params, net), overrides=overrides, rank=rank,
+              world_size=world_size, window=data_config.crop_size if eval_config.sliding_window else None)
     if checkpoint is not None:
         restore(run, checkpoint, checkpoint_file)
     if run_is_complete(run):
@@ -174,12 +165,12 @@ def main(args) -> int:
         if run.main_process:
             exit_stack.enter_context(claim_run_folder(model_dir, fresh=not restore_file, seen=seen))
             if definition is not None:  # the folder stands alone: evaluate.py and resumes read its params.json
-                utils.write_json(model_dir / utils.PARAMS_FILE, definition)
+                utils.write_json(model_dir / settings.PARAMS_FILE, definition)
             utils.write_json(model_dir / utils.RESOLVED_PARAMS_FILE, utils.run_record(
-                params, overrides, vars(args), device) | {"pretrained_weights": net.pretrained_weights,
-                                                          "precision": placement.precision})
+                params.dict, overrides, vars(args), device) | {"pretrained_weights": net.pretrained_weights,
+                                                               "precision": placement.precision})
             utils.set_logger(model_dir / utils.TRAIN_LOG)
-            exit_stack.enter_context(utils.errors_in_log((utils.UserError, DatasetError, PretrainedWeightsError)))
+            exit_stack.enter_context(utils.errors_in_log())
             run.tracker = exit_stack.enter_context(tracking.open_tracker(model_dir, config, params.dict,
                                                                          run.stop.requested))
         if restore_file:
@@ -320,28 +311,28 @@ def save(run: Run, name: str) -> None:
                   "scheduler": host_learning_rates(run.scheduler.state_dict(), run.scheduler),
                   "scaler": run.scaler.state_dict(), "progress": dataclasses.asdict(run.progress),
                   "overrides": run.overrides}
-    utils.save_checkpoint(state, run.model_dir / name)
+    checkpoints.save_checkpoint(state, run.model_dir / name)
 
 
-def saved_after_worker_death(run: Run, error: RuntimeError) -> utils.UserError:
+def saved_after_worker_death(run: Run, error: RuntimeError) -> errors.UserError:
     """A dead DataLoader worker ends like a stop: the main process saves what it holds (in training, the batches
     trained; in validation, the epoch, saved before it and still to validate) and the error says how to resume.
     Any other error is raised again."""
     if (died := worker_death(error)) is None:
         raise error
     save(run, utils.LAST_CHECKPOINT)
-    return utils.UserError(f"{died}; saved {run.model_dir / utils.LAST_CHECKPOINT} at iteration "
+    return errors.UserError(f"{died}; saved {run.model_dir / utils.LAST_CHECKPOINT} at iteration "
                            f"{run.progress.iteration}: resume with --restore_file last")
 
 
 def restore(run: Run, checkpoint: dict[str, Any], path: Path) -> None:
     """Load a checkpoint's weights and training state (resume_settings's) into `run`."""
-    utils.check_same_architecture(path, checkpoint["model_config"], run.net.config.architecture())
+    checkpoints.check_same_architecture(path, checkpoint["model_config"], run.net.config.architecture())
     GCN.check_checkpoint(checkpoint, f"checkpoint {path}")
     run.net.load_state_dict(checkpoint["state_dict"])
     for key, target in (("optimizer", run.optimizer), ("scheduler", run.scheduler), ("scaler", run.scaler)):
-        utils.restore_state(path, key, target, checkpoint[key])
-    run.progress = Progress(**checkpoint["progress"])
+        checkpoints.restore_state(path, key, target, checkpoint[key])
+    run.progress = checkpoints.Progress(**checkpoint["progress"])
 
 
 # ----------------------------------------------------------------------------------------------- building the run
@@ -351,16 +342,16 @@ def check_folder_name(model_dir: Path) -> None:
     try:
         str(model_dir.resolve()).encode("utf-8")
     except UnicodeEncodeError:
-        raise utils.UserError(f"{model_dir!s}: the folder name is not valid UTF-8 (TensorBoard cannot write "
+        raise errors.UserError(f"{model_dir!s}: the folder name is not valid UTF-8 (TensorBoard cannot write "
                               f"there); rename it") from None
 
 
-def start_processes(config: utils.TrainConfig) -> tuple[torch.device, int, int]:
+def start_processes(config: settings.TrainConfig) -> tuple[torch.device, int, int]:
     """This process's device, rank and the number of processes (several under torchrun); CUDA tuned for speed.
     `compile: true` is refused on the CPU, where compiling takes minutes and is not tested."""
     device = utils.default_device()
     if config.compile and device.type == "cpu":
-        raise utils.ParamsError("compile: true is for CUDA; on the CPU, compiling the training step takes minutes "
+        raise errors.ParamsError("compile: true is for CUDA; on the CPU, compiling the training step takes minutes "
                                 "for about 10 % less time per step, and this project does not test it: set compile "
                                 "to false (--set compile=false)")
     rank, world_size = utils.init_distributed(device.type)
@@ -371,7 +362,7 @@ def start_processes(config: utils.TrainConfig) -> tuple[torch.device, int, int]:
     return device, rank, world_size
 
 
-def build_data(data_config: DataConfig, num_classes: int, config: utils.TrainConfig, rank: int,
+def build_data(data_config: DataConfig, num_classes: int, config: settings.TrainConfig, rank: int,
                world_size: int) -> tuple[EpochSampler, DataLoader, DataLoader]:
     """The training sampler and loader and the validation loader; every label value is checked now, rather than
     at the first batch of training or validation."""
@@ -380,7 +371,7 @@ def build_data(data_config: DataConfig, num_classes: int, config: utils.TrainCon
     check_label_values(train_set, min_classes=min(2, num_classes))  # a model of one class learns nothing
     check_label_values(val_set)
     if len(train_set) < config.batch_size * world_size:
-        raise utils.ParamsError(f"batch_size {config.batch_size} × {world_size} process(es) exceeds the "
+        raise errors.ParamsError(f"batch_size {config.batch_size} × {world_size} process(es) exceeds the "
                                 f"{len(train_set)} training images")
     sampler = EpochSampler(len(train_set), config.batch_size, config.seed, rank, world_size)
     return (sampler, build_dataloader(train_set, config.batch_size, sampler, data_config.num_workers, drop_last=True),
@@ -397,7 +388,7 @@ def build_net(config: GCNConfig, sync_bn: bool, resumed: dict[str, Any] | None =
     return nn.SyncBatchNorm.convert_sync_batchnorm(net) if sync_bn else net
 
 
-def build_optimizer(net: GCN, config: utils.TrainConfig, placement: utils.Placement) -> torch.optim.SGD:
+def build_optimizer(net: GCN, config: settings.TrainConfig, placement: utils.Placement) -> torch.optim.SGD:
     """SGD; the new layers (heads, BR, decoder) learn head_lr_multiplier× faster than the backbone."""
     groups = net.parameter_groups()
     return build_sgd(
@@ -414,7 +405,7 @@ def poly_lr_lambda(total_iterations: int, power: float, warmup: int):
     return factor
 
 
-def checkpoint_record(dataset: Dataset, params: utils.Params, net: GCN) -> dict[str, Any]:
+def checkpoint_record(dataset: Dataset, params: settings.Params, net: GCN) -> dict[str, Any]:
     """What every checkpoint holds beside the weights (export.py's weights-only files too): class names, palette,
     the run's settings and the weights the backbone started from."""
     return {"class_names": list(dataset.classes), "palette": [list(c) for c in dataset.palette],
@@ -427,13 +418,13 @@ def choose_restore_file(model_dir: Path, restore_file: str | None, force: bool) 
     """The checkpoint to resume from (None: start afresh); a previous run is never overwritten unless --force."""
     last = model_dir / utils.LAST_CHECKPOINT
     if restore_file and force:
-        raise utils.UserError(f"--force starts afresh, --restore_file {restore_file} resumes: pass one of them")
+        raise errors.UserError(f"--force starts afresh, --restore_file {restore_file} resumes: pass one of them")
     if restore_file == "auto":
         restore_file = "last" if last.exists() else None
     previous_run = [name for name in OUTPUTS if (model_dir / name).exists()]
     if not restore_file and previous_run and not force:
         resume = "resume with --restore_file last, or " if last.exists() else ""
-        raise utils.UserError(f"{model_dir} holds a previous run ({', '.join(previous_run)}): {resume}pass --force "
+        raise errors.UserError(f"{model_dir} holds a previous run ({', '.join(previous_run)}): {resume}pass --force "
                               f"to delete it and start afresh")
     return restore_file
 
@@ -441,14 +432,14 @@ def choose_restore_file(model_dir: Path, restore_file: str | None, force: bool) 
 def own_params(model_dir: Path, params_file: Path) -> dict[str, Any] | None:
     """The settings of --params FILE, which become the folder's params.json; None if it holds them already. A
     params.json with other settings is refused (evaluate.py and resumes in the folder would use them)."""
-    settings = utils.load_params(model_dir, (DataConfig, GCNConfig), params_file=params_file).dict
-    if not (model_dir / utils.PARAMS_FILE).exists():
-        return settings
-    existing = utils.load_params(model_dir, (DataConfig, GCNConfig)).dict
-    if existing == settings:
+    wanted = settings.load_params(model_dir, params_file=params_file).dict
+    if not (model_dir / settings.PARAMS_FILE).exists():
+        return wanted
+    existing = settings.load_params(model_dir).dict
+    if existing == wanted:
         return None
-    differing = sorted(key for key in settings if existing[key] != settings[key])
-    raise utils.UserError(f"{model_dir / utils.PARAMS_FILE} holds other settings than {params_file} "
+    differing = sorted(key for key in wanted if existing[key] != wanted[key])
+    raise errors.UserError(f"{model_dir / settings.PARAMS_FILE} holds other settings than {params_file} "
                           f"({', '.join(differing)}): the folder's evaluations and resumes would use them; remove it "
                           f"or choose another --model_dir")
 
@@ -458,14 +449,14 @@ def completed_without_last(model_dir: Path) -> bool:
     return not (model_dir / utils.LAST_CHECKPOINT).exists() and (model_dir / utils.COMPLETE_MARKER).exists()
 
 
-def resume_settings(path: Path, params: utils.Params, overrides: dict[str, Any]
-                    ) -> tuple[dict[str, Any], utils.Params, dict[str, Any]]:
+def resume_settings(path: Path, params: settings.Params, overrides: dict[str, Any]
+                    ) -> tuple[dict[str, Any], settings.Params, dict[str, Any]]:
     """The checkpoint to resume from, and the settings the run continues with: the checkpoint's own (its --set
     included, not retyped), with this command's settings that may change on resume; a contradiction is refused."""
-    checkpoint = utils.load_checkpoint(path, GCNConfig, DataConfig, Progress)
-    if not set(utils.TRAINING_STATE_KEYS) <= checkpoint.keys():
-        raise utils.CheckpointError(f"cannot resume from {path}: it holds no training state (an export.py weights "
-                                    f"file, or best.pth.tar kept as weights only?)")
+    checkpoint = checkpoints.load_checkpoint(path)
+    if not set(checkpoints.TRAINING_STATE_KEYS) <= checkpoint.keys():
+        raise checkpoints.CheckpointError(f"cannot resume from {path}: it holds no training state (an export.py "
+                                          f"weights file, or best.pth.tar kept as weights only?)")
     params, overrides = params.resumed(checkpoint["params"], checkpoint.get("overrides", {}), overrides, str(path))
     return checkpoint, params, overrides
 
@@ -493,7 +484,7 @@ def claim_run_folder(model_dir: Path, fresh: bool, seen: dict[str, tuple[int, in
     fresh run, the previous run's outputs."""
     with utils.RunLock(model_dir):
         if run_folder_state(model_dir) != seen:
-            raise utils.UserError(f"{model_dir} changed while this run was starting (another train.py saved or "
+            raise errors.UserError(f"{model_dir} changed while this run was starting (another train.py saved or "
                                   f"finished there meanwhile); nothing was changed: run the command again")
         utils.check_output_names(model_dir / name for name in (*OUTPUTS, utils.RESOLVED_PARAMS_FILE, utils.TRAIN_LOG))
         utils.remove_stale_temporary_files(model_dir, (*OUTPUTS, utils.RESOLVED_PARAMS_FILE, *tracking.RUN_FILES))
@@ -508,7 +499,7 @@ def claim_run_folder(model_dir: Path, fresh: bool, seen: dict[str, tuple[int, in
 
 # ----------------------------------------------------------------------------------------------- across processes
 
-def synchronise(monitor: LossMonitor, stop: bool, progress: Progress, world_size: int) -> bool:
+def synchronise(monitor: LossMonitor, stop: bool, progress: checkpoints.Progress, world_size: int) -> bool:
     """Whether to stop now, alike on every rank. One process acts on its own flag at once; under DDP the ranks
     agree when the monitor reads the losses back (every save_summary_steps), which is also when they are checked."""
     if monitor.due(progress.iteration):
@@ -528,7 +519,7 @@ def any_rank(flag: bool, world_size: int, device: torch.device) -> bool:
 # ----------------------------------------------------------------------------------------------- reporting
 
 def log_validation(tracker: tracking.Tracker, metrics: dict, pictures: list[torch.Tensor],
-                   progress: Progress) -> None:
+                   progress: checkpoints.Progress) -> None:
     """The validation's line in train.log and its scalars (per-class IoU too) and pictures."""
     logging.info("Epoch %d: val mIoU %.4f (best %.4f at epoch %d), pixel acc %.4f, loss %.4f", progress.epoch,
                  metrics["miou"], progress.best_miou, progress.best_epoch, metrics["pixel_accuracy"], metrics["loss"])
@@ -544,10 +535,10 @@ def stopped(run: Run) -> int:
     return 128 + run.stop.signum
 
 
-def cli(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        return utils.run_cli(lambda: main(args), (DatasetError, PretrainedWeightsError, CheckpointMismatchError))
+        return utils.run_cli(lambda: train_experiment(args))
     except KeyboardInterrupt:  # Ctrl-C before the run holds its folder: nothing was written or deleted
         print("error: interrupted at once (Ctrl-C while starting, or a second one): nothing new was saved",
               file=sys.stderr)
@@ -558,4 +549,4 @@ def cli(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(main())

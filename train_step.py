@@ -12,12 +12,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
+import errors
+import settings
 import utils
 
 GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before the capture (cuDNN autotuning, momentum buffers)
 
 
-class TrainingDiverged(utils.UserError):
+class TrainingDiverged(errors.UserError):
     """The loss became NaN or infinite."""
 
 
@@ -64,8 +66,8 @@ class LossMonitor:
         for i, value in enumerate(losses):
             if not math.isfinite(value):
                 raise TrainingDiverged(f"loss is {value} at iteration {first + i} (epoch {epoch + 1}); kept the last "
-                                       f"good checkpoint; try a lower learning_rate or set grad_clip_norm (README: "
-                                       f"Training from scratch)")
+                                       f"good checkpoint; try a lower learning_rate or set grad_clip_norm "
+                                       f"(docs/training.md: Training from scratch)")
         if losses:
             self.last_loss = losses[-1]
             self.epoch_sum, self.epoch_count = self.epoch_sum + sum(losses), self.epoch_count + len(losses)
@@ -156,7 +158,7 @@ class CudaGraphStep(EagerStep):
         return self.static_loss.clone()
 
 
-def graph_unsupported(config: utils.TrainConfig, placement: utils.Placement, world_size: int) -> str | None:
+def graph_unsupported(config: settings.TrainConfig, placement: utils.Placement, world_size: int) -> str | None:
     """Why the training step cannot be captured in a CUDA graph here (None: it can)."""
     reasons = [(placement.device.type != "cuda", "not on CUDA"), (world_size > 1, "DDP (several processes)"),
                (placement.dtype == torch.float16, "fp16 needs a GradScaler, which synchronises"),
@@ -165,7 +167,7 @@ def graph_unsupported(config: utils.TrainConfig, placement: utils.Placement, wor
     return next((why for unsupported, why in reasons if unsupported), None)
 
 
-def build_step(config: utils.TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+def build_step(config: settings.TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
                scheduler: LRScheduler, scaler: torch.amp.GradScaler, criterion: nn.Module,
                placement: utils.Placement, world_size: int) -> EagerStep:
     """The training step: captured in a CUDA graph where config.cuda_graph asks and it can be, else eager."""

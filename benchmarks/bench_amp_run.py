@@ -11,7 +11,6 @@ and validation included) and the best val mIoU. The ratios are float32 time / am
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -22,7 +21,11 @@ from pathlib import Path
 
 import torch
 
-import utils
+if not __package__:  # run as a file: the repository's modules are importable only from its root
+    sys.exit("error: run it from the repository root as a module: python -m benchmarks.bench_amp_run ...")
+
+import settings  # noqa: E402
+import utils  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,7 +34,7 @@ def run_training(experiment: Path, amp: bool, overrides: list[str], workdir: Pat
     """Train `experiment` once from scratch with amp set; its times and best val mIoU."""
     model_dir = workdir / f"amp_{str(amp).lower()}"
     model_dir.mkdir()
-    (model_dir / utils.PARAMS_FILE).write_bytes((experiment / utils.PARAMS_FILE).read_bytes())
+    (model_dir / settings.PARAMS_FILE).write_bytes((experiment / settings.PARAMS_FILE).read_bytes())
     command = [sys.executable, "train.py", "--model_dir", str(model_dir), "--set", f"amp={str(amp).lower()}"]
     for override in overrides:
         command += ["--set", override]
@@ -50,7 +53,7 @@ def ratios(rounds: list[dict], key: str) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = utils.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", type=Path, default=REPO / "experiments" / "cpu_amp_timing")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -59,8 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
-    if not (args.experiment / utils.PARAMS_FILE).is_file():
-        parser.error(f"--experiment {args.experiment}: no {utils.PARAMS_FILE} there")
+    if not (args.experiment / settings.PARAMS_FILE).is_file():
+        parser.error(f"--experiment {args.experiment}: no {settings.PARAMS_FILE} there")
     rounds = []
     for index in range(args.rounds):
         with tempfile.TemporaryDirectory() as workdir:

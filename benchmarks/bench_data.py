@@ -8,6 +8,8 @@ Prints, for each worker count, the median over --repeats epochs of images/s in t
 """
 from __future__ import annotations
 
+import sys
+
 import argparse
 import statistics
 import tempfile
@@ -19,8 +21,11 @@ import torch
 from torch.utils.data import RandomSampler
 from PIL import Image, ImageDraw
 
-from model.data_loader import DataConfig, build_dataloader, build_dataset
-from model.datasets.voc import voc_palette
+if not __package__:  # run as a file: the repository's modules are importable only from its root
+    sys.exit("error: run it from the repository root as a module: python -m benchmarks.bench_data ...")
+
+from model.data_loader import DataConfig, build_dataloader, build_dataset  # noqa: E402
+from model.datasets.voc import voc_palette  # noqa: E402
 
 
 def make_voc_tree(root: Path, count: int, seed: int = 0) -> Path:

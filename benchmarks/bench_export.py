@@ -10,6 +10,8 @@ median latency of each, their ratio and the largest logit difference.
 """
 from __future__ import annotations
 
+import sys
+
 import argparse
 import statistics
 import time
@@ -18,7 +20,10 @@ from pathlib import Path
 import onnxruntime
 import torch
 
-from trained_model import load_trained_model
+if not __package__:  # run as a file: the repository's modules are importable only from its root
+    sys.exit("error: run it from the repository root as a module: python -m benchmarks.bench_export ...")
+
+from checkpoints import load_trained_model  # noqa: E402
 
 
 def main() -> None:

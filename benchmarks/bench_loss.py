@@ -8,7 +8,8 @@ the median time of each and which one the loss takes.
 """
 from __future__ import annotations
 
-import argparse
+import sys
+
 import json
 from pathlib import Path
 
@@ -16,10 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import utils
-from benchmarks.benchmark import median_seconds
-from model import IGNORE_INDEX
-from model.net import ROW_LOSS_MIN_CLASSES
+if not __package__:  # run as a file: the repository's modules are importable only from its root
+    sys.exit("error: run it from the repository root as a module: python -m benchmarks.bench_loss ...")
+
+import utils  # noqa: E402
+from benchmarks.benchmark import median_seconds  # noqa: E402
+from model import IGNORE_INDEX  # noqa: E402
+from model.net import ROW_LOSS_MIN_CLASSES  # noqa: E402
 
 
 def summed_loss(logits: Tensor, labels: Tensor, layout: str) -> Tensor:
@@ -50,7 +54,7 @@ def time_layouts(num_classes: int, batch_size: int, crop: int, device: torch.dev
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = utils.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--classes", type=int, nargs="+", default=[5, 11, 16, 19, 21])
     parser.add_argument("--batch_size", type=int, default=8)

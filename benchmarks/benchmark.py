@@ -10,6 +10,8 @@ progress bar (on a terminal) names the stage being measured.
 """
 from __future__ import annotations
 
+import sys
+
 import argparse
 import json
 import statistics
@@ -23,12 +25,15 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-import train_step
-import utils
-from benchmarks.bench_data import images_per_second, make_voc_tree
-from model.summary import count_flops
-from model.net import GCN, GCNConfig, SegmentationLoss, cross_entropy_loss
-from terminal import progress_bar
+if not __package__:  # run as a file: the repository's modules are importable only from its root
+    sys.exit("error: run it from the repository root as a module: python -m benchmarks.benchmark ...")
+
+import train_step  # noqa: E402
+import utils  # noqa: E402
+from benchmarks.bench_data import images_per_second, make_voc_tree  # noqa: E402
+from model.net import GCN, GCNConfig, SegmentationLoss, cross_entropy_loss  # noqa: E402
+from model.summary import count_flops  # noqa: E402
+from terminal import progress_bar  # noqa: E402
 
 
 def synchronise(device: torch.device) -> None:
@@ -208,7 +213,7 @@ def data_pipeline_rate(args: argparse.Namespace) -> float:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = utils.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--kernel_size", type=int, default=15)
     parser.add_argument("--num_classes", type=int, default=21)

@@ -17,7 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.bench_data import images_per_second, make_voc_tree
+if not __package__:  # run as a file: the repository's modules are importable only from its root
+    sys.exit("error: run it from the repository root as a module: python -m benchmarks.gpu_report ...")
+
+from benchmarks.bench_data import images_per_second, make_voc_tree  # noqa: E402
 
 TARGET_IMAGES_PER_S = 600  # what a GCN-R50 step at batch 8 × 512² could consume on an H200 (the data must keep up)
 

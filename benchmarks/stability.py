@@ -6,9 +6,11 @@
 Trains the demo's settings (ResNet-18, k = 7, lr 0.02, momentum 0.9, batch 4, 96² crops, random scale 0.75-1.25)
 on a VOC train split for --iterations steps per seed, and prints per step the loss, the largest |logit| and the
 gradient norm of the backbone, the heads (with their BR blocks) and the decoder; then, per seed, whether the loss
-diverged (NaN, or above 10 at the end). README, "Training from scratch", quotes its figures.
+diverged (NaN, or above 10 at the end). docs/training.md, "Training from scratch", quotes its figures.
 """
 from __future__ import annotations
+
+import sys
 
 import argparse
 import math
@@ -17,9 +19,12 @@ import torch
 import torchvision
 from torch import nn
 
-from benchmarks.benchmark import LogitsOnly
-from model.data_loader import DataConfig, EpochSampler, build_dataloader, build_dataset
-from model.net import GCN, GCNConfig, cross_entropy_loss
+if not __package__:  # run as a file: the repository's modules are importable only from its root
+    sys.exit("error: run it from the repository root as a module: python -m benchmarks.stability ...")
+
+from benchmarks.benchmark import LogitsOnly  # noqa: E402
+from model.data_loader import DataConfig, EpochSampler, build_dataloader, build_dataset  # noqa: E402
+from model.net import GCN, GCNConfig, cross_entropy_loss  # noqa: E402
 
 
 def build_model(args: argparse.Namespace) -> tuple[nn.Module, dict[str, list[nn.Parameter]]]:

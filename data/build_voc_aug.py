@@ -9,24 +9,28 @@ fails if any VOC val id leaked into it. Exit status 0 done, 2 on bad input (one 
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import scipy.io
 from PIL import Image
 from tqdm import tqdm
 
-import utils
-from model.datasets.base import DatasetError, image_size, is_safe_id
-from model.datasets.voc import voc_palette
+if not __package__:  # run as a file: the repository's modules are importable only from its root
+    sys.exit("error: run it from the repository root as a module: python -m data.build_voc_aug ...")
+
+import utils  # noqa: E402
+from errors import UserError  # noqa: E402
+from model.datasets.base import DatasetError, image_size, is_safe_id  # noqa: E402
+from model.datasets.voc import voc_palette  # noqa: E402
 
 NUM_CLASSES = 21
 
 
-class BuildError(Exception):
+class BuildError(UserError):
     """Bad or inconsistent input; the message is one line naming the file."""
 
 
@@ -108,8 +112,8 @@ def check_no_leak(list_path: Path, voc_val: set[str]) -> None:
         raise BuildError(f"{list_path} contains {len(leaked)} VOC val ids, e.g. {leaked[0]}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = utils.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--voc", type=Path, default=Path(__file__).resolve().parent / "VOCdevkit" / "VOC2012",
                         help="the VOC2012 folder (default: data/VOCdevkit/VOC2012)")
     parser.add_argument("--sbd", type=Path, default=Path(__file__).resolve().parent / "benchmark_RELEASE" / "dataset",
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: data/benchmark_RELEASE/dataset)")
     args = parser.parse_args(argv)
     # OSError: a read-only folder, a full disk
-    return utils.run_cli(lambda: build(args.voc, args.sbd), (BuildError, OSError))
+    return utils.run_cli(lambda: build(args.voc, args.sbd))
 
 
 def build(voc_dir: Path, sbd_dir: Path) -> int:

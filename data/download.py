@@ -22,7 +22,7 @@ import tarfile
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from email.message import Message
@@ -64,7 +64,10 @@ CITYSCAPES_STEPS = """Cityscapes needs a (free) account, so it cannot be downloa
 
 
 class DownloadError(Exception):
-    """A download, checksum or extraction failure; the message is one line."""
+    """A download, checksum or extraction failure; the message is one line.
+
+    The one error that does not derive from errors.UserError: this script runs on the standard library alone, as a
+    file too (python data/download.py), before anything else is installed; main() prints it as one line alike."""
 
 
 def md5sum(path: Path) -> str:
@@ -253,7 +256,7 @@ def download(name: str, dest: Path) -> Path:
     return done
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dataset", choices=[*SOURCES, "cityscapes"])
     parser.add_argument("--dest", type=Path, default=Path(__file__).resolve().parent,

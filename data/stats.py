@@ -19,11 +19,14 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-import utils
-from model import IGNORE_INDEX, visualize
-from model.data_loader import DataConfig, DatasetError, EpochSampler, SeededItems, build_dataset
-from model.datasets.base import SegmentationDataset, image_size, read_label
-from model.net import GCNConfig
+if not __package__:  # run as a file: the repository's modules are importable only from its root
+    sys.exit("error: run it from the repository root as a module: python -m data.stats ...")
+
+import settings  # noqa: E402
+import utils  # noqa: E402
+from model import IGNORE_INDEX, visualize  # noqa: E402
+from model.data_loader import DataConfig, EpochSampler, SeededItems, build_dataset  # noqa: E402
+from model.datasets.base import SegmentationDataset, image_size, read_label  # noqa: E402
 
 
 @dataclass
@@ -128,7 +131,7 @@ def report(split: str, stats: SplitStats, classes: Sequence[str], warn: bool) ->
         print(f"WARNING: split '{split}' has no pixel of class(es) {', '.join(absent)}", file=sys.stderr)
 
 
-def browse(params: utils.Params, model_dir: Path, count: int) -> list[Path]:
+def browse(params: settings.Params, model_dir: Path, count: int) -> list[Path]:
     """Save the first `count` training samples of epoch 0, augmented as train.py augments them, as PNGs."""
     dataset = build_dataset(params.config(DataConfig), params.num_classes, params.train_split, train=True)
     items, paths = SeededItems(dataset), []
@@ -136,7 +139,7 @@ def browse(params: utils.Params, model_dir: Path, count: int) -> list[Path]:
         image, label = items[key]
         picture = visualize.sample_picture(image, label, dataset.palette, dataset.classes)
         paths.append(model_dir / "browse" / f"{number:02d}_{dataset.names[key[0]]}.png")
-        visualize.save_picture(picture, paths[-1])
+        utils.write_png(paths[-1], visualize.picture_png(picture))
     return paths
 
 
@@ -152,9 +155,9 @@ def parse_args(argv: Sequence[str] | None):
     return parser.parse_args(argv)
 
 
-def main(args) -> int:
+def describe_data(args) -> int:
     model_dir = Path(args.model_dir)
-    params = utils.load_params(model_dir, (DataConfig, GCNConfig), {"data_dir": args.data_dir} if args.data_dir else {})
+    params = settings.load_params(model_dir, {"data_dir": args.data_dir} if args.data_dir else {})
     splits = args.split or [params.train_split, params.val_split]
     print(f"data set '{params.dataset}'" + (f" in {params.data_dir}" if params.dataset != "synthetic" else ""))
     record: dict = {"dataset": params.dataset, "data_dir": params.data_dir, "splits": {}}
@@ -182,10 +185,10 @@ def main(args) -> int:
     return 0
 
 
-def cli(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    return utils.run_cli(lambda: main(args), (DatasetError,))
+    return utils.run_cli(lambda: describe_data(args))
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(main())

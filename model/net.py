@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from errors import UserError
 from model import IGNORE_INDEX
 from model.summary import flops_summary, inference_flops, parameter_summary
 
@@ -35,7 +36,7 @@ ROW_LOSS_MIN_CLASSES = 16  # channels-last logits with this many classes or more
 class GCNConfig:
     """Every setting of the network: params.json's model keys, the checkpoint's record and the model's blueprint.
 
-    Each field's metadata says which values params.json may give it (utils.Params checks them at load).
+    Each field's metadata says which values params.json may give it (settings.Params checks them at load).
     """
 
     num_classes: int = field(metadata={"at_least": 1, "at_most": 255})  # void (255) aside: labels are uint8
@@ -60,7 +61,7 @@ class GCNConfig:
 _TRAINING_ONLY = ("pretrained", "frozen_bn")  # GCNConfig fields that do not shape the weights
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(UserError):
     """ImageNet weights could not be loaded; the message says what to do."""
 
 
@@ -70,7 +71,7 @@ _exporting = getattr(torch.compiler, "is_exporting", torch.compiler.is_compiling
 
 class HorizontalConv(nn.Conv2d):
     """A 1×k convolution ("same" padding). On CPU it runs as a k×1 convolution of the H/W-transposed input,
-    which oneDNN trains about 2× faster (benchmarks/benchmark.py; README: Performance). Same weights and result.
+    which oneDNN trains about 2× faster (benchmarks/benchmark.py; docs/performance.md). Same weights and result.
     An exported graph (ONNX, torch.export) gets the plain 1×k convolution: the trick is eager oneDNN's only.
     """
 
@@ -270,7 +271,7 @@ def _key_mismatch(expected: dict, given: dict) -> tuple[list[str], list[str]]:
     return sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
     """A checkpoint's weights do not fit the network its model_config describes."""
 
 
@@ -342,7 +343,7 @@ class GCN(nn.Module):
             raise CheckpointMismatchError(f"{source}: its state_dict does not fit its model_config ({problem})")
 
     def reset_new_parameters(self) -> None:
-        """Initialise heads and BR blocks for stable training from the first step (README: Initialisation).
+        """Initialise heads and BR blocks for stable training from the first step (docs/model.md: Initialisation).
 
         Score heads: N(0, 0.01) weights (as FCN/DeepLab classifiers), zero bias. BR blocks: first conv N(0, 0.01),
         second conv zero, so every BR starts as the identity and its residual grows slowly. Deconvolutions keep

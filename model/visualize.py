@@ -1,14 +1,14 @@
 """Labels and predictions -> pictures people can read: side-by-side panels or an overlay with a legend, confusion
 matrices.
 
-Pictures are uint8 3×H×W tensors (TensorBoard's add_image takes them as they are; `save_picture` writes PNG).
-Every file is written by utils.atomic_write: never through a link planted at its name.
+Pictures are uint8 3×H×W tensors (TensorBoard's add_image takes them as they are), files PNG bytes (`picture_png`,
+`label_png`, `confusion_matrix_png`), which the programs write with utils.write_png.
 Small images are enlarged by an integer nearest-neighbour factor, so every label pixel stays one exact block.
 """
 from __future__ import annotations
 
+import io
 import math
-from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -19,7 +19,6 @@ from torchvision.utils import draw_segmentation_masks
 
 from model import IGNORE_INDEX
 from model.transforms import colorize
-from utils import atomic_write
 
 VOID_COLOR = (255, 255, 255)    # as colorize draws void; the canvas is dark so it stands out
 # Wrong pixels of the errors panel: red, unless a class colour (or void's white) is within WRONG_COLOR_DISTANCE of it
@@ -120,23 +119,22 @@ def overlay_picture(image: Tensor, pred: Tensor, palette: Sequence[Sequence[int]
     return _to_tensor(canvas)
 
 
-def save_picture(picture: Tensor, path: str | Path) -> None:
-    """Write a uint8 3×H×W picture as PNG (never JPEG: it smears label colours); the name must end in .png."""
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise ValueError(f"pictures are written as PNG; name the file *.png, got {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    png = Image.fromarray(picture.detach().cpu().permute(1, 2, 0).numpy())
-    atomic_write(path, lambda f: png.save(f, format="PNG"))
+def picture_png(picture: Tensor) -> bytes:
+    """A uint8 3×H×W picture as PNG bytes (never JPEG: it smears label colours)."""
+    return _png_bytes(Image.fromarray(picture.detach().cpu().permute(1, 2, 0).numpy()))
 
 
-def save_label_png(label: Tensor, palette: Sequence[Sequence[int]], path: str | Path) -> None:
-    """Write an H×W label map as a palette PNG: pixel values are the class indices, colours the data set's."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def label_png(label: Tensor, palette: Sequence[Sequence[int]]) -> bytes:
+    """An H×W label map as palette PNG bytes: pixel values are the class indices, colours the data set's."""
     png = Image.fromarray(label.detach().cpu().to(torch.uint8).numpy())  # mode L; a palette makes it P
     png.putpalette([c for rgb in palette for c in rgb])
-    atomic_write(path, lambda f: png.save(f, format="PNG"))
+    return _png_bytes(png)
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def row_normalised(matrix: Tensor | np.ndarray) -> np.ndarray:
@@ -147,10 +145,9 @@ def row_normalised(matrix: Tensor | np.ndarray) -> np.ndarray:
     return np.divide(counts, totals, out=np.full_like(counts, np.nan), where=totals > 0)
 
 
-def confusion_matrix_figure(matrix: Tensor | np.ndarray, class_names: Sequence[str], path: str | Path,
-                            title: str | None = None) -> None:
-    """Write a PNG of the row-normalised confusion matrix: names on both axes, percentages in the cells when they
-    fit, a colour bar; rows of classes absent from the truth are grey."""
+def confusion_matrix_png(matrix: Tensor | np.ndarray, class_names: Sequence[str], title: str | None = None) -> bytes:
+    """The row-normalised confusion matrix as PNG bytes: names on both axes, percentages in the cells when they fit,
+    a colour bar; rows of classes absent from the truth are grey."""
     from matplotlib import colormaps  # noqa: PLC0415 -- matplotlib is slow to import; only this figure needs it
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
     from matplotlib.figure import Figure  # noqa: PLC0415 -- no pyplot: no global backend or figure state
@@ -178,9 +175,9 @@ def confusion_matrix_figure(matrix: Tensor | np.ndarray, class_names: Sequence[s
             value = fractions[t, p]
             ax.text(p, t, f"{100 * value:.0f}", ha="center", va="center", fontsize=9 if n > 12 else 11,
                     color="white" if value > 0.55 else "black")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
 
 
 class Layout(NamedTuple):

@@ -42,6 +42,31 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def optional_package(name: str, require: str):
+    """The optional package `name` (mlflow, wandb), imported. A clone without it skips the test, saying so; .ci/run
+    installs it and sets the environment variable `require` to 1, and there a missing package fails."""
+    import importlib  # noqa: PLC0415
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        if os.environ.get(require) == "1":
+            pytest.fail(f"{require}=1 but {name} is not installed")
+        pytest.skip(f"needs {name} (pip install {name}), an optional dependency")
+
+
+@pytest.fixture
+def no_hang():
+    """Fail instead of blocking for good: a FIFO opened for reading or writing waits for its other end."""
+    def alarm(*_):
+        raise TimeoutError("blocked: a FIFO was opened")
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(180)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
 def child_signals(*ignored: signal.Signals) -> Callable[[], None]:
     """A preexec_fn for a child that a test signals: SIGINT and SIGHUP at their defaults, as a terminal's shell starts
     a program, whatever the suite inherited (under nohup SIGHUP is ignored, in a background job of a

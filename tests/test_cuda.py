@@ -12,6 +12,7 @@ from PIL import Image
 from torch import nn
 
 import predict
+import settings
 import train
 import train_step
 import utils
@@ -68,7 +69,7 @@ def test_compiled_model_equals_eager():
 
 def test_a_cuda_training_run_with_amp_and_channels_last(experiment):
     model_dir = experiment(num_epochs=1, amp=True, channels_last=True, sync_bn=True)
-    assert train.cli(["--model_dir", str(model_dir)]) == 0
+    assert train.main(["--model_dir", str(model_dir)]) == 0
     assert (model_dir / utils.COMPLETE_MARKER).exists()
 
 
@@ -91,7 +92,7 @@ def test_predict_on_the_gpu_agrees_with_the_float32_cpu_logits(tmp_path):
     photos.mkdir()
     for i, (height, width) in enumerate([(37, 53), (64, 48)]):
         Image.fromarray(smooth_image(height, width, i)).save(photos / f"img{i}.png")
-    assert predict.cli(["--restore_file", str(path), str(photos), "--out", str(tmp_path / "out"),
+    assert predict.main(["--restore_file", str(path), str(photos), "--out", str(tmp_path / "out"),
                         "--eval_precision", "bfloat16"]) == 0
     for i in range(2):
         labels = np.array(Image.open(tmp_path / "out" / "labels" / f"img{i}.png"))
@@ -165,7 +166,7 @@ def test_a_cuda_graph_run_with_dataloader_workers_captures_and_trains(experiment
     """With workers the pin-memory thread makes CUDA calls while the step is captured: the capture runs in
     thread_local mode, which they do not invalidate."""
     model_dir = experiment(num_epochs=1, cuda_graph=True, num_workers=2)
-    assert train.cli(["--model_dir", str(model_dir)]) == 0
+    assert train.main(["--model_dir", str(model_dir)]) == 0
     assert "captured in a CUDA graph" in (model_dir / utils.TRAIN_LOG).read_text()
 
 
@@ -222,14 +223,14 @@ def test_a_cuda_graph_training_run_checkpoints_what_an_eager_run_resumes(experim
     """cuda_graph on: the run captures its step, and its checkpoint holds plain learning rates, which an eager
     optimiser (a resume with cuda_graph false: an execution setting) loads and steps with."""
     model_dir = experiment(num_epochs=1, cuda_graph=True)
-    assert train.cli(["--model_dir", str(model_dir)]) == 0
+    assert train.main(["--model_dir", str(model_dir)]) == 0
     assert "captured in a CUDA graph" in (model_dir / utils.TRAIN_LOG).read_text()
     checkpoint = torch.load(model_dir / utils.LAST_CHECKPOINT, weights_only=True)
     assert all(isinstance(g["lr"], float) for g in checkpoint["optimizer"]["param_groups"])
     assert all(isinstance(lr, float) for lr in checkpoint["scheduler"]["_last_lr"])
     model = GCN.from_checkpoint(checkpoint).cuda()
-    params = utils.load_params(model_dir, (train.DataConfig, train.GCNConfig))
-    optimizer = train.build_optimizer(model, params.config(utils.TrainConfig),
+    params = settings.load_params(model_dir)
+    optimizer = train.build_optimizer(model, params.config(settings.TrainConfig),
                                       utils.Placement(torch.device("cuda"), True, torch.bfloat16))
     optimizer.load_state_dict(checkpoint["optimizer"])
     step = two_steps(False, model, torch.bfloat16)

@@ -26,14 +26,14 @@ def read_json(path: Path) -> dict:
 @pytest.fixture
 def trained(experiment):
     model_dir = experiment(num_epochs=1, tta_scales=[1.0, 1.5])
-    assert train.cli(["--model_dir", str(model_dir)]) == 0
+    assert train.main(["--model_dir", str(model_dir)]) == 0
     return model_dir
 
 
 def test_evaluate_matches_validation_and_writes_table_matrix_pngs_and_pictures(trained, tmp_path, caplog):
     out = tmp_path / "predictions"
     caplog.set_level("INFO")
-    assert evaluate.cli(["--model_dir", str(trained), "--restore_file", "last", "--save_predictions", str(out),
+    assert evaluate.main(["--model_dir", str(trained), "--restore_file", "last", "--save_predictions", str(out),
                          "--num_pictures", "all"]) == 0
     metrics = read_json(trained / "metrics_val_last.json")
     validated = read_json(trained / utils.METRICS_LAST)
@@ -48,7 +48,7 @@ def test_evaluate_matches_validation_and_writes_table_matrix_pngs_and_pictures(t
     first = Image.open(pngs[0])
     assert first.mode == "P" and first.size == (48, 48) and np.array(first).max() < 5
     assert sorted(p.name for p in (out / "pictures").glob("*.png")) == [p.name for p in pngs]
-    assert evaluate.cli(["--model_dir", str(trained), "--restore_file", "last", "--tta"]) == 0
+    assert evaluate.main(["--model_dir", str(trained), "--restore_file", "last", "--tta"]) == 0
     tta = read_json(trained / "metrics_val_last_tta.json")
     assert 0 <= tta["miou"] <= 1 and tta["loss"] != pytest.approx(metrics["loss"])
 
@@ -58,32 +58,32 @@ def test_evaluation_computes_in_float32_whatever_amp_trains_in_and_says_so(exper
     and its records are float32 unless eval_precision asks otherwise, which needs native hardware."""
     monkeypatch.setattr(utils, "cpu_bf16_pays", lambda: True)  # as on a CPU with AMX-BF16
     model_dir = experiment(num_iterations=1, channels_last=False)
-    assert train.cli(["--model_dir", str(model_dir)]) == 0
+    assert train.main(["--model_dir", str(model_dir)]) == 0
     assert read_json(model_dir / utils.RESOLVED_PARAMS_FILE)["precision"] == "bfloat16"
     assert "in bfloat16 (validation in float32)" in (model_dir / utils.TRAIN_LOG).read_text()
     validated = read_json(model_dir / utils.METRICS_LAST)
     assert validated["precision"] == "float32"
-    assert evaluate.cli(["--model_dir", str(model_dir), "--restore_file", "last"]) == 0
+    assert evaluate.main(["--model_dir", str(model_dir), "--restore_file", "last"]) == 0
     assert read_json(model_dir / "metrics_val_last.json") == validated
     assert "in float32" in (model_dir / utils.EVALUATE_LOG).read_text()
 
     monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: False)
-    assert evaluate.cli(["--model_dir", str(model_dir), "--restore_file", "last", "--set",
+    assert evaluate.main(["--model_dir", str(model_dir), "--restore_file", "last", "--set",
                          "eval_precision=bfloat16"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         'error: eval_precision "bfloat16": this cpu has no native bfloat16; use "float32"')
     monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: True)
-    assert evaluate.cli(["--model_dir", str(model_dir), "--restore_file", "last", "--set",
+    assert evaluate.main(["--model_dir", str(model_dir), "--restore_file", "last", "--set",
                          "eval_precision=bfloat16"]) == 0
     assert read_json(model_dir / "metrics_val_last.json")["precision"] == "bfloat16"
 
 
 def test_num_pictures_limits_the_pictures(trained, tmp_path):
     out = tmp_path / "predictions"
-    assert evaluate.cli(["--model_dir", str(trained), "--restore_file", "last", "--save_predictions", str(out),
+    assert evaluate.main(["--model_dir", str(trained), "--restore_file", "last", "--save_predictions", str(out),
                          "--num_pictures", "1"]) == 0
     assert len(list((out / "pictures").glob("*.png"))) == 1 and len(list(out.glob("*.png"))) == 4
-    assert evaluate.cli(["--model_dir", str(trained), "--num_pictures", "some"]) == 2
+    assert evaluate.main(["--model_dir", str(trained), "--num_pictures", "some"]) == 2
 
 
 def test_per_class_table_agrees_with_the_metrics_on_a_hand_built_case():
@@ -136,9 +136,9 @@ def test_a_split_without_ground_truth_gives_predictions_in_the_voc_server_layout
     test_ids = make_tiny_voc(voc)
     model_dir = experiment(dataset="voc", data_dir=str(voc), num_classes=21, crop_size=32, batch_size=2,
                            num_epochs=1)
-    assert train.cli(["--model_dir", str(model_dir)]) == 0
+    assert train.main(["--model_dir", str(model_dir)]) == 0
     out = tmp_path / "submission"
-    assert evaluate.cli(["--model_dir", str(model_dir), "--split", "test", "--save_predictions", str(out)]) == 0
+    assert evaluate.main(["--model_dir", str(model_dir), "--split", "test", "--save_predictions", str(out)]) == 0
     server = out / "results" / "VOC2012" / "Segmentation" / "comp6_test_cls"
     assert sorted(p.stem for p in server.glob("*.png")) == test_ids
     assert Image.open(server / f"{test_ids[0]}.png").size == (40, 30)
@@ -148,7 +148,7 @@ def test_a_split_without_ground_truth_gives_predictions_in_the_voc_server_layout
         mask = Image.fromarray(np.full((30, 40), 255, np.uint8))
         mask.putpalette([0] * 768)
         mask.save(voc / "SegmentationClass" / f"{name}.png")
-    assert evaluate.cli(["--model_dir", str(model_dir), "--split", "test"]) == 2
+    assert evaluate.main(["--model_dir", str(model_dir), "--split", "test"]) == 2
     assert "the 2 labels of this split mark every pixel void (255): nothing to score" in capsys.readouterr().err
 
 
@@ -170,9 +170,9 @@ def test_padded_logits_crop_back_to_a_plain_forward_of_the_zero_padded_image():
 
 
 def test_padded_evaluation_scores_only_the_real_pixels_and_records_the_band(trained):
-    assert evaluate.cli(["--model_dir", str(trained), "--restore_file", "last"]) == 0
+    assert evaluate.main(["--model_dir", str(trained), "--restore_file", "last"]) == 0
     plain = read_json(trained / "metrics_val_last.json")
-    assert evaluate.cli(["--model_dir", str(trained), "--restore_file", "last", "--set", "eval_pad_size=80",
+    assert evaluate.main(["--model_dir", str(trained), "--restore_file", "last", "--set", "eval_pad_size=80",
                          "--set", "boundary_distance=euclidean", "--set", "boundary_void=ignored"]) == 0
     padded = read_json(trained / "metrics_val_last.json")
     total = np.array(plain["confusion_matrix"]["counts"]).sum()
@@ -188,7 +188,7 @@ def test_a_foreign_checkpoint_keeps_this_folders_metrics_and_bad_outputs_are_one
     other = tmp_path / "other"
     other.mkdir()
     shutil.copy(trained / utils.BEST_CHECKPOINT, other / utils.BEST_CHECKPOINT)
-    assert evaluate.cli(["--model_dir", str(trained), "--restore_file", str(other / utils.BEST_CHECKPOINT)]) == 0
+    assert evaluate.main(["--model_dir", str(trained), "--restore_file", str(other / utils.BEST_CHECKPOINT)]) == 0
     assert read_json(trained / "metrics_val_best.json") == {"this folder": "own record"}
     assert read_json(trained / "metrics_val_other.best.json")["miou"] >= 0
     capsys.readouterr()
@@ -200,12 +200,12 @@ def test_a_foreign_checkpoint_keeps_this_folders_metrics_and_bad_outputs_are_one
 
     a_file = tmp_path / "a_file"
     a_file.write_text("")
-    assert evaluate.cli(["--model_dir", str(trained), "--save_predictions", str(a_file)]) == 2
+    assert evaluate.main(["--model_dir", str(trained), "--save_predictions", str(a_file)]) == 2
     assert last_line() == f"error: --save_predictions {a_file} is a file, not a folder"
 
     def read_only(*_args, **_kwargs):  # as a read-only folder answers (the suite may run as root, which may write)
         raise PermissionError(13, "Permission denied", str(trained / "confusion_val_best.png"))
 
-    monkeypatch.setattr(evaluate.visualize, "confusion_matrix_figure", read_only)
-    assert evaluate.cli(["--model_dir", str(trained)]) == 2
+    monkeypatch.setattr(evaluate.visualize, "confusion_matrix_png", read_only)
+    assert evaluate.main(["--model_dir", str(trained)]) == 2
     assert last_line().startswith("error: [Errno 13] Permission denied")

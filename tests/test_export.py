@@ -18,12 +18,12 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
 import export
 import predict
 import utils
-from model.data_loader import DataConfig
-from model.net import GCN, GCNConfig
-from utils import IMAGENET_MEAN, IMAGENET_STD, normalise
+from model.net import GCN
+from model.transforms import IMAGENET_MEAN, IMAGENET_STD, normalise
 from test_predict import (CLASS_NAMES, PALETTE, REPO, TRAINING_PARAMS, assert_labels_match_logits, smooth_image,
                           write_checkpoint)
 
@@ -42,17 +42,17 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def onnx_file(model_dir) -> Path:
-    assert export.cli(["--model_dir", str(model_dir), "--format", "onnx"]) == 0
+    assert export.main(["--model_dir", str(model_dir), "--format", "onnx"]) == 0
     return model_dir / "best.onnx"
 
 
 def test_weights_only_file_round_trips(model_dir, tmp_path, capsys):
-    assert export.cli(["--model_dir", str(model_dir), "--format", "weights"]) == 0
+    assert export.main(["--model_dir", str(model_dir), "--format", "weights"]) == 0
     [path] = model_dir.glob("best-*.pth")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     assert path.name == f"best-{digest[:8]}.pth" and digest in capsys.readouterr().out
     full = torch.load(model_dir / utils.BEST_CHECKPOINT, weights_only=True)
-    weights = utils.load_checkpoint(path, GCNConfig, DataConfig)
+    weights = checkpoints.load_checkpoint(path)
     assert set(weights) == {"state_dict", "model_config", "class_names", "palette", "params"}
     assert path.stat().st_size < 0.6 * (model_dir / utils.BEST_CHECKPOINT).stat().st_size
     assert weights["class_names"] == CLASS_NAMES and weights["palette"] == PALETTE
@@ -63,14 +63,14 @@ def test_weights_only_file_round_trips(model_dir, tmp_path, capsys):
 
     Image.fromarray(smooth_image(45, 61, 0)).save(tmp_path / "a.png")
     for restore, out in (("best", "full"), (str(path), "weights")):
-        assert predict.cli(["--model_dir", str(model_dir), "--restore_file", restore, str(tmp_path / "a.png"),
+        assert predict.main(["--model_dir", str(model_dir), "--restore_file", restore, str(tmp_path / "a.png"),
                             "--out", str(tmp_path / out)]) == 0
     assert (tmp_path / "weights/labels/a.png").read_bytes() == (tmp_path / "full/labels/a.png").read_bytes()
     hub_model = torch.hub.load(str(REPO), "gcn", checkpoint=str(path), source="local")
     assert hub_model.class_names == CLASS_NAMES
 
     named = tmp_path / "gcn.pth"
-    assert export.cli(["--model_dir", str(model_dir), "--format", "weights", "--out", str(named)]) == 0
+    assert export.main(["--model_dir", str(model_dir), "--format", "weights", "--out", str(named)]) == 0
     assert (tmp_path / "gcn.pth.sha256").read_text() == f"{hashlib.sha256(named.read_bytes()).hexdigest()}  gcn.pth\n"
 
 
@@ -92,7 +92,7 @@ def test_onnx_graph_has_dynamic_sizes_metadata_and_no_transposes(onnx_file):
 
 @pytest.mark.parametrize("shape", [(1, 3, 65, 97), (2, 3, 128, 128), (2, 3, 200, 173), (1, 3, 31, 17)])
 def test_onnx_logits_equal_pytorch_at_any_size(onnx_file, model_dir, shape):
-    model = GCN.from_checkpoint(utils.load_checkpoint(model_dir / utils.BEST_CHECKPOINT, GCNConfig, DataConfig)).eval()
+    model = GCN.from_checkpoint(checkpoints.load_checkpoint(model_dir / utils.BEST_CHECKPOINT)).eval()
     session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     x = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
     with torch.no_grad():
@@ -107,7 +107,7 @@ def test_onnx_logits_equal_pytorch_at_any_size(onnx_file, model_dir, shape):
 def test_onnx_input_is_the_image_as_predict_py_normalises_it(onnx_file, model_dir, tmp_path):
     rgb = smooth_image(75, 101, 3)
     Image.fromarray(rgb).save(tmp_path / "a.png")
-    assert predict.cli(["--model_dir", str(model_dir), str(tmp_path / "a.png"), "--out", str(tmp_path / "out")]) == 0
+    assert predict.main(["--model_dir", str(model_dir), str(tmp_path / "a.png"), "--out", str(tmp_path / "out")]) == 0
     session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     scaled = rgb.astype(np.float32) / 255
     x = ((scaled - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)).transpose(2, 0, 1)[None]
@@ -126,7 +126,7 @@ def test_predict_labels_equal_onnx_by_default_where_amp_trains_in_bf16(onnx_file
     sizes = [(97, 131), (120, 161), (75, 101)]
     for i, (height, width) in enumerate(sizes):
         Image.fromarray(smooth_image(height, width, 10 + i)).save(tmp_path / f"{i}.png")
-    assert predict.cli(["--model_dir", str(model_dir), *(str(tmp_path / f"{i}.png") for i in range(len(sizes))),
+    assert predict.main(["--model_dir", str(model_dir), *(str(tmp_path / f"{i}.png") for i in range(len(sizes))),
                         "--out", str(tmp_path / "out")]) == 0
     session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     agree = total = 0
@@ -161,7 +161,7 @@ export.load_trained_model = lambda path: types.SimpleNamespace(
     path=path, checkpoint={}, class_names=["a", "b"], palette=[(0, 0, 0), (9, 9, 9)], net=Wide())
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (10**6, 10**6))
-sys.exit(export.cli(sys.argv[1:]))
+sys.exit(export.main(sys.argv[1:]))
 """
 
 

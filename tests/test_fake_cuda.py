@@ -21,11 +21,14 @@ from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 from torch.utils.data import Dataset
 
+import checkpoints
 import evaluate
 import predict
+import settings
 import train
 import train_step
 import utils
+from model import transforms
 from model.net import GCN, GCNConfig, SegmentationLoss
 from test_predict import smooth_image, write_checkpoint
 
@@ -54,10 +57,10 @@ def fake_cuda(monkeypatch):
         calls.fused_sgd.append(kwargs)
     monkeypatch.setattr(torch.Tensor, "backward", backward)
     monkeypatch.setattr(torch, "_fused_sgd_", fused_sgd)
-    utils._mean_std_255.cache_clear()  # it keeps one tensor per device: none may outlive the fake mode
+    transforms._mean_std_255.cache_clear()  # it keeps one tensor per device: none may outlive the fake mode
     with FakeTensorMode(allow_non_fake_inputs=True):  # real CPU inputs (weights, batches) become fake
         yield calls
-    utils._mean_std_255.cache_clear()
+    transforms._mean_std_255.cache_clear()
 
 
 def reached_leaves(loss: torch.Tensor) -> list[torch.Tensor]:
@@ -101,7 +104,7 @@ class Recorder(nn.Module):
         return self.outputs[-1]
 
 
-def build_step(config: utils.TrainConfig, placement: utils.Placement):
+def build_step(config: settings.TrainConfig, placement: utils.Placement):
     """train.py's parts for one process: the network on the device, its optimiser, schedule, scaler, the recorded
     criterion and the step."""
     net = placement.module(tiny_net())
@@ -125,7 +128,7 @@ def test_fake_cuda_eager_step_pads_the_score_maps_and_never_waits_for_the_gpu(fa
     """bf16 autocast, channels_last, fused SGD, padded score maps: the step runs on "cuda" with no host
     synchronisation, computes the scores on 8 channels and hands the loss the 5 real ones, in bf16; the loss is a
     float32 scalar; the gradient reaches every parameter (through the padding too); the schedule steps."""
-    config = utils.TrainConfig(loss=loss)
+    config = settings.TrainConfig(loss=loss)
     placement = utils.Placement(CUDA, True, utils.autocast_dtype(CUDA, config.amp))
     assert placement.dtype == torch.bfloat16
     net, step, criterion = build_step(config, placement)
@@ -154,7 +157,7 @@ def test_fake_cuda_fp16_step_scales_the_loss_and_steps_without_the_fused_kernel(
     stepped = []
     monkeypatch.setattr(torch.amp.GradScaler, "_maybe_opt_step",
                         lambda self, optimizer, state, *args, **kwargs: stepped.append(optimizer.step()))
-    net, step, criterion = build_step(utils.TrainConfig(grad_clip_norm=1.0), placement)
+    net, step, criterion = build_step(settings.TrainConfig(grad_clip_norm=1.0), placement)
     assert not step.optimizer.defaults["fused"] and step.scaler.is_enabled()
     loss = step(*uint8_batch())
     (logits, _labels), = criterion.inputs
@@ -201,7 +204,7 @@ def test_fake_cuda_graph_step_captures_thread_local_and_the_schedule_fills_its_l
     invalidate it), then replays; the learning rates become device tensors the fused kernel reads and the
     scheduler fills in place (the graph holds their addresses); a checkpoint holds them as the eager floats."""
     graphs = FakeStreamsAndGraphs(monkeypatch)
-    config = utils.TrainConfig(cuda_graph=True)
+    config = settings.TrainConfig(cuda_graph=True)
     placement = utils.Placement(CUDA, True, torch.bfloat16)
     net, step, _criterion = build_step(config, placement)
     assert type(step) is train_step.CudaGraphStep
@@ -217,9 +220,9 @@ def test_fake_cuda_graph_step_captures_thread_local_and_the_schedule_fills_its_l
     assert all(call["lr"] is lrs[0] or call["lr"] is lrs[1] for call in fake_cuda.fused_sgd)
 
     saved = []
-    monkeypatch.setattr(utils, "save_checkpoint", lambda state, path: saved.append(state))
+    monkeypatch.setattr(checkpoints, "save_checkpoint", lambda state, path: saved.append(state))
     run = SimpleNamespace(net=net, record={}, config=config, optimizer=step.optimizer, scheduler=step.scheduler,
-                          scaler=step.scaler, progress=train.Progress(), overrides={}, main_process=True,
+                          scaler=step.scaler, progress=checkpoints.Progress(), overrides={}, main_process=True,
                           clock=0.0, model_dir=Path("unused"))
     train.save(run, utils.LAST_CHECKPOINT)  # no look at the device: the floats come from the schedule
     groups = saved[0]["optimizer"]["param_groups"]
@@ -289,7 +292,7 @@ def test_fake_cuda_validation_looks_at_no_value_before_the_last_image(fake_cuda,
     torch.backends.cudnn.benchmark = True
     try:
         with pytest.raises(DataDependentOutputException):
-            evaluate.evaluate(model, RealBatches(train.eval_loader(dataset, 0)), criterion, utils.EvalConfig(),
+            evaluate.evaluate(model, RealBatches(train.eval_loader(dataset, 0)), criterion, settings.EvalConfig(),
                               placement, on_image=lambda index, *_: seen.append(index), **options)
         assert torch.backends.cudnn.benchmark is True  # as it was
     finally:
@@ -316,11 +319,12 @@ def test_fake_cuda_prediction_batches_images_of_one_size(fake_cuda, tmp_path, mo
             Image.fromarray(smooth_image(height, width, 0)).save(photos / f"{name}.png")
     batches, written = [], {}
     model.net.register_forward_hook(lambda _m, inputs, out: batches.append((inputs[0].shape, out.shape)))
-    monkeypatch.setattr(predict.visualize, "save_label_png",
-                        lambda pred, _palette, path: written.setdefault(path.name, pred))
+    monkeypatch.setattr(predict.visualize, "label_png", lambda pred, _palette: pred)
     monkeypatch.setattr(predict.visualize, "overlay_picture", lambda *_args: None)
-    monkeypatch.setattr(predict.visualize, "save_picture", lambda *_args: None)
-    assert predict.cli([str(photos), "--out", str(tmp_path / "out")]) == 0
+    monkeypatch.setattr(predict.visualize, "picture_png", lambda _picture: None)
+    monkeypatch.setattr(utils, "write_png", lambda path, png: written.setdefault(path.name, png)
+                        if path.parent.name == "labels" else None)
+    assert predict.main([str(photos), "--out", str(tmp_path / "out")]) == 0
     assert sorted(batches) == [((1, 3, 33, 47), (1, 3, 33, 47)), ((2, 3, 40, 56), (2, 3, 40, 56))]
     assert {name: tuple(pred.shape) for name, pred in written.items()} == {
         "a.png": (40, 56), "b.png": (40, 56), "c.png": (33, 47)}

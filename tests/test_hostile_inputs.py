@@ -13,6 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
+import errors
 import evaluate
 import export
 import hubconf
@@ -29,18 +31,6 @@ from model.net import GCN, CheckpointMismatchError, GCNConfig
 from model.transforms import eval_transform
 from test_download import ArchiveServer, download
 from test_predict import write_checkpoint
-
-
-@pytest.fixture
-def no_hang():
-    """Fail (instead of blocking forever) if the test takes more than 20 s: a FIFO read would block."""
-    def alarm(*_):
-        raise TimeoutError("blocked: a FIFO was read")
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(20)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
 
 
 def one_line_error(capsys) -> str:
@@ -63,7 +53,7 @@ def test_predict_refuses_output_names_that_would_collide_before_writing(tmp_path
     for name in ("x.jpg", "x.png", "x.jpg.png"):
         image(tmp_path / "in" / name)
     out = tmp_path / "out"
-    assert predict.cli([str(tmp_path / "in"), "--out", str(out), "--model_dir", str(tmp_path)]) == 2
+    assert predict.main([str(tmp_path / "in"), "--out", str(out), "--model_dir", str(tmp_path)]) == 2
     assert "would both be written as x.jpg.png" in one_line_error(capsys)
     assert not out.exists()
 
@@ -120,7 +110,7 @@ def test_a_lock_file_planted_as_a_link_is_refused_and_its_target_untouched(tmp_p
     run = tmp_path / "run"
     run.mkdir()
     (run / utils.LOCK_FILE).symlink_to(victim)
-    with pytest.raises(utils.UserError, match=r"a link is planted at \.train\.lock; remove it"):
+    with pytest.raises(errors.UserError, match=r"a link is planted at \.train\.lock; remove it"):
         with utils.RunLock(run):
             pass
     assert victim.read_text() == "precious"
@@ -143,9 +133,9 @@ def test_export_weights_replace_a_planted_link_and_keep_its_target(tmp_path, cap
     out = tmp_path / "w.pth"
     (tmp_path / ".w.pth.tmp").symlink_to(victim)
     out.symlink_to(victim)
-    assert export.cli(["--model_dir", str(tmp_path), "--format", "weights", "--out", str(out)]) == 0
+    assert export.main(["--model_dir", str(tmp_path), "--format", "weights", "--out", str(out)]) == 0
     assert victim.read_text() == "precious" and not out.is_symlink()
-    assert utils.load_checkpoint(out, GCNConfig, DataConfig)["class_names"] == ["background", "cat", "dog"]
+    assert checkpoints.load_checkpoint(out)["class_names"] == ["background", "cat", "dog"]
 
 
 # ------------------------------------------------------------------ items 4, 11: train.py
@@ -163,14 +153,14 @@ def test_a_killed_dataloader_worker_saves_and_stops_in_one_line_naming_memory(ex
 
     monkeypatch.setattr(SyntheticSegmentation, "__getitem__", killed_on_the_sixth_item)
     model_dir = experiment(num_workers=1)
-    assert train.cli(["--model_dir", str(model_dir)]) == 2
+    assert train.main(["--model_dir", str(model_dir)]) == 2
     stderr = capsys.readouterr().err
     err = stderr.rstrip().splitlines()[-1].split("   ")[-1]  # after the log lines and tqdm's bar
     assert err.startswith("error: DataLoader worker") and "out of memory" in err, err
     assert "resume with --restore_file last" in err and "Traceback" not in stderr
     assert (model_dir / utils.LAST_CHECKPOINT).is_file()
     monkeypatch.setattr(SyntheticSegmentation, "__getitem__", original)
-    assert train.cli(["--model_dir", str(model_dir), "--restore_file", "last"]) == 0  # the run resumes
+    assert train.main(["--model_dir", str(model_dir), "--restore_file", "last"]) == 0  # the run resumes
 
 
 def test_a_dataloader_worker_killed_during_validation_is_one_line_and_the_epoch_resumes(experiment, monkeypatch,
@@ -184,18 +174,18 @@ def test_a_dataloader_worker_killed_during_validation_is_one_line_and_the_epoch_
 
     monkeypatch.setattr(SyntheticSegmentation, "__getitem__", killed_in_validation)
     model_dir = experiment(num_workers=1, num_epochs=1)
-    assert train.cli(["--model_dir", str(model_dir)]) == 2
+    assert train.main(["--model_dir", str(model_dir)]) == 2
     stderr = capsys.readouterr().err
     err = stderr.rstrip().splitlines()[-1].split("   ")[-1]
     assert err.startswith("error: DataLoader worker") and "out of memory" in err, err
     assert "saved" in err and "resume with --restore_file last" in err and "Traceback" not in stderr
     saved = torch.load(model_dir / utils.LAST_CHECKPOINT, weights_only=True)["progress"]
     assert saved["iteration"] == 4 and saved["validation_pending"]  # the trained epoch, still to validate
-    assert evaluate.cli(["--model_dir", str(model_dir), "--restore_file", "last"]) == 2  # evaluate.py alike
+    assert evaluate.main(["--model_dir", str(model_dir), "--restore_file", "last"]) == 2  # evaluate.py alike
     stderr = capsys.readouterr().err
     assert stderr.splitlines()[-1].startswith("error: DataLoader worker") and "Traceback" not in stderr
     monkeypatch.setattr(SyntheticSegmentation, "__getitem__", original)
-    assert train.cli(["--model_dir", str(model_dir), "--restore_file", "last"]) == 0
+    assert train.main(["--model_dir", str(model_dir), "--restore_file", "last"]) == 0
     assert json.loads((model_dir / utils.METRICS_LAST).read_text())["epoch"] == 1
 
 
@@ -207,13 +197,13 @@ def test_ctrl_c_while_starting_is_one_line_and_force_deletes_nothing(experiment,
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train, "build_dataset", interrupted)
-    assert train.cli(["--model_dir", str(model_dir), "--force"]) == 128 + signal.SIGINT
+    assert train.main(["--model_dir", str(model_dir), "--force"]) == 128 + signal.SIGINT
     assert "nothing new was saved" in one_line_error(capsys)
     assert (model_dir / utils.LAST_CHECKPOINT).read_bytes() == b"the previous run"
 
 
 def test_a_run_folder_deleted_mid_run_is_not_recreated(tmp_path):
-    with pytest.raises(utils.UserError, match="does not exist .*not recreating it"):
+    with pytest.raises(errors.UserError, match="does not exist .*not recreating it"):
         utils.write_json(tmp_path / "gone" / "metrics.json", {})
     assert not (tmp_path / "gone").exists()
 
@@ -243,7 +233,7 @@ def test_a_fifo_is_never_read(tmp_path, capsys, no_hang):
     with pytest.raises(DatasetError, match="not a regular file"):
         read_image(fifo)
     write_checkpoint(tmp_path / "best.pth.tar")
-    assert predict.cli([str(fifo), "--out", str(tmp_path / "out"), "--model_dir", str(tmp_path)]) == 2
+    assert predict.main([str(fifo), "--out", str(tmp_path / "out"), "--model_dir", str(tmp_path)]) == 2
     assert "not a regular file or folder" in one_line_error(capsys)
     _, errors = predict.size_batches([fifo], 1)
     assert errors and "not a regular file" in errors[0]
@@ -273,12 +263,12 @@ def test_a_bad_checkpoint_is_one_line_in_predict_export_and_hubconf_and_export_w
     image(tmp_path / "in" / "a.png")
     for name, path in broken_checkpoints(tmp_path).items():
         out = tmp_path / f"out_{path.stem}"
-        assert predict.cli([str(tmp_path / "in"), "--out", str(out), "--restore_file", str(path)]) == 2, name
+        assert predict.main([str(tmp_path / "in"), "--out", str(out), "--restore_file", str(path)]) == 2, name
         assert str(path) in one_line_error(capsys)
         weights = tmp_path / f"{path.stem}.pth"
-        assert export.cli(["--restore_file", str(path), "--format", "weights", "--out", str(weights)]) == 2, name
+        assert export.main(["--restore_file", str(path), "--format", "weights", "--out", str(weights)]) == 2, name
         assert str(path) in one_line_error(capsys) and not weights.exists()
-        with pytest.raises((utils.CheckpointError, CheckpointMismatchError), match=str(path)):
+        with pytest.raises((checkpoints.CheckpointError, CheckpointMismatchError), match=str(path)):
             hubconf.gcn(str(path))
 
 
@@ -299,14 +289,14 @@ def test_output_paths_of_the_wrong_type_are_one_line_before_any_work(tmp_path, c
     image(tmp_path / "in" / "a.png")
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    assert predict.cli([str(tmp_path / "in"), "--out", str(a_file), "--model_dir", str(tmp_path)]) == 2
+    assert predict.main([str(tmp_path / "in"), "--out", str(a_file), "--model_dir", str(tmp_path)]) == 2
     assert "is a file, not a folder" in one_line_error(capsys)
-    assert export.cli(["--model_dir", str(tmp_path), "--format", "weights", "--out", str(tmp_path / "in")]) == 2
+    assert export.main(["--model_dir", str(tmp_path), "--format", "weights", "--out", str(tmp_path / "in")]) == 2
     assert "is a folder; give a file name" in one_line_error(capsys) and not list((tmp_path / "in").glob("*.pth"))
-    with pytest.raises(utils.UserError, match="is a file, not a folder"):
+    with pytest.raises(errors.UserError, match="is a file, not a folder"):
         utils.output_folder(a_file / "sub", "--save_predictions")
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
-    with pytest.raises(utils.UserError, match="is a broken link, not a folder"):
+    with pytest.raises(errors.UserError, match="is a broken link, not a folder"):
         utils.output_folder(tmp_path / "dangling", "--save_predictions")
     assert download.main(["voc", "--dest", str(a_file / "data")]) == 2
     assert "cannot create --dest" in one_line_error(capsys)

@@ -144,7 +144,7 @@ def test_a_two_class_folder_set_of_1_bit_masks_trains_on_its_foreground(tmp_path
         "dataset": "folder", "data_dir": str(root), "num_classes": 2, "val_fraction": 0.2, "crop_size": 32,
         "num_workers": 0, "backbone": "resnet18", "kernel_size": 3, "batch_size": 4, "num_iterations": 2,
         "scale_range": [1.0, 1.0]}))
-    assert train.cli(["--model_dir", str(model_dir)]) == 0
+    assert train.main(["--model_dir", str(model_dir)]) == 0
     metrics = json.loads((model_dir / utils.METRICS_LAST).read_text())
     counts = np.array(metrics["confusion_matrix"]["counts"])
     assert counts[1].sum() > 0, "no foreground pixel was scored: class 1 read as void"

@@ -331,17 +331,6 @@ def test_all_reduce_two_gloo_processes_equals_single_process(tmp_path):
             assert results[name] == expected, (rank, name)
 
 
-def test_evaluation_settings_offer_exactly_the_band_definitions():
-    """utils imports nothing of model/, so EvalConfig restates the choices: they must stay the same."""
-    import dataclasses  # noqa: PLC0415
-
-    import utils  # noqa: PLC0415
-    from model import metrics  # noqa: PLC0415
-    choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(utils.EvalConfig) if "choices" in f.metadata}
-    assert choices["boundary_distance"] == metrics.BOUNDARY_DISTANCES
-    assert choices["boundary_void"] == metrics.BOUNDARY_VOIDS
-
-
 def test_values_not_looked_at_in_update_are_counted_and_refused_by_compute(monkeypatch):
     """On a GPU, update() does not look at the values (the host would wait for every image): a prediction or label
     that is not a class (or ignore_index) is counted on the device, and compute() refuses the counts."""

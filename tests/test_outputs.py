@@ -9,7 +9,6 @@ import fnmatch
 import json
 import os
 import shutil
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+import errors
 import evaluate
 import export
 import predict
@@ -66,7 +66,7 @@ def trained_folder(tmp_path_factory) -> Path:
     """A trained TINY experiment (one iteration) whose checkpoint the evaluate cases share."""
     folder = tmp_path_factory.mktemp("trained")
     (folder / "params.json").write_text(json.dumps({**TINY, "num_iterations": 1, "synthetic_val_images": 1}))
-    assert train.cli(["--model_dir", str(folder)]) == 0
+    assert train.main(["--model_dir", str(folder)]) == 0
     return folder
 
 
@@ -84,30 +84,30 @@ def prepare(entry: str, root: Path, trained: Path, monkeypatch) -> Case:
                     plant()
                     yield
             monkeypatch.setattr(train, "claim_run_folder", claim_then_plant)
-            return train.cli(["--model_dir", str(root), "--force"])
+            return train.main(["--model_dir", str(root), "--force"])
         return Case(root, run)
     if entry == "evaluate":
         root.mkdir()
         shutil.copy(trained / "params.json", root)
         os.link(trained / utils.BEST_CHECKPOINT, root / utils.BEST_CHECKPOINT)
-        return Case(root, lambda plant: plant() or evaluate.cli(
+        return Case(root, lambda plant: plant() or evaluate.main(
             ["--model_dir", str(root), "--save_predictions", str(root / "predictions"), "--num_pictures", "1"]))
     if entry == "predict":
         (root / "in").mkdir(parents=True)
         write_checkpoint(root / utils.BEST_CHECKPOINT)
         Image.new("RGB", (20, 16), (90, 20, 200)).save(root / "in" / "a.png")
-        return Case(root, lambda plant: plant() or predict.cli(
+        return Case(root, lambda plant: plant() or predict.main(
             [str(root / "in"), "--out", str(root / "out"), "--model_dir", str(root)]))
     if entry == "export-weights":
         root.mkdir()
         write_checkpoint(root / utils.BEST_CHECKPOINT)
-        return Case(root, lambda plant: plant() or export.cli(
+        return Case(root, lambda plant: plant() or export.main(
             ["--model_dir", str(root), "--format", "weights", "--out", str(root / "w.pth")]))
     if entry == "export-onnx":  # a one-layer network: its file goes through export.py's path, in a fraction of the time
         root.mkdir()
         monkeypatch.setattr(export, "load_trained_model", lambda path: SimpleNamespace(
             path=path, checkpoint={}, class_names=["a", "b"], palette=[(0, 0, 0), (9, 9, 9)], net=OneLayer()))
-        return Case(root, lambda plant: plant() or export.cli(["--model_dir", str(root), "--format", "onnx"]))
+        return Case(root, lambda plant: plant() or export.main(["--model_dir", str(root), "--format", "onnx"]))
     if entry == "search_hyperparams":
         root.mkdir()
         (root / "params.json").write_text(json.dumps({"learning_rate": 0.01}))
@@ -129,18 +129,6 @@ class OneLayer(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
-
-
-@pytest.fixture
-def no_hang():
-    """Fail instead of blocking for good (a FIFO opened for writing waits for a reader)."""
-    def alarm(*_):
-        raise TimeoutError("blocked: a FIFO was opened")
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(180)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
 
 
 def temporary(path: Path) -> Path:
@@ -217,7 +205,7 @@ def test_the_lock_file_planted_as_anything_else_is_refused_in_one_line(kind, tmp
     victim.write_text("precious")
     lock = model_dir / utils.LOCK_FILE
     {"link": lambda: lock.symlink_to(victim), "fifo": lambda: os.mkfifo(lock), "folder": lock.mkdir}[kind]()
-    assert train.cli(["--model_dir", str(model_dir)]) == 2
+    assert train.main(["--model_dir", str(model_dir)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot lock {model_dir}: ") and err.count("\n") == 1
     assert victim.read_text() == "precious" and sorted(os.listdir(model_dir)) == [utils.LOCK_FILE, "params.json"]
@@ -248,5 +236,5 @@ def test_a_log_opened_for_appending_replaces_a_link_or_fifo_and_refuses_a_folder
         assert not log.is_symlink() and log.read_text() == ("before\nafter\n" if kind == "file" else "after\n")
     assert victim.read_text() == "precious"
     (tmp_path / "folder.log").mkdir()
-    with pytest.raises(utils.UserError, match=r"folder\.log: a folder is in the way"):
+    with pytest.raises(errors.UserError, match=r"folder\.log: a folder is in the way"):
         utils.open_append(tmp_path / "folder.log")

@@ -13,13 +13,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+import errors
 import evaluate
 import predict
 import utils
 from model.datasets.voc import voc_palette
 from model.inference import predict_logits, segment
 from model.net import GCN, GCNConfig
-from utils import normalise
+from model.transforms import normalise
 from model.visualize import OVERLAY_ALPHA, overlay_picture, picture_layout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +80,7 @@ def checkpoint(tmp_path_factory) -> tuple[Path, GCN]:
 
 
 def run_predict(checkpoint_file: Path, *args: str) -> int:
-    return predict.cli(["--restore_file", str(checkpoint_file), *args])
+    return predict.main(["--restore_file", str(checkpoint_file), *args])
 
 
 def test_a_folder_gives_one_label_map_and_overlay_per_readable_image(checkpoint, tmp_path, capsys):
@@ -139,9 +140,9 @@ def test_predictions_equal_evaluate_py_on_a_folder_data_set(checkpoint, tmp_path
         "backbone": "resnet18", "kernel_size": 3, "amp": False}))
     (model_dir / utils.BEST_CHECKPOINT).write_bytes(path.read_bytes())
 
-    evaluate.main(evaluate.parse_args(["--model_dir", str(model_dir), "--save_predictions", str(tmp_path / "eval"),
-                                       "--num_pictures", "0"]))
-    assert predict.cli(["--model_dir", str(model_dir), str(data / "images"), "--out", str(tmp_path / "pred")]) == 0
+    evaluate.evaluate_checkpoint(evaluate.parse_args(["--model_dir", str(model_dir), "--save_predictions",
+                                                      str(tmp_path / "eval"), "--num_pictures", "0"]))
+    assert predict.main(["--model_dir", str(model_dir), str(data / "images"), "--out", str(tmp_path / "pred")]) == 0
     for name in names:
         expected = Image.open(tmp_path / "eval" / f"{name}.png")
         got = Image.open(tmp_path / "pred" / "labels" / f"{name}.png")
@@ -179,7 +180,7 @@ def test_output_names_mirror_the_inputs_and_never_collide(tmp_path):
     globbed = predict.find_images([str(tmp_path / "*" / "x.jpg"), str(tmp_path / "a" / "x.jpg")], tmp_path / "out")
     assert [str(n) for n in globbed.values()] == ["a/x.png", "b/x.png"]  # each file once
     for missing in (tmp_path / "nope", tmp_path / "*.tif"):
-        with pytest.raises(utils.UserError, match="nope: no such file|matches nothing"):
+        with pytest.raises(errors.UserError, match="nope: no such file|matches nothing"):
             predict.find_images([str(missing)], tmp_path / "out")
 
 
@@ -193,7 +194,7 @@ def test_bad_arguments_and_checkpoints_are_one_line_and_status_2(checkpoint, tmp
              (["--restore_file", str(no_names)], "has no palette"),
              (["--batch_size", "0"], "must be positive")]
     for args, message in cases:
-        assert predict.cli(["--restore_file", str(path), str(tmp_path / "a.png"), "--out", str(tmp_path / "o"),
+        assert predict.main(["--restore_file", str(path), str(tmp_path / "a.png"), "--out", str(tmp_path / "o"),
                             *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err

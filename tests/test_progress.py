@@ -67,7 +67,7 @@ def test_train_and_evaluate_draw_bars_on_a_terminal_that_end_with_the_budget(exp
 
 def test_no_bars_where_stderr_is_not_a_terminal_only_the_log_lines(experiment, capsys):
     model_dir = experiment(num_iterations=1)
-    assert train.cli(["--model_dir", str(model_dir)]) == 0
+    assert train.main(["--model_dir", str(model_dir)]) == 0
     err = capsys.readouterr().err
     assert BAR not in err and "Epoch 1: val mIoU" in err
     result = subprocess.run([sys.executable, "evaluate.py", "--model_dir", str(model_dir), "--restore_file", "last"],
@@ -80,9 +80,9 @@ def test_predict_draws_its_bar_on_a_terminal_only(tmp_path, capsys, terminal):
     for i in range(3):
         Image.fromarray(smooth_image(20 + i, 30, i)).save(tmp_path / f"{i}.png")
     arguments = ["--model_dir", str(tmp_path), str(tmp_path / "*.png"), "--out", str(tmp_path / "out")]
-    assert predict.cli(arguments) == 0
+    assert predict.main(arguments) == 0
     assert BAR not in capsys.readouterr().err
     screen = terminal()
-    assert predict.cli(arguments) == 0
+    assert predict.main(arguments) == 0
     assert "100%|" in screen.getvalue() and "3/3 [" in screen.getvalue()
     assert np.array(Image.open(tmp_path / "out" / "labels" / "2.png")).shape == (22, 30)

@@ -10,6 +10,7 @@ from PIL import Image
 from torch import nn
 
 import analyze_receptive_field as arf
+import checkpoints
 import utils
 from model.net import GCN, GCNConfig
 
@@ -86,14 +87,14 @@ def test_the_command_writes_pictures_and_metrics_for_each_model_and_a_comparison
         model_dir = experiment(name, head=head, kernel_size=kernel)
         torch.manual_seed(0)
         model = GCN(GCNConfig(5, "resnet18", kernel_size=kernel, head=head))
-        utils.save_checkpoint({"state_dict": model.state_dict(), "model_config": vars(model.config),
+        checkpoints.save_checkpoint({"state_dict": model.state_dict(), "model_config": vars(model.config),
                                "class_names": list("abcde"), "palette": [[i, i, i] for i in range(5)]},
                               model_dir / utils.BEST_CHECKPOINT)
         dirs += ["--model_dir", str(model_dir)]
     photo = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 97, 3), dtype=np.uint8)).save(photo)
     compare = tmp_path / "compare.png"
-    assert arf.cli([*dirs, str(photo), "--pixel", "10,20", "--pixel", "69,96", "--compare", str(compare)]) == 0
+    assert arf.main([*dirs, str(photo), "--pixel", "10,20", "--pixel", "69,96", "--compare", str(compare)]) == 0
     for name, kernel in (("k3", 3), ("one", 1)):
         metrics = json.loads((tmp_path / name / "metrics_receptive_field_best.json").read_text())
         assert metrics["kernel_size"] == kernel and [p["pixel"] for p in metrics["pixels"]] == [[10, 20], [69, 96]]
@@ -101,9 +102,9 @@ def test_the_command_writes_pictures_and_metrics_for_each_model_and_a_comparison
         assert sorted(p.name for p in (tmp_path / name / "receptive_field").iterdir()) == ["photo_10_20.png",
                                                                                           "photo_69_96.png"]
     assert Image.open(compare).size[0] > Image.open(tmp_path / "k3" / "receptive_field" / "photo_10_20.png").size[0]
-    assert arf.cli([*dirs[:2], "--pixel", "48,0"]) == 2  # the synthetic val image is 48×48
-    assert arf.cli([*dirs[:2], "--pixel", "1-2"]) == 2
-    assert arf.cli([*dirs[:2]]) == 0  # the first val image, its centre
+    assert arf.main([*dirs[:2], "--pixel", "48,0"]) == 2  # the synthetic val image is 48×48
+    assert arf.main([*dirs[:2], "--pixel", "1-2"]) == 2
+    assert arf.main([*dirs[:2]]) == 0  # the first val image, its centre
 
 
 @pytest.mark.parametrize("kernel, size", [(3, (40, 56)), (1, (70, 97))])

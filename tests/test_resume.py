@@ -22,10 +22,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 # only the atomic writes of the file NAME).
 STRIKE = """
 import os, signal, subprocess, sys
-import evaluate, train, utils
+import checkpoints, evaluate, train, utils
 where, when, action = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 module, name = {"step": (train, "synchronise"), "validation": (evaluate, "predict_logits"),
-                "save": (utils, "save_checkpoint"), "write": (utils, "atomic_write")}[where.split(":")[0]]
+                "save": (checkpoints, "save_checkpoint"), "write": (utils, "atomic_write")}[where.split(":")[0]]
 original, calls = getattr(module, name), []
 
 def strike(*args, **kwargs):
@@ -45,7 +45,7 @@ def strike(*args, **kwargs):
     return original(*args, **kwargs)
 
 setattr(module, name, strike)
-sys.exit(train.cli(sys.argv[4:]))
+sys.exit(train.main(sys.argv[4:]))
 """
 
 
@@ -167,7 +167,7 @@ def test_a_run_another_writer_completes_while_this_one_starts_is_never_deleted(e
     if start == "resumed":
         with monkeypatch.context() as patch:
             stop_after_first_step(patch)
-            assert train.cli(["--model_dir", str(model_dir)]) == 128 + signal.SIGTERM
+            assert train.main(["--model_dir", str(model_dir)]) == 128 + signal.SIGTERM
     finished = (utils.BEST_CHECKPOINT, utils.METRICS_BEST, utils.METRICS_LAST, utils.COMPLETE_MARKER)
     real = train.build_data
 
@@ -180,7 +180,7 @@ def test_a_run_another_writer_completes_while_this_one_starts_is_never_deleted(e
         return built
 
     monkeypatch.setattr(train, "build_data", another_writer_completes_the_run)
-    assert train.cli(["--model_dir", str(model_dir), "--restore_file", "auto"]) == 2
+    assert train.main(["--model_dir", str(model_dir), "--restore_file", "auto"]) == 2
     assert "changed while this run was starting" in capsys.readouterr().err
     assert all((model_dir / name).read_text() == "the other writer's" for name in finished)
     assert not (model_dir / utils.LAST_CHECKPOINT).exists()

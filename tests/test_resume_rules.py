@@ -10,13 +10,13 @@ import pytest
 import torch
 import torchvision
 
+import errors
+import settings
 import train
 import utils
-from model.data_loader import DataConfig
-from model.net import GCNConfig
 from test_train import read_json, run_train, stop_after_first_step
 
-EXPERIMENT = utils.experiment_configs((DataConfig, GCNConfig))
+EXPERIMENT = settings.EXPERIMENT_CONFIGS
 BASE = {"dataset": "synthetic", "data_dir": "", "num_classes": 5, "crop_size": 64}
 
 # Every setting, a value other than BASE's, and whether a resumed run may take it. May change: how to run (workers,
@@ -54,20 +54,20 @@ RESUME_RULES: dict[str, tuple[object, bool]] = {
 
 
 def test_the_resume_table_names_every_setting():
-    assert set(RESUME_RULES) == set(utils.experiment_settings(EXPERIMENT))
+    assert set(RESUME_RULES) == set(settings.experiment_settings(EXPERIMENT))
 
 
 @pytest.mark.parametrize("key", RESUME_RULES)
 def test_every_setting_changes_on_resume_or_is_refused_naming_it(key):
     value, may_change = RESUME_RULES[key]
-    saved = utils.Params(BASE, EXPERIMENT).dict
+    saved = settings.Params(BASE, EXPERIMENT).dict
     assert saved[key] != value
-    changed = utils.Params(BASE, EXPERIMENT, "params.json", {key: value})
+    changed = settings.Params(BASE, EXPERIMENT, "params.json", {key: value})
     if may_change:
         resumed, overrides = changed.resumed(saved, {}, {key: value}, "last.pth.tar")
         assert getattr(resumed, key) == value and overrides == {key: value}
     else:
-        with pytest.raises(utils.ParamsError, match=rf"^last\.pth\.tar was trained with other settings: {key}="):
+        with pytest.raises(errors.ParamsError, match=rf"^last\.pth\.tar was trained with other settings: {key}="):
             changed.resumed(saved, {}, {key: value}, "last.pth.tar")
 
 

@@ -8,16 +8,16 @@ import json
 import pytest
 import torch
 
+import checkpoints
+import errors
 import hubconf
 import predict
+import settings
 import train
-import utils
-from model.data_loader import DataConfig
-from model.net import GCNConfig
 from test_predict import TRAINING_PARAMS, write_checkpoint
 
-EXPERIMENT = utils.experiment_configs((DataConfig, GCNConfig))
-SETTINGS = utils.experiment_settings(EXPERIMENT)
+EXPERIMENT = settings.EXPERIMENT_CONFIGS
+SETTINGS = settings.experiment_settings(EXPERIMENT)
 BASE = {"dataset": "synthetic", "data_dir": "", "num_classes": 5, "crop_size": 64}  # batch_size 1 is fine at 64²
 
 
@@ -29,15 +29,15 @@ def nested(depth: int) -> list:
 
 
 JSON_TYPES = {"string": "4", "integer": 4, "number": 2.5, "bool": True, "null": None, "list": [4],
-              "object": {"a": 4}, "nested": [[[4]]], "deep": nested(utils.MAX_JSON_DEPTH + 1)}
+              "object": {"a": 4}, "nested": [[[4]]], "deep": nested(settings.MAX_JSON_DEPTH + 1)}
 PYTHON_TYPES = {"string": str, "integer": int, "number": float, "bool": bool, "null": type(None)}
 
 
 def params_error(values: dict, overrides: dict | None = None) -> str | None:
     """Params' one-line refusal, or None if accepted; any other exception fails the test."""
     try:
-        utils.Params(values, EXPERIMENT, "params.json", overrides)
-    except utils.ParamsError as exc:
+        settings.Params(values, EXPERIMENT, "params.json", overrides)
+    except errors.ParamsError as exc:
         assert "\n" not in str(exc), str(exc)
         return str(exc)
     return None
@@ -107,12 +107,12 @@ def test_a_size_that_would_exhaust_memory_is_refused_naming_it(key, value, memor
 def test_deeply_nested_json_is_one_line_in_params_json_and_set(tmp_path, text, capsys):
     path = tmp_path / "params.json"
     path.write_text(json.dumps(BASE)[:-1] + ', "scale_range": ' + text + "}")
-    with pytest.raises(utils.ParamsError, match=rf"^{path}: lists or objects nested deeper than 32 levels$"):
-        utils.Params.load(path, EXPERIMENT)
-    with pytest.raises(utils.ParamsError, match=r"^--set scale_range: lists or objects nested deeper than 32"):
-        utils.parse_overrides([f"scale_range={text}"])
+    with pytest.raises(errors.ParamsError, match=rf"^{path}: lists or objects nested deeper than 32 levels$"):
+        settings.Params.load(path, EXPERIMENT)
+    with pytest.raises(errors.ParamsError, match=r"^--set scale_range: lists or objects nested deeper than 32"):
+        settings.parse_overrides([f"scale_range={text}"])
     path.write_text(json.dumps(BASE))
-    assert train.cli(["--model_dir", str(tmp_path), "--set", f"scale_range={text}"]) == 2
+    assert train.main(["--model_dir", str(tmp_path), "--set", f"scale_range={text}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --set scale_range: lists or objects nested") and err.count("\n") == 1
 
@@ -120,24 +120,24 @@ def test_deeply_nested_json_is_one_line_in_params_json_and_set(tmp_path, text, c
 def test_a_wrong_type_for_a_key_with_a_cross_field_rule_is_one_line(tmp_path, capsys):
     (tmp_path / "params.json").write_text(json.dumps(BASE))
     for value in ('abc', '"4"', "[4]", '{"a": 4}'):
-        assert train.cli(["--model_dir", str(tmp_path), "--set", f"batch_size={value}"]) == 2
+        assert train.main(["--model_dir", str(tmp_path), "--set", f"batch_size={value}"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: --set: 'batch_size' is ") and err.count("\n") == 1 and "Traceback" not in err
 
 
-@pytest.mark.parametrize("value", ["4", [4], nested(utils.MAX_JSON_DEPTH + 1)])
+@pytest.mark.parametrize("value", ["4", [4], nested(settings.MAX_JSON_DEPTH + 1)])
 def test_a_checkpoint_with_a_wrong_type_is_one_line_in_predict_and_torch_hub(tmp_path, capsys, value):
     path = tmp_path / "best.pth.tar"
     write_checkpoint(path, params={**TRAINING_PARAMS, "batch_size": value})
     (tmp_path / "in").mkdir()
-    assert predict.cli([str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--restore_file", str(path)]) == 2
+    assert predict.main([str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--restore_file", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: checkpoint {path}: params: 'batch_size' is ") and err.count("\n") == 1
-    with pytest.raises(utils.CheckpointError, match=rf"^checkpoint {path}: params: 'batch_size' is "):
+    with pytest.raises(checkpoints.CheckpointError, match=rf"^checkpoint {path}: params: 'batch_size' is "):
         hubconf.gcn(str(path))
     assert torch.load(path, weights_only=True)["params"]["batch_size"] == value  # nothing was rewritten
 
 
 def test_json_depth_counts_without_recursion():
-    assert [utils.json_depth(v) for v in (3, "x", [], {"a": [1]}, [[], [[]]])] == [0, 0, 1, 2, 3]
-    assert utils.json_depth(nested(10**5)) == utils.MAX_JSON_DEPTH + 1  # counted up to the limit only
+    assert [settings.json_depth(v) for v in (3, "x", [], {"a": [1]}, [[], [[]]])] == [0, 0, 1, 2, 3]
+    assert settings.json_depth(nested(10**5)) == settings.MAX_JSON_DEPTH + 1  # counted up to the limit only

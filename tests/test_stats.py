@@ -51,7 +51,7 @@ def make_experiment(root: Path, **overrides) -> Path:
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = stats.cli(list(argv))
+    code = stats.main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -138,7 +138,7 @@ def test_bad_model_dir_and_missing_data_are_one_line_errors(tmp_path, capsys):
 
 @pytest.mark.parametrize("module", ["data.stats", "data.build_voc_aug"])
 def test_the_readme_runs_the_data_scripts_as_modules(module):
-    """`python -m data.stats ...` from the repository root, as the README writes it (no sys.path edits)."""
+    """`python -m data.stats ...` from the repository root, as the README and docs write it (no sys.path edits)."""
     result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and "usage:" in result.stdout, result.stderr

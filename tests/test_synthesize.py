@@ -163,7 +163,8 @@ def test_x_scale_is_log_from_two_decades(values, scale):
 
 def test_x_axis_is_the_numeric_key_that_draws_lines(tmp_path):
     def run(name, **params):
-        return sr.Run(name, tmp_path, params, {"miou": 0.5}, None, True)
+        return sr.RunResult(name=name, directory=tmp_path, params=params, metrics={"miou": 0.5}, problem=None,
+                            complete=True)
 
     table2 = [run(f"{h}{k}", head=h, kernel_size=k) for h in ("gcn", "conv") for k in (3, 5, 7)]
     assert sr.choose_x_key(table2, ["head", "kernel_size"]) == "kernel_size"
@@ -247,7 +248,8 @@ def heads_by_seeds(tmp_path: Path) -> Path:
 
 def test_averaged_points_are_mean_and_sample_std_per_setting(tmp_path):
     def run(name, miou, **params):
-        return sr.Run(name, tmp_path, params, {"miou": miou, "loss": None}, None, True)
+        return sr.RunResult(name=name, directory=tmp_path, params=params, metrics={"miou": miou, "loss": None},
+                            problem=None, complete=True)
 
     rows = [run("a1", 0.60, head="gcn", seed=1), run("b1", 0.58, head="1x1", seed=1),
             run("a2", 0.56, head="gcn", seed=2), run("b2", 0.50, head="1x1", seed=2),

@@ -20,8 +20,10 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import settings
 import tracking
 import utils
+from conftest import optional_package
 from test_train import read_json, run_train, stop_after_first_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,12 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 def mlflow(tmp_path, monkeypatch) -> SimpleNamespace:
     """The mlflow package (.package) and a file store in tmp_path (.uri). A clone without mlflow skips, saying so;
     .ci/run installs it and sets GCN_REQUIRE_MLFLOW=1, and there a missing package fails."""
-    try:
-        import mlflow  # noqa: PLC0415 -- optional: the rest of the suite runs without it
-    except ImportError:
-        if os.environ.get("GCN_REQUIRE_MLFLOW") == "1":
-            pytest.fail("GCN_REQUIRE_MLFLOW=1 but mlflow is not installed")
-        pytest.skip("needs mlflow (pip install mlflow), an optional dependency")
+    mlflow = optional_package("mlflow", "GCN_REQUIRE_MLFLOW")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps its file store for such uses
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     return SimpleNamespace(package=mlflow, uri=(tmp_path / "mlruns").as_uri())
@@ -153,7 +150,7 @@ def test_metric_names_become_names_mlflow_accepts(mlflow):
 
 def test_mlflow_is_imported_only_when_chosen_and_a_missing_package_is_one_line(experiment, monkeypatch, capsys):
     model_dir = experiment(num_iterations=1)
-    program = ("import sys, train; code = train.cli(['--model_dir', sys.argv[1]]); "
+    program = ("import sys, train; code = train.main(['--model_dir', sys.argv[1]]); "
                "sys.exit(code or 3 * ('mlflow' in sys.modules or 'wandb' in sys.modules))")  # W&B's too
     assert subprocess.run([sys.executable, "-c", program, str(model_dir)], cwd=REPO).returncode == 0
 
@@ -174,7 +171,7 @@ FAKE_ANSWERS = {"/api/2.0/mlflow/experiments/get-by-name": (404, {"error_code": 
                 "/api/2.0/mlflow/runs/create": (200, {"run": FAKE_RUN}),
                 "/api/2.0/mlflow/runs/get": (200, {"run": FAKE_RUN})}
 # train.py with tracking.TIMEOUT_S set to argv[1]
-TRAIN_PY = "import sys, tracking, train; tracking.TIMEOUT_S = float(sys.argv[1]); sys.exit(train.cli(sys.argv[2:]))"
+TRAIN_PY = "import sys, tracking, train; tracking.TIMEOUT_S = float(sys.argv[1]); sys.exit(train.main(sys.argv[2:]))"
 
 
 class FakeStore(http.server.ThreadingHTTPServer):
@@ -327,7 +324,7 @@ def test_a_backend_that_falls_behind_never_makes_training_wait_and_is_dropped_wi
 
 
 def test_http_retry_warnings_from_the_tracking_threads_stay_out_of_the_log(experiment, caplog):
-    with tracking.open_tracker(experiment(), utils.TrainConfig(), {}):
+    with tracking.open_tracker(experiment(), settings.TrainConfig(), {}):
         pass
     urllib3 = logging.getLogger(tracking.URLLIB3_LOGGER)
     for name in (f"{tracking.THREAD_PREFIX}MLflow", "a thread of the program's own"):

@@ -5,7 +5,6 @@ training run."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import struct
 import sys
@@ -19,6 +18,7 @@ import pytest
 
 import tracking
 import utils
+from conftest import optional_package
 from test_tracking import fake_store, mlflow, spawn, tensorboard_scalars  # noqa: F401 -- fixtures used here
 from test_train import read_json, run_train, stop_after_first_step
 
@@ -30,12 +30,7 @@ WANDB_LOG_HEADER = b":W&B\xe1\xbe\x00"
 def wandb(tmp_path, monkeypatch) -> Iterator[SimpleNamespace]:
     """The wandb package (.package), offline, its own files in tmp_path. A clone without wandb skips, saying so;
     .ci/run installs it and sets GCN_REQUIRE_WANDB=1, and there a missing package fails."""
-    try:
-        import wandb  # noqa: PLC0415 -- optional: the rest of the suite runs without it
-    except ImportError:
-        if os.environ.get("GCN_REQUIRE_WANDB") == "1":
-            pytest.fail("GCN_REQUIRE_WANDB=1 but wandb is not installed")
-        pytest.skip("needs wandb (pip install wandb), an optional dependency")
+    wandb = optional_package("wandb", "GCN_REQUIRE_WANDB")
     for name in ("WANDB_PROJECT", "WANDB_ENTITY", "WANDB_DIR", "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_NAME",
                  "WANDB_API_KEY", "WANDB_BASE_URL"):
         monkeypatch.delenv(name, raising=False)

@@ -18,8 +18,10 @@ import torch
 
 import evaluate
 import export
+import settings
 import train
 import utils
+from model.datasets import DatasetError
 from model.net import SegmentationLoss
 from test_data import make_folder, save_index_png
 
@@ -27,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_train(model_dir: Path, *extra: str) -> int:
-    return train.cli(["--model_dir", str(model_dir), *extra])
+    return train.main(["--model_dir", str(model_dir), *extra])
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -115,7 +117,7 @@ def test_resume_keeps_the_runs_own_settings_and_refuses_only_a_contradiction(exp
     assert all(torch.equal(first[k], second[k]) for k in first)
     # ...into a folder that stands alone: its own params.json, which evaluate.py and a requeued job read
     assert read_json(rerun / "params.json") == record["params"]
-    assert evaluate.cli(["--model_dir", str(rerun), "--restore_file", "last"]) == 0
+    assert evaluate.main(["--model_dir", str(rerun), "--restore_file", "last"]) == 0
     capsys.readouterr()
     assert run_train(rerun, "--restore_file", "auto", "--params", str(model_dir / utils.RESOLVED_PARAMS_FILE)) == 0
     assert "nothing to do" in capsys.readouterr().out
@@ -138,7 +140,7 @@ def test_keep_best_weights_keeps_a_weights_only_best_and_no_last(experiment, cap
     assert not (model_dir / utils.LAST_CHECKPOINT).exists()
     best = torch.load(model_dir / utils.BEST_CHECKPOINT, weights_only=True)
     assert sorted(best) == sorted(export.WEIGHTS_KEYS)  # no optimiser: half the size
-    assert evaluate.cli(["--model_dir", str(model_dir), "--restore_file", "best"]) == 0
+    assert evaluate.main(["--model_dir", str(model_dir), "--restore_file", "best"]) == 0
     capsys.readouterr()
     assert run_train(model_dir, "--restore_file", "auto") == 0  # a sweep or a requeued job: nothing to do
     assert "nothing to do" in capsys.readouterr().out
@@ -178,14 +180,15 @@ def test_help_params_lists_every_setting_from_the_dataclasses(capsys):
         train.parse_args(["--help-params"])
     assert exit_info.value.code == 0
     lines = capsys.readouterr().out.splitlines()
-    for config_class in train.CONFIGS:
-        comments = utils.field_comments(config_class)
-        for name, setting in utils.settings_of(config_class).items():
+    for config_class in settings.EXPERIMENT_CONFIGS:
+        comments = settings.field_comments(config_class)
+        for name, setting in settings.settings_of(config_class).items():
             line = next(line for line in lines if line.startswith(f"  {name} ("))
-            default = "required" if setting.default is utils.REQUIRED else f"default {json.dumps(setting.default)}"
+            default = "required" if setting.default is settings.REQUIRED else f"default {json.dumps(setting.default)}"
             assert line.startswith(f"  {name} ({default}; {setting.describe({})}"), line
             assert line.endswith(f": {comments[name]}"), f"{name} has no comment in {config_class.__name__}"
-    assert sum(line.startswith("  ") for line in lines) == len(utils.experiment_settings(train.CONFIGS))
+    listed = sum(line.startswith("  ") for line in lines)
+    assert listed == len(settings.experiment_settings(settings.EXPERIMENT_CONFIGS))
     assert "  kernel_size (default 15; an odd integer >= 1 and <= 255): k of gcn (and conv/stack) heads" in lines
 
 
@@ -276,7 +279,7 @@ def test_a_failing_validation_keeps_the_trained_epoch(experiment, capsys):
     def unreadable_second_image(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
-            raise train.DatasetError("unreadable image val/1.png: broken data stream")
+            raise DatasetError("unreadable image val/1.png: broken data stream")
         return original(*args, **kwargs)
 
     evaluate.predict_logits = unreadable_second_image
@@ -320,10 +323,10 @@ def test_poly_schedule_with_warmup():
 
 
 def test_head_layers_learn_faster_than_the_backbone(experiment):
-    params = utils.Params(json.loads((experiment(head_lr_multiplier=10.0) / "params.json").read_text()),
-                          (train.DataConfig, train.GCNConfig, utils.TrainConfig, utils.EvalConfig))
+    params = settings.Params(json.loads((experiment(head_lr_multiplier=10.0) / "params.json").read_text()),
+                          (train.DataConfig, train.GCNConfig, settings.TrainConfig, settings.EvalConfig))
     model = train.GCN(params.config(train.GCNConfig))
-    backbone, new = train.build_optimizer(model, params.config(utils.TrainConfig),
+    backbone, new = train.build_optimizer(model, params.config(settings.TrainConfig),
                                           utils.Placement(torch.device("cpu"))).param_groups
     assert (backbone["lr"], new["lr"]) == (0.01, 0.1)
     assert len(backbone["params"]) + len(new["params"]) == len(list(model.parameters()))
@@ -340,7 +343,7 @@ def torchrun(model_dir: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def two_nodes(model_dir: Path) -> list[tuple[int, str]]:
-    """train.py on two nodes of one process each, launched as the README's Slurm lines do (one torchrun per node,
+    """train.py on two nodes of one process each, launched as docs/training.md's Slurm lines do (one torchrun per node,
     --node_rank, the first node's address and port), both nodes on this machine: [(status, stderr)] per node."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -364,7 +367,7 @@ def test_ddp_two_processes_match_single_process_validation(experiment):
     assert "Grad strides do not match" not in result.stderr  # the 1×k weights' gradients fit DDP's buckets
     distributed = read_json(model_dir / utils.METRICS_LAST)
     assert read_json(model_dir / utils.COMPLETE_MARKER)["iterations"] == 2  # 16 images / (2 ranks × batch 4)
-    assert evaluate.cli(["--model_dir", str(model_dir), "--restore_file", "last"]) == 0
+    assert evaluate.main(["--model_dir", str(model_dir), "--restore_file", "last"]) == 0
     single = read_json(model_dir / "metrics_val_last.json")
     for key in ("miou", "pixel_accuracy", "mean_accuracy", "fw_iou", "boundary_accuracy", "interior_accuracy"):
         assert distributed[key] == pytest.approx(single[key], abs=1e-9), key
@@ -389,7 +392,7 @@ def test_ddp_with_more_ranks_than_validation_images_completes(experiment):
 
 
 def test_the_demo_settings_train_an_epoch_of_real_voc_because_gradients_are_clipped(shared_data, tmp_path, capsys):
-    """From scratch, lr 0.02 diverges on real VOC within an epoch (README: Training from scratch): the demo's
+    """From scratch, lr 0.02 diverges on real VOC within an epoch (docs/training.md: Training from scratch): the demo's
     settings at batch 4 on the 311 real VOC train images reach NaN without grad_clip_norm and train with it."""
     source = shared_data / "voc2012_2007subset" / "VOCdevkit" / "VOC2012"
     voc = tmp_path / "VOC2012"

@@ -13,7 +13,9 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+import checkpoints
 import predict
+import settings
 import train
 import train_step
 import utils
@@ -195,10 +197,10 @@ def test_a_divergence_is_caught_before_the_next_save(experiment, monkeypatch, ca
         loss = original(self, logits, labels)
         return loss * float("nan") if len(losses) == bad else loss
     monkeypatch.setattr(SegmentationLoss, "forward", nan_on_one_call)
-    save = utils.save_checkpoint
-    monkeypatch.setattr(utils, "save_checkpoint", lambda state, path: (
+    save = checkpoints.save_checkpoint
+    monkeypatch.setattr(checkpoints, "save_checkpoint", lambda state, path: (
         saved.append([t.clone() for t in state["state_dict"].values() if t.is_floating_point()]), save(state, path)))
-    assert train.cli(["--model_dir", str(model_dir)]) == 2
+    assert train.main(["--model_dir", str(model_dir)]) == 2
     assert f"error: loss is nan at iteration {bad} (epoch {epoch})" in capsys.readouterr().err
     assert len(losses) == calls  # at most save_summary_steps late
     if saved_iteration is None:
@@ -293,9 +295,9 @@ def test_checkpoints_hold_plain_learning_rates():
 
 
 def test_cuda_graph_is_off_by_default_and_falls_back_to_eager_on_the_cpu(experiment):
-    assert utils.TrainConfig().cuda_graph is False
-    config = utils.load_params(experiment(cuda_graph=True), (train.DataConfig, train.GCNConfig)).config(
-        utils.TrainConfig)
+    assert settings.TrainConfig().cuda_graph is False
+    config = settings.load_params(experiment(cuda_graph=True)).config(
+        settings.TrainConfig)
     placement = utils.Placement(CPU)
     assert train_step.graph_unsupported(config, placement, 1) == "not on CUDA"
     assert config.cuda_graph and type(train_step.build_step(config, *[None] * 5, placement, 1)) is \
@@ -303,13 +305,13 @@ def test_cuda_graph_is_off_by_default_and_falls_back_to_eager_on_the_cpu(experim
 
 
 @pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no bf16 instructions (AMX-BF16 / AVX512-BF16): "
-                                            "predict.py runs float32 here")
+                                            "eval_precision bfloat16 is refused here")
 def test_predict_runs_in_bf16_on_a_cpu_with_native_bf16(tmp_path, monkeypatch):
-    """A checkpoint trained with amp true: predict.py autocasts to bf16 and still labels every pixel whose two best
-    float32 logits differ by more than bf16's error could bridge as the float32 argmax."""
+    """A checkpoint trained with amp true and eval_precision bfloat16: predict.py autocasts to bf16 (float32, the
+    default, whatever amp) and still labels every pixel whose two best float32 logits differ by more than bf16's
+    error could bridge as the float32 argmax."""
     path = tmp_path / "best.pth.tar"
-    model = write_checkpoint(path, params={**TRAINING_PARAMS, "amp": True})
-    monkeypatch.setattr(utils, "cpu_bf16_pays", lambda: True)  # whether it pays on this CPU is tested above
+    model = write_checkpoint(path, params={**TRAINING_PARAMS, "amp": True, "eval_precision": "bfloat16"})
     dtypes = []
     autocast = utils.autocast
     monkeypatch.setattr(utils, "autocast", lambda device, dtype, *rest: (dtypes.append(dtype),
@@ -317,7 +319,7 @@ def test_predict_runs_in_bf16_on_a_cpu_with_native_bf16(tmp_path, monkeypatch):
     photo = tmp_path / "photos" / "img.png"
     photo.parent.mkdir()
     Image.fromarray(smooth_image(45, 61, 0)).save(photo)
-    assert predict.cli(["--restore_file", str(path), str(photo.parent), "--out", str(tmp_path / "out")]) == 0
+    assert predict.main(["--restore_file", str(path), str(photo.parent), "--out", str(tmp_path / "out")]) == 0
     assert dtypes == [torch.bfloat16]
     labels = np.array(Image.open(tmp_path / "out" / "labels" / "img.png"))
     logits = reference_logits(model, photo)[0]

@@ -3,6 +3,7 @@ writes with the umask's permissions, the lock, checkpoints), logging and mixed p
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,12 +16,16 @@ import pytest
 import torch
 from torch import nn
 
+import checkpoints
+import settings
 import utils
+from checkpoints import CheckpointError
+from errors import ParamsError, UserError
 from model.data_loader import DataConfig
 from model.net import GCNConfig
-from utils import CheckpointError, Params, ParamsError, UserError
+from settings import Params
 
-EXPERIMENT = (DataConfig, GCNConfig, utils.TrainConfig, utils.EvalConfig)
+EXPERIMENT = (DataConfig, GCNConfig, settings.TrainConfig, settings.EvalConfig)
 MINIMAL = {"dataset": "synthetic", "data_dir": "", "num_classes": 5}
 
 
@@ -154,7 +159,7 @@ BAD_VALUES = {
 
 
 def test_every_setting_has_bad_values_below():
-    assert set(BAD_VALUES) == set(utils.experiment_settings(EXPERIMENT))
+    assert set(BAD_VALUES) == set(settings.experiment_settings(EXPERIMENT))
 
 
 @pytest.mark.parametrize("key,value", [(k, v) for k, values in BAD_VALUES.items() for v in values])
@@ -207,7 +212,7 @@ def test_a_setting_declared_in_two_configs_is_refused():
         crop_size: int = 3
 
     with pytest.raises(TypeError, match="'crop_size' is declared twice"):
-        utils.experiment_settings((Demo, Other))
+        settings.experiment_settings((Demo, Other))
 
 
 def test_resumed_params_are_the_checkpoints_with_this_runs_execution_settings():
@@ -230,7 +235,7 @@ def test_resumed_params_are_the_checkpoints_with_this_runs_execution_settings():
 def test_a_resolved_params_file_is_valid_params_input(tmp_path):
     params = Params({**MINIMAL, "learning_rate": 0.02}, EXPERIMENT, "p.json")
     path = tmp_path / utils.RESOLVED_PARAMS_FILE
-    path.write_text(json.dumps(utils.run_record(params, {"learning_rate": 0.02}, {}, torch.device("cpu"))))
+    path.write_text(json.dumps(utils.run_record(params.dict, {"learning_rate": 0.02}, {}, torch.device("cpu"))))
     assert Params.load(path, EXPERIMENT).dict == params.dict
 
 
@@ -243,13 +248,13 @@ def test_dashed_spellings_are_aliases_and_overrides_parse_json():
     args = parser.parse_args(["--model-dir", "x", "--set", "lr=1e-3", "--set", "name=abc", "--set", "r=[1, 2]",
                               "--set", "flag=true", "--set", "none=null"])
     assert args.model_dir == "x"
-    assert utils.parse_overrides(args.set) == {"lr": 1e-3, "name": "abc", "r": [1, 2], "flag": True, "none": None}
+    assert settings.parse_overrides(args.set) == {"lr": 1e-3, "name": "abc", "r": [1, 2], "flag": True, "none": None}
     with pytest.raises(ParamsError, match="--set 'lr': expected key=value"):
-        utils.parse_overrides(["lr"])
+        settings.parse_overrides(["lr"])
 
 
 def test_run_cli_turns_user_errors_into_one_line_and_status_2(capsys):
-    class DataProblem(ValueError):
+    class DataProblem(UserError):  # each module's errors derive from the one base
         pass
 
     def fail(exc):
@@ -258,10 +263,13 @@ def test_run_cli_turns_user_errors_into_one_line_and_status_2(capsys):
         return run
 
     assert utils.run_cli(fail(UserError("bad key 'x'"))) == 2
-    assert utils.run_cli(fail(DataProblem("bad file y")), (DataProblem,)) == 2
-    assert capsys.readouterr().err == "error: bad key 'x'\nerror: bad file y\n"
-    with pytest.raises(KeyError):  # bugs keep their tracebacks
-        utils.run_cli(fail(KeyError("bug")))
+    assert utils.run_cli(fail(DataProblem("bad file y"))) == 2
+    assert utils.run_cli(fail(FileNotFoundError(2, "No such file or directory", "x.png"))) == 2
+    assert capsys.readouterr().err == ("error: bad key 'x'\nerror: bad file y\n"
+                                       "error: [Errno 2] No such file or directory: 'x.png'\n")
+    for bug in (KeyError("bug"), ValueError("bug")):  # bugs keep their tracebacks
+        with pytest.raises(type(bug)):
+            utils.run_cli(fail(bug))
     assert utils.run_cli(lambda: 0) == 0
 
 
@@ -272,7 +280,7 @@ def test_files_are_written_with_the_umask_permissions(tmp_path, umask, mode):
     previous = os.umask(umask)
     try:
         utils.write_json(tmp_path / "metrics.json", {"miou": 0.5})
-        utils.save_checkpoint({"state_dict": {}, "model_config": {}}, tmp_path / "last.pth.tar")
+        checkpoints.save_checkpoint({"state_dict": {}, "model_config": {}}, tmp_path / "last.pth.tar")
     finally:
         os.umask(previous)
     for name in ("metrics.json", "last.pth.tar"):
@@ -285,12 +293,13 @@ def write_to_dev_full(monkeypatch):
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
-    utils.save_checkpoint({"state_dict": {"w": torch.ones(2)}, "model_config": {}}, tmp_path / "last.pth.tar")
+    checkpoints.save_checkpoint({"state_dict": {"w": torch.ones(2)}, "model_config": {}}, tmp_path / "last.pth.tar")
     before = (tmp_path / "last.pth.tar").read_bytes()
     write_to_dev_full(monkeypatch)
     with pytest.raises(CheckpointError, match=r"^cannot write checkpoint .*last\.pth\.tar: No space left on device; "
                                               r"the previous one is kept$"):
-        utils.save_checkpoint({"state_dict": {"w": torch.zeros(2)}, "model_config": {}}, tmp_path / "last.pth.tar")
+        checkpoints.save_checkpoint({"state_dict": {"w": torch.zeros(2)}, "model_config": {}},
+                                    tmp_path / "last.pth.tar")
     assert (tmp_path / "last.pth.tar").read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["last.pth.tar"]  # the temporary is gone
 
@@ -346,13 +355,13 @@ CONFIG = {"num_classes": 2, "backbone": "resnet18", "kernel_size": 15}
 
 
 def save_tiny(path, seed=0, **extra):
-    utils.save_checkpoint({"state_dict": tiny_model(seed).state_dict(), "model_config": CONFIG,
+    checkpoints.save_checkpoint({"state_dict": tiny_model(seed).state_dict(), "model_config": CONFIG,
                            "class_names": ["a", "b"], "palette": [[0, 0, 0], [9, 9, 9]], **extra}, path)
 
 
 def test_checkpoint_round_trip(tmp_path):
     save_tiny(tmp_path / "last.pth.tar", progress={"epoch": 7})  # no progress class: any dict
-    checkpoint = utils.load_checkpoint(tmp_path / "last.pth.tar", GCNConfig, DataConfig)
+    checkpoint = checkpoints.load_checkpoint(tmp_path / "last.pth.tar")
     assert checkpoint["progress"] == {"epoch": 7} and checkpoint["model_config"] == CONFIG
     for (name, expected), actual in zip(tiny_model(0).state_dict().items(), checkpoint["state_dict"].values()):
         assert torch.equal(actual, expected), name
@@ -360,7 +369,7 @@ def test_checkpoint_round_trip(tmp_path):
 
 def assert_checkpoint_error(path, *fragments):
     with pytest.raises(CheckpointError) as info:
-        utils.load_checkpoint(path, GCNConfig, DataConfig)
+        checkpoints.load_checkpoint(path)
     message = str(info.value)
     assert str(path) in message and "\n" not in message
     for fragment in fragments:
@@ -395,12 +404,6 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
     assert_checkpoint_error(tmp_path / "weights.pth", "has no state_dict, model_config, class_names, palette")
     torch.save({"state_dict": {}, "model_config": {}}, tmp_path / "old.pth.tar")
     assert_checkpoint_error(tmp_path / "old.pth.tar", "has no class_names, palette: not written by this train.py")
-
-
-@dataclass
-class DemoProgress:
-    epoch: int = 0
-    best_miou: float = -1.0
 
 
 def full_checkpoint(**changes):
@@ -450,14 +453,14 @@ def test_every_key_of_a_checkpoint_is_validated_at_load_in_one_line(tmp_path, ca
     path = tmp_path / "x.pth.tar"
     torch.save(full_checkpoint(**changes), path)
     with pytest.raises(CheckpointError) as info:
-        utils.load_checkpoint(path, GCNConfig, DataConfig, DemoProgress)
+        checkpoints.load_checkpoint(path)
     assert str(info.value).startswith(f"checkpoint {path}") and "\n" not in str(info.value)
     assert fragment in str(info.value), str(info.value)
 
 
 def test_a_valid_checkpoint_with_every_key_loads(tmp_path):
     torch.save(full_checkpoint(), tmp_path / "x.pth.tar")
-    assert utils.load_checkpoint(tmp_path / "x.pth.tar", GCNConfig, DataConfig, DemoProgress)["progress"]["epoch"] == 3
+    assert checkpoints.load_checkpoint(tmp_path / "x.pth.tar")["progress"]["epoch"] == 3
 
 
 def sgd(model):
@@ -475,7 +478,7 @@ def test_a_foreign_optimiser_scheduler_or_scaler_state_is_refused_in_one_line(tm
     optimizer = sgd(model)
     twin = tiny_model(0)
     own = stepped(sgd(twin), twin)
-    utils.restore_state(tmp_path / "x", "optimizer", optimizer, own)  # its own kind loads
+    checkpoints.restore_state(tmp_path / "x", "optimizer", optimizer, own)  # its own kind loads
     assert torch.equal(optimizer.state_dict()["state"][0]["momentum_buffer"], own["state"][0]["momentum_buffer"])
     foreign = {
         "another model's": stepped(sgd(other), other),
@@ -485,23 +488,23 @@ def test_a_foreign_optimiser_scheduler_or_scaler_state_is_refused_in_one_line(tm
     for what, state in foreign.items():
         match = r"^checkpoint .*x: its optimizer state does not fit this run"
         with pytest.raises(CheckpointError, match=match) as info:
-            utils.restore_state(tmp_path / "x", "optimizer", sgd(model), state)
+            checkpoints.restore_state(tmp_path / "x", "optimizer", sgd(model), state)
         assert "\n" not in str(info.value), what
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
     step_lr = torch.optim.lr_scheduler.StepLR(sgd(model), 3).state_dict()
     with pytest.raises(CheckpointError, match="its scheduler state does not fit"):
-        utils.restore_state(tmp_path / "x", "scheduler", scheduler, step_lr)
+        checkpoints.restore_state(tmp_path / "x", "scheduler", scheduler, step_lr)
     scaler = torch.amp.GradScaler("cpu", enabled=True)
     with pytest.raises(CheckpointError, match="its scaler state does not fit"):
-        utils.restore_state(tmp_path / "x", "scaler", scaler, {"scale": "big"})
+        checkpoints.restore_state(tmp_path / "x", "scaler", scaler, {"scale": "big"})
 
 
 def test_a_checkpoint_of_another_architecture_is_refused_naming_the_keys(tmp_path):
     with pytest.raises(CheckpointError, match=r"x\.pth\.tar was built for another model: num_classes=5 \(this model: "
                                               r"2\), backbone='resnet50' \(this model: 'resnet18'\)$"):
-        utils.check_same_architecture(tmp_path / "x.pth.tar", {**CONFIG, "num_classes": 5, "backbone": "resnet50"},
-                                      CONFIG)
-    utils.check_same_architecture(tmp_path / "x.pth.tar", dict(CONFIG), CONFIG)
+        checkpoints.check_same_architecture(tmp_path / "x.pth.tar",
+                                            {**CONFIG, "num_classes": 5, "backbone": "resnet50"}, CONFIG)
+    checkpoints.check_same_architecture(tmp_path / "x.pth.tar", dict(CONFIG), CONFIG)
 
 
 # ---------------------------------------------------------------- logging, precision
@@ -562,7 +565,7 @@ def test_more_torchrun_ranks_than_gpus_is_one_line_naming_the_cause(monkeypatch)
 
 def test_run_record_names_versions_overrides_and_command(tmp_path):
     params = Params(MINIMAL, EXPERIMENT)
-    record = utils.run_record(params, {"learning_rate": 0.5}, {"set": ["learning_rate=0.5"]}, torch.device("cpu"))
+    record = utils.run_record(params.dict, {"learning_rate": 0.5}, {"set": ["learning_rate=0.5"]}, torch.device("cpu"))
     assert record["params"]["learning_rate"] == 0.01 and record["params"]["batch_size"] == 8  # defaults filled in
     assert record["overrides"] == {"learning_rate": 0.5} and record["torch"] == torch.__version__
     assert record["command"][0] == sys.executable and record["arguments"] == {"set": ["learning_rate=0.5"]}
@@ -570,10 +573,15 @@ def test_run_record_names_versions_overrides_and_command(tmp_path):
     assert time.strptime(record["date"], "%Y-%m-%d %H:%M:%S")
 
 
-def test_the_readme_documents_every_setting():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    undocumented = [key for key in utils.experiment_settings(EXPERIMENT) if f"`{key}`" not in readme]
-    assert not undocumented, f"README.md's settings tables lack {undocumented}"
+def test_the_settings_reference_documents_every_setting_and_its_resume_rule():
+    reference = (Path(__file__).resolve().parents[1] / "docs" / "settings.md").read_text()
+    known = settings.experiment_settings(EXPERIMENT)
+    undocumented = [key for key in known if f"`{key}`" not in reference]
+    assert not undocumented, f"docs/settings.md's settings tables lack {undocumented}"
+    may_change = {key for key, setting in known.items() if setting.may_change_on_resume}
+    assert "## What a resumed run may change" in reference and "Every other setting" in reference
+    listed = reference.split("## What a resumed run may change")[1].split("Every other setting")[0]
+    assert set(re.findall(r"`(\w+)`", listed)) & set(known) == may_change
 
 
 def test_eval_precision_is_float32_unless_asked_and_then_only_where_native(monkeypatch):

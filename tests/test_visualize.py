@@ -1,4 +1,5 @@
 """model/visualize.py: error mask against a per-pixel loop, exact panel contents at known geometry, legend, PNGs."""
+import io
 import math
 import warnings
 
@@ -7,15 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
+import utils
 from model.datasets.base import IGNORE_INDEX
 from model.datasets.camvid import CAMVID_PALETTE
 from model.datasets.cityscapes import CITYSCAPES_PALETTE
 from model.datasets.synthetic import SYNTHETIC_PALETTE
 from model.datasets.voc import VOC_CLASSES, voc_palette
 from model.transforms import colorize
-from model.visualize import (BACKGROUND, VOID_COLOR, confusion_matrix_figure, error_mask,
+from model.visualize import (BACKGROUND, VOID_COLOR, confusion_matrix_png, error_mask,
                              legend_entries, overlay_picture, picture_layout, prediction_picture, row_normalised,
-                             save_picture, wrong_color)
+                             picture_png, wrong_color)
 
 PALETTE = voc_palette(21)
 
@@ -147,15 +149,15 @@ def test_legend_swatches_are_drawn_below_the_panels():
     assert count(PALETTE[9]) == 0          # a class in neither truth nor prediction
 
 
-def test_save_picture_writes_png(tmp_path):
+def test_a_picture_is_written_as_png(tmp_path):
     image, label, pred = random_case(16, 16)
     picture = prediction_picture(image, label, pred, PALETTE, VOC_CLASSES)
     path = tmp_path / "sub" / "pic.png"
-    save_picture(picture, path)
+    utils.write_png(path, picture_png(picture))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert torch.equal(torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1), picture)
     with pytest.raises(ValueError):
-        save_picture(picture, tmp_path / "pic.jpg")
+        utils.write_png(tmp_path / "pic.jpg", picture_png(picture))
 
 
 def test_row_normalised_hand_built():
@@ -170,24 +172,23 @@ def test_row_normalised_hand_built():
 
 
 @pytest.mark.parametrize("num_classes", [3, 21])
-def test_confusion_matrix_figure_is_a_png(tmp_path, num_classes):
+def test_confusion_matrix_png_is_a_png(num_classes):
     g = torch.Generator().manual_seed(1)
     matrix = torch.randint(0, 100, (num_classes, num_classes), generator=g)
     matrix[1] = 0                            # a class absent from the truth
     names = VOC_CLASSES[:num_classes]
-    path = tmp_path / "confusion.png"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        confusion_matrix_figure(matrix, names, path, title="test")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with Image.open(path) as img:
+        png = confusion_matrix_png(matrix, names, title="test")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(io.BytesIO(png)) as img:
         assert img.format == "PNG"
         width, height = img.size
     assert 400 <= width <= 2500 and 400 <= height <= 2500
     if num_classes == 21:
         assert width >= 900                  # room for 21 labelled columns
     with pytest.raises(ValueError):
-        confusion_matrix_figure(matrix, names[:-1], tmp_path / "bad.png")
+        confusion_matrix_png(matrix, names[:-1])
 
 
 @pytest.mark.parametrize("picture", ["overlay", "panels"])

@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from errors import UserError
 from model import IGNORE_INDEX
 
 INVALID = -1  # marks raw label values that are neither a class nor void in a label lookup table
@@ -18,7 +19,7 @@ INVALID = -1  # marks raw label values that are neither a class nor void in a la
 Transform = Callable[[tv_tensors.Image, tv_tensors.Mask], tuple[Tensor, Tensor]]
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """Bad data on disk or a bad data parameter; the message is one line naming the file, key or value."""
 
     def __init__(self, message: str) -> None:
