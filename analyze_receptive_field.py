@@ -20,12 +20,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-import checkpoints
 import errors
 import settings
 import utils
-from checkpoints import load_trained_model
-from model import transforms
+from checkpoints import checkpoint_path, load_trained_model
+from model import normalise
 from model.data_loader import DataConfig, build_dataset
 from model.datasets.base import read_image
 from model.net import GCN, GCNConfig
@@ -161,11 +160,11 @@ def parse_pixel(text: str) -> tuple[int, int]:
 def load_images(paths: Sequence[str], model_dir: Path) -> list[tuple[str, Tensor]]:
     """(name, normalised 1×3×H×W) of each image file, or of the first val image of the experiment."""
     if paths:
-        return [(Path(p).stem, transforms.normalise(read_image(Path(p)))[None]) for p in paths]
+        return [(Path(p).stem, normalise(read_image(Path(p)))[None]) for p in paths]
     params = settings.load_params(model_dir)
     dataset = build_dataset(params.config(DataConfig), params.num_classes, params.val_split, train=False)
     image, _ = dataset[0]
-    return [(Path(str(dataset.names[0])).name, transforms.normalise(image)[None])]
+    return [(Path(str(dataset.names[0])).name, normalise(image)[None])]
 
 
 def parse_args(argv: Sequence[str] | None):
@@ -188,7 +187,7 @@ def analyze_receptive_field(args) -> dict[str, Any]:
     comparison: list[tuple[str, Analysis, int]] = []
     results = {}
     for model_dir in map(Path, args.model_dir):
-        trained = load_trained_model(checkpoints.checkpoint_path(model_dir, args.restore_file))
+        trained = load_trained_model(checkpoint_path(model_dir, args.restore_file))
         model, path = trained.net, trained.path
         kernel = head_kernel(model.config)
         records = []

@@ -17,11 +17,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-import checkpoints
 import errors
 import settings
 import utils
-from checkpoints import load_trained_model
+from checkpoints import checkpoint_path, load_trained_model
 from model import IGNORE_INDEX, visualize
 from model.data_loader import DataConfig, DatasetError, build_dataset, eval_loader, worker_death
 from model.datasets.base import is_safe_id
@@ -180,7 +179,7 @@ def evaluate_checkpoint(args) -> dict[str, Any]:
     placement = utils.Placement(device, config.channels_last,
                                 utils.eval_autocast_dtype(device, eval_config.eval_precision))
     dataset = build_dataset(data_config, params.num_classes, args.split, train=False)
-    trained = load_trained_model(checkpoints.checkpoint_path(model_dir, args.restore_file),
+    trained = load_trained_model(checkpoint_path(model_dir, args.restore_file),
                                  params.config(GCNConfig).architecture())
     utils.output_folder(model_dir, "the model folder")  # metrics, confusion matrix and log go there
     tag = metrics_tag(model_dir, trained.path, args.split, args.tta)

@@ -20,10 +20,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-import checkpoints
 import utils
-from checkpoints import load_trained_model
-from model import transforms
+from checkpoints import checkpoint_path, load_trained_model
+from model import IMAGENET_MEAN, IMAGENET_STD
 from model.net import GCN
 
 WEIGHTS_KEYS = ("state_dict", "model_config", "class_names", "palette", "params", "pretrained_weights")
@@ -96,7 +95,7 @@ def parse_args(argv: Sequence[str] | None):
 
 
 def export_checkpoint(args) -> Path:
-    trained = load_trained_model(checkpoints.checkpoint_path(Path(args.model_dir), args.restore_file))
+    trained = load_trained_model(checkpoint_path(Path(args.model_dir), args.restore_file))
     path, checkpoint = trained.path, trained.checkpoint
     out = Path(args.out) if args.out else None
     stem = path.with_name(path.name.split(".")[0])
@@ -108,7 +107,7 @@ def export_checkpoint(args) -> Path:
     out = out or stem.with_suffix(".onnx")
     utils.check_output_names([out])  # before the export, which takes a while
     metadata = {"class_names": json.dumps(trained.class_names), "palette": json.dumps(trained.palette),
-                "mean": json.dumps(transforms.IMAGENET_MEAN), "std": json.dumps(transforms.IMAGENET_STD)}
+                "mean": json.dumps(IMAGENET_MEAN), "std": json.dumps(IMAGENET_STD)}
     diff = export_onnx(trained.net, out, metadata)
     print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB; ONNX Runtime vs PyTorch max abs diff {diff:.1e} "
           f"at {CHECK_SHAPE})")

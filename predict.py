@@ -18,10 +18,9 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-import checkpoints
 import settings
 import utils
-from checkpoints import load_trained_model
+from checkpoints import checkpoint_path, load_trained_model
 from errors import UserError
 from model import visualize
 from model.datasets.base import DatasetError, read_image
@@ -67,7 +66,7 @@ def find_images(inputs: Sequence[str], exclude: Path) -> dict[Path, Path]:
     clashes = [f for f, name in names.items() if counts[name] > 1]
     if clashes:
         raise UserError(f"{clashes[0]} and {clashes[1]} would both be written as {names[clashes[0]]}; "
-                              f"rename one of them or segment them separately")
+                        f"rename one of them or segment them separately")
     return names
 
 
@@ -127,7 +126,7 @@ def parse_args(argv: Sequence[str] | None):
 def predict_images(args) -> int:
     if args.batch_size < 1 or (args.window is not None and args.window < 1):
         raise UserError("--batch_size and --window must be positive integers")
-    trained = load_trained_model(checkpoints.checkpoint_path(Path(args.model_dir), args.restore_file))
+    trained = load_trained_model(checkpoint_path(Path(args.model_dir), args.restore_file))
     out = Path(args.out)
     names = find_images(args.inputs, out)
     for folder in (out, out / "labels", out / "overlays"):

@@ -143,7 +143,7 @@ def load_grids(parent_dir: Path, param_options: list[str], parent_params: dict[s
         return [{**grid, **overrides} for grid in grids or [{}]]
     lr = parent_params.get("learning_rate")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise SweepError(f"no {SEARCH_FILE} and no --param given, and {parent_dir / settings.PARAMS_FILE} has no "
+        raise SweepError(f"no {SEARCH_FILE} and no --param given, and {parent_dir / utils.PARAMS_FILE} has no "
                          f"positive 'learning_rate' to sweep around (got {lr!r})")
     return [{"learning_rate": [float(f"{lr * factor:.3g}") for factor in DEFAULT_LR_FACTORS]}]
 
@@ -193,7 +193,7 @@ def check_against_spec(parent_dir: Path, parent_params: dict[str, Any], grids: l
                              f"key{hint}; train.py --help-params lists them")
     data_dir_override = {"data_dir": data_dir} if data_dir is not None else {}
     try:
-        settings.Params(parent_params, spec, str(parent_dir / settings.PARAMS_FILE), data_dir_override)
+        settings.Params(parent_params, spec, str(parent_dir / utils.PARAMS_FILE), data_dir_override)
         for child in children:
             settings.Params(child.params, spec, f"sweep child {child.directory.name}", data_dir_override)
     except errors.ParamsError as exc:
@@ -204,13 +204,13 @@ def prepare_child(child: Child) -> str:
     """Write the child's params.json and .gitignore; returns 'skipped', 'resumed' or 'trained'. A child that
     already trained with another params.json is a SweepError, so that results never mix two settings, unless the
     settings that differ are those a resumed run may change (train.py's rule): then its params.json is updated."""
-    params_path = child.directory / settings.PARAMS_FILE
+    params_path = child.directory / utils.PARAMS_FILE
     complete = (child.directory / utils.COMPLETE_MARKER).exists()
     resume = (child.directory / utils.LAST_CHECKPOINT).exists()
     if not (complete or resume) or not params_path.exists():
         child.directory.mkdir(parents=True, exist_ok=True)
-        write_text(params_path, json.dumps(child.params, indent=4) + "\n")
-        write_text(child.directory / ".gitignore", CHILD_GITIGNORE)
+        utils.write_json(params_path, child.params)
+        utils.write_text(child.directory / ".gitignore", CHILD_GITIGNORE)
     elif (existing := load_json(params_path)) != child.params and (
             not isinstance(existing, dict) or {**SWEEP_DEFAULTS, **existing} != child.params):  # an older sweep's
         existing = existing if isinstance(existing, dict) else {}
@@ -219,13 +219,8 @@ def prepare_child(child: Child) -> str:
         if fixed:
             raise SweepError(f"{params_path} differs from the sweep's settings in {', '.join(fixed)}; "
                              f"remove {child.directory} to retrain it, or restore the parent's params.json")
-        write_text(params_path, json.dumps(child.params, indent=4) + "\n")
+        utils.write_json(params_path, child.params)
     return "skipped" if complete else "resumed" if resume else "trained"
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write a child's file through utils.atomic_write: never through a link planted at its name."""
-    utils.atomic_write(path, lambda f: f.write(text.encode()))
 
 
 class Sweep:
@@ -345,9 +340,9 @@ def sweep(args: argparse.Namespace, train_script: Path, spec: Sequence[type] | N
     gpus = None if args.gpus is None else [gpu.strip() for gpu in args.gpus.split(",")]
     if gpus is not None and (not all(gpu.isdigit() for gpu in gpus) or len(set(gpus)) != len(gpus)):
         raise SweepError(f"--gpus {args.gpus!r}: expected distinct GPU indices separated by commas, e.g. 0,1,2,3")
-    parent_params = load_json(parent_dir / settings.PARAMS_FILE)
+    parent_params = load_json(parent_dir / utils.PARAMS_FILE)
     if not isinstance(parent_params, dict):
-        raise SweepError(f"{parent_dir / settings.PARAMS_FILE} must hold a JSON object")
+        raise SweepError(f"{parent_dir / utils.PARAMS_FILE} must hold a JSON object")
     grids = load_grids(parent_dir, args.param, parent_params)
     children = plan_children(parent_dir, parent_params, grids)
     if spec is not None:

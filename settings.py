@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from errors import ParamsError
+from utils import PARAMS_FILE
 from model.data_loader import DataConfig
 from model.metrics import BOUNDARY_DISTANCES, BOUNDARY_VOIDS
 from model.net import GCNConfig
 
-PARAMS_FILE = "params.json"  # an experiment's settings, in its folder
 RUN_RECORD_KEYS = {"params", "overrides", "command"}  # params_resolved.json: the settings beside the run record
 KEEP_CHECKPOINTS = ("all", "best_weights")  # what a finished run keeps (TrainConfig.keep_checkpoints)
 TRACKERS = ("tensorboard", "tensorboard+mlflow", "tensorboard+wandb",  # where a run's scalars go

@@ -35,7 +35,6 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from matplotlib.figure import Figure  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
-import settings  # noqa: E402
 import utils  # noqa: E402
 from errors import UserError  # noqa: E402
 
@@ -93,7 +92,7 @@ def is_number(value: Any) -> bool:
 
 def find_run_dirs(parent_dir: Path, metrics_file: str) -> list[Path]:
     """Folders below parent_dir with a metrics file, or with a params.json and no such folder beneath them."""
-    candidates = {p.parent for name in (metrics_file, settings.PARAMS_FILE) for p in parent_dir.rglob(name)}
+    candidates = {p.parent for name in (metrics_file, utils.PARAMS_FILE) for p in parent_dir.rglob(name)}
     candidates -= {parent_dir}
 
     def has_candidate_below(directory: Path) -> bool:
@@ -122,8 +121,8 @@ def load_run(directory: Path, parent_dir: Path, metrics_file: str, metric: str) 
     """Read one run folder; any problem is recorded on the RunResult rather than raised."""
     name = directory.relative_to(parent_dir).as_posix() if directory != parent_dir else directory.name
     complete = (directory / utils.COMPLETE_MARKER).exists()
-    params, problem = read_json_object(directory / settings.PARAMS_FILE)
-    if params is None and (directory / settings.PARAMS_FILE).exists():
+    params, problem = read_json_object(directory / utils.PARAMS_FILE)
+    if params is None and (directory / utils.PARAMS_FILE).exists():
         return RunResult(name=name, directory=directory, params={}, metrics=None, problem=problem, complete=complete)
     metrics, problem = read_json_object(directory / metrics_file)
     if metrics is not None and not is_number(metrics.get(metric)):
@@ -377,7 +376,7 @@ def collect(parent_dir: Path, metric: str, metrics_file: str) -> list[RunResult]
         raise ResultsError(f"{parent_dir} is not a folder")
     runs = [load_run(d, parent_dir, metrics_file, metric) for d in find_run_dirs(parent_dir, metrics_file)]
     if not runs:
-        raise ResultsError(f"no runs below {parent_dir} (no {metrics_file} or child {settings.PARAMS_FILE})")
+        raise ResultsError(f"no runs below {parent_dir} (no {metrics_file} or child {utils.PARAMS_FILE})")
     readable = [m for m in (read_json_object(r.directory / metrics_file)[0] for r in runs) if m is not None]
     if readable and all(r.metrics is None for r in runs):
         available = sorted({k for m in readable for k, v in m.items() if is_number(v)})
@@ -399,7 +398,7 @@ def synthesize(args: argparse.Namespace) -> int:
     hparams = hparams_dir(parent_dir, runs)
     utils.check_output_names([parent_dir / RESULTS_TABLE, parent_dir / RESULTS_PLOT])
     print(text)
-    utils.atomic_write(parent_dir / RESULTS_TABLE, lambda f: f.write(text.encode()))
+    utils.write_text(parent_dir / RESULTS_TABLE, text)
     if not rows:
         print(f"wrote {parent_dir / RESULTS_TABLE}; no results to plot")
         return 0

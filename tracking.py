@@ -193,7 +193,7 @@ def open_mirror(backend_class: Any, model_dir: Path, config: settings.TrainConfi
         reason = f"no answer within {TIMEOUT_S:g} s" if isinstance(error, _NoAnswer) else _first_line(error)
         if record is None:
             raise errors.UserError(f"{opening.where}: {reason} ({opening.hint}, or set tracker to "
-                                  f"\"tensorboard\")") from None
+                                   f"\"tensorboard\")") from None
         logging.warning("%s: %s; this resume goes on without %s (TensorBoard and the run folder keep everything)",
                         opening.where, reason, backend_class.NAME)
         return None
@@ -372,7 +372,7 @@ def _import(package: str, tracker: str) -> Any:
         return importlib.import_module(package)
     except ImportError as error:
         raise errors.ParamsError(f'tracker "{tracker}" needs the {package} package ({error}): pip install '
-                                f'{package}, or set tracker to "tensorboard"') from None
+                                 f'{package}, or set tracker to "tensorboard"') from None
 
 
 def _check_database_driver(uri: str) -> None:
@@ -383,8 +383,8 @@ def _check_database_driver(uri: str) -> None:
         import sqlalchemy  # noqa: F401, PLC0415 -- only to learn whether it is there
     except ImportError:
         raise errors.ParamsError(f"MLflow tracking store {uri}: a database store needs the full mlflow package (pip "
-                                f"install mlflow; mlflow-skinny has no database support), or set tracking_uri to a "
-                                f"server (http://...)") from None
+                                 f"install mlflow; mlflow-skinny has no database support), or set tracking_uri to a "
+                                 f"server (http://...)") from None
 
 
 def _recorded_run(client: Any, record: dict[str, Any] | None, uri: str) -> str | None:

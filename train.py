@@ -165,7 +165,7 @@ def train_experiment(args) -> int:
         if run.main_process:
             exit_stack.enter_context(claim_run_folder(model_dir, fresh=not restore_file, seen=seen))
             if definition is not None:  # the folder stands alone: evaluate.py and resumes read its params.json
-                utils.write_json(model_dir / settings.PARAMS_FILE, definition)
+                utils.write_json(model_dir / utils.PARAMS_FILE, definition)
             utils.write_json(model_dir / utils.RESOLVED_PARAMS_FILE, utils.run_record(
                 params.dict, overrides, vars(args), device) | {"pretrained_weights": net.pretrained_weights,
                                                                "precision": placement.precision})
@@ -322,7 +322,7 @@ def saved_after_worker_death(run: Run, error: RuntimeError) -> errors.UserError:
         raise error
     save(run, utils.LAST_CHECKPOINT)
     return errors.UserError(f"{died}; saved {run.model_dir / utils.LAST_CHECKPOINT} at iteration "
-                           f"{run.progress.iteration}: resume with --restore_file last")
+                            f"{run.progress.iteration}: resume with --restore_file last")
 
 
 def restore(run: Run, checkpoint: dict[str, Any], path: Path) -> None:
@@ -343,7 +343,7 @@ def check_folder_name(model_dir: Path) -> None:
         str(model_dir.resolve()).encode("utf-8")
     except UnicodeEncodeError:
         raise errors.UserError(f"{model_dir!s}: the folder name is not valid UTF-8 (TensorBoard cannot write "
-                              f"there); rename it") from None
+                               f"there); rename it") from None
 
 
 def start_processes(config: settings.TrainConfig) -> tuple[torch.device, int, int]:
@@ -352,8 +352,8 @@ def start_processes(config: settings.TrainConfig) -> tuple[torch.device, int, in
     device = utils.default_device()
     if config.compile and device.type == "cpu":
         raise errors.ParamsError("compile: true is for CUDA; on the CPU, compiling the training step takes minutes "
-                                "for about 10 % less time per step, and this project does not test it: set compile "
-                                "to false (--set compile=false)")
+                                 "for about 10 % less time per step, and this project does not test it: set compile "
+                                 "to false (--set compile=false)")
     rank, world_size = utils.init_distributed(device.type)
     if device.type == "cuda":
         device = utils.default_device()  # the GPU init_distributed chose for this rank
@@ -372,7 +372,7 @@ def build_data(data_config: DataConfig, num_classes: int, config: settings.Train
     check_label_values(val_set)
     if len(train_set) < config.batch_size * world_size:
         raise errors.ParamsError(f"batch_size {config.batch_size} × {world_size} process(es) exceeds the "
-                                f"{len(train_set)} training images")
+                                 f"{len(train_set)} training images")
     sampler = EpochSampler(len(train_set), config.batch_size, config.seed, rank, world_size)
     return (sampler, build_dataloader(train_set, config.batch_size, sampler, data_config.num_workers, drop_last=True),
             eval_loader(val_set, data_config.num_workers, rank, world_size))
@@ -425,7 +425,7 @@ def choose_restore_file(model_dir: Path, restore_file: str | None, force: bool) 
     if not restore_file and previous_run and not force:
         resume = "resume with --restore_file last, or " if last.exists() else ""
         raise errors.UserError(f"{model_dir} holds a previous run ({', '.join(previous_run)}): {resume}pass --force "
-                              f"to delete it and start afresh")
+                               f"to delete it and start afresh")
     return restore_file
 
 
@@ -433,15 +433,15 @@ def own_params(model_dir: Path, params_file: Path) -> dict[str, Any] | None:
     """The settings of --params FILE, which become the folder's params.json; None if it holds them already. A
     params.json with other settings is refused (evaluate.py and resumes in the folder would use them)."""
     wanted = settings.load_params(model_dir, params_file=params_file).dict
-    if not (model_dir / settings.PARAMS_FILE).exists():
+    if not (model_dir / utils.PARAMS_FILE).exists():
         return wanted
     existing = settings.load_params(model_dir).dict
     if existing == wanted:
         return None
     differing = sorted(key for key in wanted if existing[key] != wanted[key])
-    raise errors.UserError(f"{model_dir / settings.PARAMS_FILE} holds other settings than {params_file} "
-                          f"({', '.join(differing)}): the folder's evaluations and resumes would use them; remove it "
-                          f"or choose another --model_dir")
+    raise errors.UserError(f"{model_dir / utils.PARAMS_FILE} holds other settings than {params_file} "
+                           f"({', '.join(differing)}): the folder's evaluations and resumes would use them; remove it "
+                           f"or choose another --model_dir")
 
 
 def completed_without_last(model_dir: Path) -> bool:
@@ -485,7 +485,7 @@ def claim_run_folder(model_dir: Path, fresh: bool, seen: dict[str, tuple[int, in
     with utils.RunLock(model_dir):
         if run_folder_state(model_dir) != seen:
             raise errors.UserError(f"{model_dir} changed while this run was starting (another train.py saved or "
-                                  f"finished there meanwhile); nothing was changed: run the command again")
+                                   f"finished there meanwhile); nothing was changed: run the command again")
         utils.check_output_names(model_dir / name for name in (*OUTPUTS, utils.RESOLVED_PARAMS_FILE, utils.TRAIN_LOG))
         utils.remove_stale_temporary_files(model_dir, (*OUTPUTS, utils.RESOLVED_PARAMS_FILE, *tracking.RUN_FILES))
         if fresh:

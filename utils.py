@@ -27,9 +27,10 @@ import torch
 import torch.distributed as dist
 
 from errors import ParamsError, UserError
-from model.transforms import normalise
+from model import normalise
 
 # The run folder: the files a run writes into its experiment folder, by name (sweeps and synthesis read them too).
+PARAMS_FILE = "params.json"  # the experiment's settings (settings.load_params reads it)
 RESOLVED_PARAMS_FILE = "params_resolved.json"
 LAST_CHECKPOINT = "last.pth.tar"
 BEST_CHECKPOINT = "best.pth.tar"
@@ -176,9 +177,14 @@ def write_png(path: Path, png: bytes) -> None:
     atomic_write(path, lambda f: f.write(png))
 
 
+def write_text(path: Path, text: str) -> None:
+    """Atomically write `text` (UTF-8); a write error (full disk, read-only folder) is one line."""
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
 def write_json(path: Path, values: dict[str, Any]) -> None:
     """Atomically write `values` as indented JSON; a write error (full disk, read-only folder) is one line."""
-    atomic_write(path, lambda f: f.write((json.dumps(values, indent=4) + "\n").encode()))
+    write_text(path, json.dumps(values, indent=4) + "\n")
 
 
 def remove_stale_temporary_files(folder: Path, names: Iterable[str]) -> None:

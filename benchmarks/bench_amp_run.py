@@ -24,7 +24,6 @@ import torch
 if not __package__:  # run as a file: the repository's modules are importable only from its root
     sys.exit("error: run it from the repository root as a module: python -m benchmarks.bench_amp_run ...")
 
-import settings  # noqa: E402
 import utils  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +33,7 @@ def run_training(experiment: Path, amp: bool, overrides: list[str], workdir: Pat
     """Train `experiment` once from scratch with amp set; its times and best val mIoU."""
     model_dir = workdir / f"amp_{str(amp).lower()}"
     model_dir.mkdir()
-    (model_dir / settings.PARAMS_FILE).write_bytes((experiment / settings.PARAMS_FILE).read_bytes())
+    (model_dir / utils.PARAMS_FILE).write_bytes((experiment / utils.PARAMS_FILE).read_bytes())
     command = [sys.executable, "train.py", "--model_dir", str(model_dir), "--set", f"amp={str(amp).lower()}"]
     for override in overrides:
         command += ["--set", override]
@@ -62,8 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
-    if not (args.experiment / settings.PARAMS_FILE).is_file():
-        parser.error(f"--experiment {args.experiment}: no {settings.PARAMS_FILE} there")
+    if not (args.experiment / utils.PARAMS_FILE).is_file():
+        parser.error(f"--experiment {args.experiment}: no {utils.PARAMS_FILE} there")
     rounds = []
     for index in range(args.rounds):
         with tempfile.TemporaryDirectory() as workdir:

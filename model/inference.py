@@ -9,7 +9,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from model.transforms import normalise
+from model import normalise
 
 WINDOW_BATCH = 8  # windows scored in one forward pass
 

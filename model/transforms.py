@@ -1,13 +1,11 @@
-"""Joint image/label transforms (torchvision.transforms.v2 on tv_tensors), padding, the ImageNet normalisation and
-images back from normalised.
+"""Joint image/label transforms (torchvision.transforms.v2 on tv_tensors), padding, and images back from normalised.
 
 Everything runs on uint8 tensors, and items stay uint8: a crop is padded to its full size with the mean colour in
-the image and 255 (void) in the label, and the image is normalised on the device (`normalise`, called by
+the image and 255 (void) in the label, and the image is normalised on the device (model.normalise, called by
 utils.Placement and model/inference.py), after the DataLoader sent a quarter of float32's bytes.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence
 
 import torch
@@ -16,10 +14,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
-from model import IGNORE_INDEX
+from model import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the input normalisation of torchvision's ImageNet backbones (RGB in 0..1)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MEAN_COLOR = tuple(round(255 * m) for m in IMAGENET_MEAN)  # (124, 116, 104): within 0.01 of 0 once normalised
 _MEAN_COLOR_PIXEL = torch.tensor(MEAN_COLOR, dtype=torch.uint8).view(3, 1, 1)  # for filling 3×H×W margins
 
@@ -133,16 +129,3 @@ def colorize(label: Tensor, palette: Sequence[Sequence[int]], ignore_color: Sequ
     index = label.long()
     index = index.where((index >= 0) & (index < 256), IGNORE_INDEX)
     return table[index].permute(2, 0, 1).contiguous()
-
-
-@functools.cache
-def _mean_std_255(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(torch.tensor(values, device=device).view(3, 1, 1) * 255 for values in (IMAGENET_MEAN, IMAGENET_STD))
-
-
-def normalise(images: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB (3×H×W or N×3×H×W) -> float32 normalised with the ImageNet mean/std, what the network expects;
-    on the images' device, in their memory layout."""
-    mean, std = _mean_std_255(images.device)
-    return images.to(torch.float32).sub_(mean).div_(std)
-

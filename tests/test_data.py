@@ -19,13 +19,12 @@ from torch.utils.data import RandomSampler, SequentialSampler
 import utils
 from data import build_voc_aug
 from model import data_loader
-from model import transforms
+from model import IMAGENET_MEAN, IMAGENET_STD, normalise
 from model.data_loader import DataConfig, DatasetError, EpochSampler, build_dataloader, build_dataset
 from model.datasets import synthetic
 from model.datasets.synthetic import void_borders
 from model.datasets.voc import voc_palette
 from model.transforms import MEAN_COLOR, colorize, denormalise, train_transform
-from model.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 REPO = Path(__file__).resolve().parents[1]
 PALETTE = [c for rgb in voc_palette(256) for c in rgb]
@@ -424,7 +423,7 @@ def test_scale_one_without_flip_is_pad_exactly_and_the_device_normalises_as_the_
         assert images.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         assert torch.allclose(images[0], (out_image / 255 - mean) / std, atol=1e-5)
         assert images[0][:, padded].abs().max() < 0.01
-        assert torch.equal(transforms.normalise(out_image), images[0])
+        assert torch.equal(normalise(out_image), images[0])
 
 
 # ---------------------------------------------------------------- bad input

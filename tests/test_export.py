@@ -23,7 +23,7 @@ import export
 import predict
 import utils
 from model.net import GCN
-from model.transforms import IMAGENET_MEAN, IMAGENET_STD, normalise
+from model import IMAGENET_MEAN, IMAGENET_STD, normalise
 from test_predict import (CLASS_NAMES, PALETTE, REPO, TRAINING_PARAMS, assert_labels_match_logits, smooth_image,
                           write_checkpoint)
 

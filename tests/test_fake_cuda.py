@@ -23,12 +23,12 @@ from torch.utils.data import Dataset
 
 import checkpoints
 import evaluate
+import model
 import predict
 import settings
 import train
 import train_step
 import utils
-from model import transforms
 from model.net import GCN, GCNConfig, SegmentationLoss
 from test_predict import smooth_image, write_checkpoint
 
@@ -57,10 +57,10 @@ def fake_cuda(monkeypatch):
         calls.fused_sgd.append(kwargs)
     monkeypatch.setattr(torch.Tensor, "backward", backward)
     monkeypatch.setattr(torch, "_fused_sgd_", fused_sgd)
-    transforms._mean_std_255.cache_clear()  # it keeps one tensor per device: none may outlive the fake mode
+    model._mean_std_255.cache_clear()  # it keeps one tensor per device: none may outlive the fake mode
     with FakeTensorMode(allow_non_fake_inputs=True):  # real CPU inputs (weights, batches) become fake
         yield calls
-    transforms._mean_std_255.cache_clear()
+    model._mean_std_255.cache_clear()
 
 
 def reached_leaves(loss: torch.Tensor) -> list[torch.Tensor]:

@@ -20,7 +20,7 @@ import utils
 from model.datasets.voc import voc_palette
 from model.inference import predict_logits, segment
 from model.net import GCN, GCNConfig
-from model.transforms import normalise
+from model import normalise
 from model.visualize import OVERLAY_ALPHA, overlay_picture, picture_layout
 
 REPO = Path(__file__).resolve().parents[1]
